@@ -1,0 +1,1 @@
+"""Run GPU-marked pytest tests on ephemeral cloud GPU instances."""

@@ -1,0 +1,1 @@
+"""Providers turn an offer into a reachable machine and delete it again."""

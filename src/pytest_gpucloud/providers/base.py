@@ -1,0 +1,70 @@
+"""The provider protocol: what the fleet needs from a cloud (or a rack, or this machine)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pytest_gpucloud.catalog import GpuType, Offer
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A machine as the provider last described it.
+
+    ``ssh_host_key`` is the OpenSSH public host key the provider announced; the SSH
+    transport refuses any other.
+    """
+
+    id: str
+    gpu_type: str
+    count: int
+    region: str
+    price_per_hour: float
+    status: str
+    created_at: float
+    labels: dict[str, str] = field(default_factory=dict)
+    ip: str | None = None
+    ssh_port: int | None = None
+    ssh_user: str | None = None
+    ssh_host_key: str | None = None
+
+
+class Provider(Protocol):
+    """A source of GPU machines.
+
+    Errors are those of :mod:`pytest_gpucloud.errors`: ``OutOfCapacity``, ``RateLimited``,
+    ``AuthError``, ``InvalidRequest``, ``Transient``, ``NotFound``, ``BadAnswer``.
+    """
+
+    name: str
+    #: True where "GPU" tests really run on this machine's CPU (the simulated cloud).
+    simulated: bool
+
+    async def catalog(self) -> list[GpuType]: ...
+
+    async def create(
+        self,
+        offer: Offer,
+        *,
+        count: int,
+        image: str,
+        ssh_public_key: str,
+        labels: dict[str, str],
+        max_lifetime_s: int,
+        client_token: str,
+    ) -> Instance: ...
+
+    async def wait_ready(self, instance: Instance, timeout: float) -> Instance:
+        """Poll until the instance is ``running`` with an SSH endpoint."""
+        ...
+
+    async def delete(self, instance_id: str) -> None:
+        """Delete; idempotent: an instance that is already gone counts as deleted."""
+        ...
+
+    async def get(self, instance_id: str) -> Instance: ...
+
+    async def list(self, labels: dict[str, str]) -> list[Instance]: ...
+
+    async def aclose(self) -> None: ...
