@@ -73,7 +73,11 @@ class InstanceModel(_Model):
 
 class ErrorDetail(_Model):
     code: Literal[
-        "out_of_capacity", "rate_limited", "unauthorized", "invalid_request", "not_found",
+        "out_of_capacity",
+        "rate_limited",
+        "unauthorized",
+        "invalid_request",
+        "not_found",
         "internal",
     ]
     message: str = Field(max_length=4096)
@@ -81,3 +85,51 @@ class ErrorDetail(_Model):
 
 class ErrorBody(_Model):
     error: ErrorDetail
+
+
+# The same codes as ErrorDetail.code, as a name other modules can type with.
+ErrorCode = Literal[
+    "out_of_capacity", "rate_limited", "unauthorized", "invalid_request", "not_found", "internal"
+]
+
+
+# The simulated cloud's admin API (``/_sim/...``): records for tests and the CLI.
+
+
+class SimCommandRecord(_Model):
+    """One process run over SSH on a sim instance; a negative exit status is a signal."""
+
+    command: str
+    env: dict[str, str]
+    started_at: datetime
+    ended_at: datetime | None = None
+    exit_status: int | None = None
+
+
+class SimInstanceRecord(_Model):
+    """Everything the sim knows about one instance it ever created (``home``: its HOME)."""
+
+    id: str
+    gpu_type: str
+    count: int
+    region: str
+    status: InstanceStatus
+    labels: dict[str, str]
+    created_at: datetime
+    running_at: datetime | None = None
+    deleted_at: datetime | None = None
+    terminated_at: datetime | None = None
+    termination_reason: Literal["deleted", "max_lifetime", "preempted", "sim_stopped"] | None = None
+    ssh_port: int | None = None
+    home: str | None = None
+    commands: list[SimCommandRecord] = Field(default_factory=list)
+
+
+class SimRequestRecord(_Model):
+    """One request to the ``/v1`` API, stamped with the time it arrived."""
+
+    method: str
+    path: str
+    query: str
+    status: int
+    time: datetime

@@ -1,18 +1,34 @@
 """Frames between the local side and the remote worker: one JSON object per line.
 
+Every frame is a JSON object with a ``"type"`` key naming it (``encode``/``decode``).
+
 Local -> remote:
-  start     {"args": [...]}                      pytest arguments; sent once, first
-  run       {"nodeid": str, "nextid": str|None}  run one collected test
-  shutdown  {}                                   finish the session and exit
+  start     {"args": [...], "options": [{"name": str, "takes_value": bool}], "ini": [str]}
+            sent once, first. ``args``: pytest arguments (rootdir-relative). ``options`` and
+            ``ini``: the local plugin's own command-line options and ini keys; the worker
+            registers them as inert, so an ``addopts = --gpu-cloud`` or ``gpu_cloud_*`` key in
+            the shared ini file does not break the remote session.
+  run       {"nodeid": str, "nextid": str|None}  run one collected test; ``nextid`` is the
+            test the local session runs next on this worker (None: none, tear all down)
+  shutdown  {}                                   finish the session and exit (EOF does the same)
 
 Remote -> local:
-  hello     {"python", "pytest", "protocol", "rootdir"}   first frame, before pytest starts
-  collectreport {"report": dict}                 a failed remote collection
-  collected {"count": int}                       collection finished
-  warning   {"message", "category", "nodeid", "when", "filename", "lineno"}
+  hello     {"python", "pytest", "protocol", "rootdir"}   first frame, before pytest starts;
+            ``rootdir`` is the remote workspace (the cwd), the prefix to rewrite in paths
+  collectreport {"report": dict}                 a failed remote collection (serialized report)
+  warning   {"message", "category", "category_module", "filename", "lineno",
+             "nodeid", "when", "location"}       a pytest_warning_recorded; may come
+            before ``collected`` (config/collection warnings) and inside a test's frames
+  collected {"count": int}                       collection finished; ``run`` frames welcome
   report    {"report": dict}                     pytest_report_to_serializable of a TestReport
   done      {"nodeid": str}                      the last report of that test was sent
-  crashed   {"message": str}                     the worker hit an internal error and exits
+  missing   {"nodeid": str, "reason": str|None}  a ``run`` for a nodeid not collected here
+            (reason: the skipped/failed collector or the deselection, when known)
+  crashed   {"message": str}                     the worker hit an internal or usage error
+            and exits non-zero; may also follow ``shutdown`` when a fixture's teardown
+            failed at session end
+
+A worker that exits without ``hello`` (no python3, no pytest) leaves only its stderr.
 """
 
 from __future__ import annotations

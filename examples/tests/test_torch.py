@@ -1,0 +1,12 @@
+"""A torch test: skips cleanly where torch is not installed."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.gpu("A100")
+def test_matmul_on_the_device():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.ones(64, 64, device=device)
+    assert float((a @ a).sum()) == 64 * 64 * 64

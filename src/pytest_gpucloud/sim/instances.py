@@ -1,0 +1,236 @@
+"""A sim instance's machine: a real SSH server on 127.0.0.1 that runs commands as processes.
+
+Each machine has its own ed25519 host key and its own home directory. It accepts only
+public-key auth as ``gpu`` with the key given at create, and runs each exec request as
+``/bin/sh -c CMD`` in a process group of its own, with a minimal environment of its own
+(never the sim's: it may hold an API key; environment sent by the client is ignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import asyncssh
+
+from pytest_gpucloud.api_models import SimCommandRecord
+
+SSH_USER = "gpu"
+SSH_HOST = "127.0.0.1"
+_CHUNK = 1 << 16
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class _Command:
+    command: str
+    env: dict[str, str]
+    started_at: datetime = field(default_factory=utcnow)
+    ended_at: datetime | None = None
+    exit_status: int | None = None
+
+    def record(self) -> SimCommandRecord:
+        return SimCommandRecord(**asdict(self))
+
+
+class _SshServer(asyncssh.SSHServer):
+    """Per-connection callbacks: track the connection, check user and key."""
+
+    def __init__(self, machine: Machine) -> None:
+        self._machine = machine
+        self._conn: asyncssh.SSHServerConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        self._machine.connections.add(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._machine.connections.discard(self._conn)
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return username == SSH_USER and key.public_data == self._machine.client_key.public_data
+
+
+class Machine:
+    """The SSH side of one instance, from boot to termination."""
+
+    def __init__(
+        self, instance_id: str, gpu: str, client_key: asyncssh.SSHKey, extra_path: str | None
+    ) -> None:
+        self.client_key = client_key
+        self.host_key = asyncssh.generate_private_key("ssh-ed25519")
+        self.home = Path(tempfile.mkdtemp(prefix=f"gpucloud-sim-{instance_id}-"))
+        self.env = _environment(instance_id, gpu, self.home, extra_path)
+        self.commands: list[_Command] = []
+        self.connections: set[asyncssh.SSHServerConnection] = set()
+        self._group_ids: list[int] = []
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._refuser: socket.socket | None = None
+        self._drops: dict[int, float] = {}  # command number -> delay of the drop it starts
+        self._timers: list[asyncio.TimerHandle] = []
+
+    @property
+    def host_key_text(self) -> str:
+        return self.host_key.export_public_key().decode().strip()
+
+    async def listen(self) -> int:
+        """Start the SSH server; return its port."""
+        self._acceptor = await asyncssh.listen(
+            SSH_HOST,
+            0,
+            server_factory=lambda: _SshServer(self),
+            server_host_keys=[self.host_key],
+            process_factory=self._serve,
+            encoding=None,
+            allow_scp=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+        )
+        return self._acceptor.get_port()
+
+    def refuse(self) -> int:
+        """Hold a port where nothing listens (connections are refused); return it."""
+        self._refuser = socket.socket()
+        self._refuser.bind((SSH_HOST, 0))
+        port: int = self._refuser.getsockname()[1]
+        return port
+
+    def drop_after(self, after_s: float | None, after_commands: int | None) -> None:
+        """Abort every connection ``after_s`` after now or after the n-th command starts."""
+        if after_commands is None:
+            self._schedule_drop(after_s or 0.0)
+        else:
+            self._drops[after_commands] = after_s or 0.0
+
+    def drop_connections(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+
+    async def stop(self) -> None:
+        """Close the server and its connections, kill every process group, remove home."""
+        for timer in self._timers:
+            timer.cancel()
+        if self._acceptor is not None:
+            self._acceptor.close()
+        if self._refuser is not None:
+            self._refuser.close()
+        self.drop_connections()
+        for group_id in self._group_ids:
+            _kill_group(group_id)
+        await asyncio.to_thread(shutil.rmtree, self.home, ignore_errors=True)
+
+    def _schedule_drop(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._timers.append(loop.call_later(delay, self.drop_connections))
+
+    def _command_started(self, command: str) -> _Command:
+        record = _Command(command, dict(self.env))
+        self.commands.append(record)
+        delay = self._drops.pop(len(self.commands), None)
+        if delay is not None:
+            self._schedule_drop(delay)
+        return record
+
+    async def _serve(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        if process.command is None:
+            process.stderr.write(b"this instance runs commands only (no shell)\n")
+            process.exit(1)
+            return
+        record = self._command_started(process.command)
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh",
+            "-c",
+            process.command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=self.home,
+            env=self.env,
+            start_new_session=True,
+        )
+        self._group_ids.append(proc.pid)
+        stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+        assert stdin is not None
+        assert stdout is not None
+        assert stderr is not None
+        watcher = asyncio.ensure_future(_kill_when_closed(process, proc))
+        # Input is copied by hand: asyncssh's redirect to a pipe can lose data when the
+        # client's EOF arrives first (asyncio's write pipe transport, Python 3.11).
+        pump = asyncio.ensure_future(_pump(process.stdin, stdin))
+        try:
+            # No EOF when stdout ends: it would end stderr too. The exit status closes all.
+            await process.redirect(stdout=stdout, stderr=stderr, send_eof=False)
+            record.exit_status = await proc.wait()
+            record.ended_at = utcnow()
+            await _report_exit(process, record.exit_status)
+        finally:
+            pump.cancel()
+            process.close()  # a no-op once the exit status closed it
+            await watcher
+
+
+async def _pump(source: asyncssh.SSHReader[bytes], stdin: asyncio.StreamWriter) -> None:
+    """Copy the client's input to the process until EOF or until it stops reading."""
+    with contextlib.suppress(ConnectionError, asyncssh.Error):
+        while data := await source.read(_CHUNK):
+            stdin.write(data)
+            await stdin.drain()
+    stdin.close()
+
+
+async def _report_exit(process: asyncssh.SSHServerProcess[bytes], status: int) -> None:
+    """Send the rest of the output, then the exit status (or signal), if the client is there."""
+    try:
+        await process.stdout.drain()
+        await process.stderr.drain()
+    except (OSError, asyncssh.Error):
+        return
+    if status >= 0:
+        process.exit(status)
+    else:
+        process.exit_with_signal(signal.Signals(-status).name.removeprefix("SIG"))
+
+
+async def _kill_when_closed(
+    process: asyncssh.SSHServerProcess[bytes], proc: asyncio.subprocess.Process
+) -> None:
+    """The client went away (or the process ended): kill what is left of it."""
+    await process.wait_closed()
+    if proc.returncode is None:
+        _kill_group(proc.pid)
+
+
+def _kill_group(group_id: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group_id, signal.SIGKILL)
+
+
+def _environment(instance_id: str, gpu: str, home: Path, extra_path: str | None) -> dict[str, str]:
+    dirs = [extra_path] if extra_path else []
+    dirs += [os.path.dirname(sys.executable), "/usr/local/bin", "/usr/bin", "/bin"]
+    return {
+        "PATH": os.pathsep.join(dict.fromkeys(dirs)),
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "GPUCLOUD_SIM_INSTANCE": instance_id,
+        "GPUCLOUD_SIM_GPU": gpu,
+    }

@@ -1,0 +1,80 @@
+"""SSH to instances: an in-memory ed25519 key per session, the host key pinned.
+
+No agent, no ``~/.ssh/config``, no known_hosts file: the only trusted host key is the one
+the provider announced for the instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncssh
+
+from pytest_gpucloud.errors import HostKeyMismatch, InstanceError
+from pytest_gpucloud.providers.base import Instance
+
+
+def new_client_key() -> asyncssh.SSHKey:
+    return asyncssh.generate_private_key("ssh-ed25519", comment="pytest-gpucloud")
+
+
+def public_key_line(key: asyncssh.SSHKey) -> str:
+    return key.export_public_key("openssh").decode().strip()
+
+
+async def connect(
+    instance: Instance,
+    key: asyncssh.SSHKey,
+    *,
+    timeout: float,
+    keepalive_s: float = 10.0,
+) -> asyncssh.SSHClientConnection:
+    """Connect to a running instance, retrying refusals (sshd starting) until ``timeout``."""
+    if not (instance.ip and instance.ssh_port and instance.ssh_user and instance.ssh_host_key):
+        raise InstanceError(f"instance {instance.id} has no SSH endpoint yet")
+    try:
+        host_key = asyncssh.import_public_key(instance.ssh_host_key)
+    except (asyncssh.KeyImportError, ValueError):
+        raise InstanceError(
+            f"instance {instance.id}: the API announced an SSH host key that cannot be read"
+        ) from None
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            return await asyncssh.connect(
+                instance.ip,
+                instance.ssh_port,
+                username=instance.ssh_user,
+                client_keys=[key],
+                known_hosts=([host_key], [], []),
+                agent_path=None,
+                agent_forwarding=False,
+                config=[],
+                connect_timeout=max(1.0, min(15.0, deadline - time.monotonic())),
+                keepalive_interval=keepalive_s,
+                keepalive_count_max=3,
+            )
+        except asyncssh.HostKeyNotVerifiable:
+            raise HostKeyMismatch(
+                f"instance {instance.id} ({instance.ip}:{instance.ssh_port}) presented an SSH "
+                "host key that differs from the one the API announced; refused to connect"
+            ) from None
+        except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise InstanceError(
+                    f"could not connect over SSH to instance {instance.id} "
+                    f"({instance.ip}:{instance.ssh_port}): {_reason(exc)}"
+                ) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,418 @@
+"""Mirror a project's files into a directory on an instance, in one SSH exec.
+
+The exec is ``python3 -c <source of remote/receive.py> DIR``. The receiver first prints
+the manifest it stored last time (empty on a fresh instance), so the diff needs no local
+state: a fresh instance gets everything, a warm one only what changed. Then this side
+streams one pax tar: a JSON member with the removed paths and the new manifest, then the
+changed files and symlinks (a file whose mode alone changed is chmod-ed, not sent). Work
+is pipelined: the file listing overlaps the remote
+start, and a worker thread reads and compresses the next chunk of the tar while the event
+loop sends the current one.
+
+Change detection is rsync's quick check: a path whose size and mtime_ns match a known
+entry (``previous``, or the receiver's manifest, which drops the entries whose file changed
+on the instance) keeps that entry's digest; anything else is hashed (sha1, for speed).
+
+Compression is decided per file, because most of a tree's bytes are often incompressible
+(weights, arrays, archives) while its many source files compress 3-4x. The tar itself
+is not compressed; a member worth compressing carries zlib (level 1) content and a pax
+header ``GPUCLOUD.zlib`` with its original size, and the receiver inflates it. A file is
+sent as is when its extension says it is already compressed or random-looking
+(``_STORED``), when it is larger than 64 MiB (streamed, never held in memory), when a zlib
+probe of its first 64 KiB saves under 10%, or when the compressed content is not at least
+10% smaller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.resources
+import json
+import os
+import shlex
+import stat
+import subprocess
+import tarfile
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+
+import asyncssh
+
+from pytest_gpucloud.errors import InstanceError
+from pytest_gpucloud.remote.receive import PACK_HEADER, ZLIB_HEADER
+
+if TYPE_CHECKING:
+    from asyncssh import SSHWriter
+
+_SKIP_DIRS = frozenset(
+    {
+        ".git",
+        ".hg",
+        ".svn",
+        ".venv",
+        "venv",
+        "__pycache__",
+        ".pytest_cache",
+        ".mypy_cache",
+        ".ruff_cache",
+        ".tox",
+        ".nox",
+        "node_modules",
+        ".gpucloud",
+    }
+)
+_SKIP_SUFFIXES = (".pyc", ".pyo")
+_STORED = frozenset(
+    ".npz .npy .pt .pth .bin .safetensors .ckpt .onnx .parquet .arrow .feather .gz .tgz"  # noqa: SIM905
+    " .bz2 .xz .zst .lz4 .zip .whl .jar .7z .rar .png .jpg .jpeg .gif .webp .mp3 .mp4 .mkv"
+    " .mov .avi .ogg .flac .pdf".split()
+)
+_PROBE = 64 << 10
+_PACK_FILE_MAX = 1 << 20
+_PACK_MAX = 4 << 20
+_INLINE_MAX = 64 << 20
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One mirrored path. ``digest``: sha1 of the content (of the target, for a link)."""
+
+    kind: Literal["file", "link"]
+    mode: int
+    size: int
+    mtime_ns: int
+    digest: str
+
+    def to_json(self) -> list[Any]:
+        return [self.kind, self.mode, self.size, self.mtime_ns, self.digest]
+
+    @classmethod
+    def from_json(cls, value: list[Any]) -> Entry:
+        kind, mode, size, mtime_ns, digest = value
+        if kind not in ("file", "link"):
+            raise ValueError(f"unknown entry kind {kind!r}")
+        return cls(kind, int(mode), int(size), int(mtime_ns), str(digest))
+
+
+Manifest = dict[str, Entry]
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What one :func:`sync` did; pass ``manifest`` as ``previous`` to the next one.
+
+    ``files_sent`` counts the paths brought up to date (content, link target or mode);
+    ``bytes_sent`` the tar bytes written, after compression.
+    """
+
+    remote_root: str
+    files_sent: int
+    bytes_sent: int
+    files_removed: int
+    seconds: float
+    manifest: Manifest
+
+
+def list_files(root: Path) -> list[str]:
+    """The files to mirror under ``root``: posix paths relative to it, sorted.
+
+    Inside a git work tree, the files git tracks or would track (``.gitignore`` respected);
+    elsewhere, a walk that skips VCS folders, virtualenvs, caches and ``*.pyc``. Symlinks
+    are listed, never followed; a ``.gpucloud`` folder (local artifacts) never is.
+    """
+    try:
+        done = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=root,
+            capture_output=True,
+            check=False,
+        )
+    except FileNotFoundError:
+        return _walk(root)
+    if done.returncode != 0:
+        return _walk(root)
+    names = {os.fsdecode(n) for n in done.stdout.split(b"\0") if n}
+    return sorted(n for n in names if ".gpucloud" not in n.split("/") and _is_listable(root / n))
+
+
+def _is_listable(path: Path) -> bool:
+    # Skips deleted-but-tracked files and folders (submodules, nested repositories).
+    try:
+        mode = path.lstat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISLNK(mode)
+
+
+def _walk(root: Path) -> list[str]:
+    found: list[str] = []
+    pending = [""]
+    while pending:
+        prefix = pending.pop()
+        with os.scandir(root / prefix if prefix else root) as entries:
+            for item in entries:
+                name = prefix + item.name
+                if item.is_dir(follow_symlinks=False):
+                    if item.name not in _SKIP_DIRS:
+                        pending.append(name + "/")
+                elif (item.is_file(follow_symlinks=False) or item.is_symlink()) and not (
+                    item.name.endswith(_SKIP_SUFFIXES)
+                ):
+                    found.append(name)
+    return sorted(found)
+
+
+def build_manifest(root: Path, files: Iterable[str], previous: Manifest | None = None) -> Manifest:
+    """Entries for ``files`` under ``root``; digests of ``previous`` are reused where size and
+    mtime_ns are unchanged. Files that vanished or are no longer files or links are left out.
+    """
+    return _digest_all(_stat_all({name: root / name for name in files}), previous or {})
+
+
+def diff(old: Manifest, new: Manifest) -> tuple[list[str], list[str]]:
+    """``(changed, removed)``, sorted: changed covers added paths and any change of content,
+    mode, kind or link target."""
+    changed = [
+        name
+        for name, entry in new.items()
+        if (known := old.get(name)) is None
+        or (known.kind, known.mode, known.digest) != (entry.kind, entry.mode, entry.digest)
+    ]
+    return sorted(changed), sorted(name for name in old if name not in new)
+
+
+async def sync(
+    conn: asyncssh.SSHClientConnection,
+    root: Path,
+    remote_dir: str,
+    *,
+    extra: Mapping[str, Path] | None = None,
+    previous: Manifest | None = None,
+) -> SyncResult:
+    """Make ``remote_dir`` (absolute, or relative to the remote login directory) mirror the
+    files :func:`list_files` selects under ``root``, plus ``extra`` (path in the mirror ->
+    local file), in one exec. Raises :class:`InstanceError` when the sync fails."""
+    started = time.perf_counter()
+    scan = asyncio.ensure_future(asyncio.to_thread(_scan, root, dict(extra or {})))
+    command = f"python3 -c {shlex.quote(_receiver_source())} {shlex.quote(remote_dir)}"
+    failed = f"code sync to {remote_dir} failed"
+    try:
+        proc = await conn.create_process(command, encoding=None)
+    except (OSError, asyncssh.Error) as exc:
+        await asyncio.wait({scan})
+        raise InstanceError(f"{failed}: {exc}") from None
+    try:
+        head = await proc.stdout.readline()
+        files = await scan
+        if not head:
+            raise InstanceError(f"{failed}: {_reason(await proc.wait())}")
+        answer = json.loads(head)
+        remote = {name: Entry.from_json(value) for name, value in answer["manifest"].items()}
+        manifest = await asyncio.to_thread(_digest_all, files, {**remote, **(previous or {})})
+        changed, removed = diff(remote, manifest)
+        chmod = {n for n in changed if _mode_only(remote.get(n), manifest[n])}
+        chunks = _tar_chunks(
+            files, manifest, [n for n in changed if n not in chmod], removed, chmod
+        )
+        sent = await _send(proc.stdin, chunks)
+        done = await proc.wait()
+        if sent is None or done.exit_status != 0 or not _said_ok(done.stdout):
+            raise InstanceError(f"{failed}: {_reason(done)}")
+    except (OSError, asyncssh.Error, ValueError, KeyError) as exc:
+        raise InstanceError(f"{failed}: {exc}") from None
+    finally:
+        proc.close()
+    return SyncResult(
+        remote_root=answer["root"],
+        files_sent=len(changed),
+        bytes_sent=sent,
+        files_removed=len(removed),
+        seconds=time.perf_counter() - started,
+        manifest=manifest,
+    )
+
+
+@cache
+def _receiver_source() -> str:
+    return (importlib.resources.files("pytest_gpucloud.remote") / "receive.py").read_text()
+
+
+def _mode_only(old: Entry | None, new: Entry) -> bool:
+    return old is not None and old.kind == new.kind == "file" and old.digest == new.digest
+
+
+def _said_ok(out: bytes | str | None) -> bool:
+    return isinstance(out, bytes) and out.startswith(b"ok ")
+
+
+def _reason(done: asyncssh.SSHCompletedProcess) -> str:
+    err = done.stderr
+    lines = (err.decode(errors="replace") if isinstance(err, bytes) else "").strip().splitlines()
+    if lines:
+        return lines[-1]
+    return f"the receiver exited with status {done.exit_status} (is python3 on the PATH?)"
+
+
+async def _send(stdin: SSHWriter[bytes], chunks: Iterator[bytes]) -> int | None:
+    """Write ``chunks`` (made in a worker thread, one ahead) and EOF; return the bytes
+    written, or None when the receiver stopped reading."""
+    sent = 0
+    pending = asyncio.ensure_future(asyncio.to_thread(next, chunks, None))
+    while (chunk := await pending) is not None:
+        pending = asyncio.ensure_future(asyncio.to_thread(next, chunks, None))
+        try:
+            stdin.write(chunk)
+            await stdin.drain()
+        except (OSError, asyncssh.Error):
+            await asyncio.wait({pending})
+            return None
+        sent += len(chunk)
+    stdin.write_eof()
+    return sent
+
+
+_Files = Mapping[str, "tuple[Path, os.stat_result]"]
+
+
+def _scan(root: Path, extra: dict[str, Path]) -> _Files:
+    sources = {name: root / name for name in list_files(root)}
+    sources.update(extra)
+    return _stat_all(sources)
+
+
+def _stat_all(sources: Mapping[str, Path]) -> _Files:
+    files = {}
+    for name, path in sources.items():
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            files[name] = (path, st)
+    return files
+
+
+def _digest_all(files: _Files, known: Manifest) -> Manifest:
+    manifest: Manifest = {}
+    for name, (path, st) in files.items():
+        old = known.get(name)
+        try:
+            if stat.S_ISLNK(st.st_mode):
+                kind: Literal["file", "link"] = "link"
+                digest = _sha1(os.fsencode(os.readlink(path)))
+            elif (
+                old is not None
+                and old.kind == "file"
+                and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns)
+            ):
+                kind, digest = "file", old.digest
+            else:
+                kind, digest = "file", _file_digest(path)
+        except OSError:
+            continue  # vanished or replaced since the listing
+        manifest[name] = Entry(kind, stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, digest)
+    return manifest
+
+
+def _sha1(data: bytes) -> str:
+    return hashlib.sha1(data, usedforsecurity=False).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha1(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tar_chunks(
+    files: _Files, manifest: Manifest, changed: list[str], removed: list[str], chmod: set[str]
+) -> Iterator[bytes]:
+    """The sync tar in chunks of about ``_CHUNK`` bytes: control JSON, then ``changed``."""
+    control = {
+        "removed": removed,
+        "chmod": sorted(chmod),
+        "manifest": {k: e.to_json() for k, e in manifest.items()},
+    }
+    out = bytearray(_member(tarfile.TarInfo("gpucloud-sync.json"), json.dumps(control).encode()))
+    packs: dict[bool, list[tuple[str, bytes]]] = {True: [], False: []}
+    packed = {True: 0, False: 0}
+    for name in changed:
+        path, entry = files[name][0], manifest[name]
+        info = tarfile.TarInfo(name)
+        info.mode = entry.mode & 0o7777
+        info.mtime = entry.mtime_ns // 1_000_000_000
+        if entry.kind == "link":
+            info.type = tarfile.SYMTYPE
+            info.linkname = os.readlink(path)
+            out += _header(info, 0)
+            continue
+        with open(path, "rb") as f:
+            head = f.read(_PROBE)
+            compress = path.suffix.lower() not in _STORED and _compressible(head)
+            if entry.size > _PACK_FILE_MAX and (not compress or entry.size > _INLINE_MAX):
+                out += _header(info, entry.size) + head
+                yield bytes(out)
+                out.clear()
+                yield from _read_exact(f, entry.size - len(head))
+                out += _padding(entry.size)
+                continue
+            data = head + f.read()
+        packs[compress].append((name, data))
+        packed[compress] += len(data)
+        if packed[compress] >= _PACK_MAX:
+            out += _pack(packs[compress], compress)
+            packs[compress], packed[compress] = [], 0
+        if len(out) >= _CHUNK:
+            yield bytes(out)
+            out.clear()
+    for compress, pack in packs.items():
+        if pack:
+            out += _pack(pack, compress)
+    out += bytes(2 * tarfile.BLOCKSIZE)
+    yield bytes(out)
+
+
+def _compressible(head: bytes) -> bool:
+    """Text (no NUL in its first 8000 bytes, git's test) or a zlib probe that saves 10%."""
+    return b"\0" not in head[:8000] or len(zlib.compress(head, 1)) <= 0.9 * len(head)
+
+
+def _pack(files: list[tuple[str, bytes]], compress: bool) -> bytes:
+    info = tarfile.TarInfo("gpucloud-pack")
+    info.pax_headers = {PACK_HEADER: json.dumps([[name, len(data)] for name, data in files])}
+    payload = b"".join(data for _, data in files)
+    if compress:
+        info.pax_headers[ZLIB_HEADER] = "1"
+        payload = zlib.compress(payload, 1)
+    return _member(info, payload)
+
+
+def _member(info: tarfile.TarInfo, payload: bytes) -> bytes:
+    return _header(info, len(payload)) + payload + _padding(len(payload))
+
+
+def _header(info: tarfile.TarInfo, size: int) -> bytes:
+    info.size = size
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _padding(size: int) -> bytes:
+    return bytes(-size % tarfile.BLOCKSIZE)
+
+
+def _read_exact(f: BinaryIO, size: int) -> Iterator[bytes]:
+    while size:
+        chunk = f.read(min(_CHUNK, size))
+        if not chunk:
+            raise OSError(f"{f.name} shrank while being sent")
+        size -= len(chunk)
+        yield chunk
