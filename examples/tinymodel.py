@@ -19,7 +19,9 @@ class LinearModel:
     def predict(self, x: np.ndarray) -> np.ndarray:
         return x @ self.weights + self.bias
 
-    def fit(self, x: np.ndarray, y: np.ndarray, *, steps: int = 500, lr: float = 0.1) -> list[float]:
+    def fit(
+        self, x: np.ndarray, y: np.ndarray, *, steps: int = 500, lr: float = 0.1
+    ) -> list[float]:
         losses = []
         for _ in range(steps):
             error = self.predict(x) - y

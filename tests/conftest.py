@@ -74,7 +74,9 @@ def sim(sim_server: Sim) -> Iterator[Sim]:
 class GpuRun:
     """Runs pytest sessions of a pytester project against the simulated cloud."""
 
-    def __init__(self, pytester: pytest.Pytester, sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(
+        self, pytester: pytest.Pytester, sim: Sim, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         self.pytester = pytester
         self.sim = sim
         monkeypatch.setenv("GPUCLOUD_API_KEY", sim.api_key)

@@ -12,7 +12,16 @@ def test_gpu_marker_is_registered(pytester: pytest.Pytester) -> None:
 
 def test_marked_tests_skip_without_gpu_cloud(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
-        "import pytest\n\n@pytest.mark.gpu('A100')\ndef test_a():\n    pass\n\ndef test_b():\n    pass\n"
+        """
+        import pytest
+
+        @pytest.mark.gpu("A100")
+        def test_a():
+            pass
+
+        def test_b():
+            pass
+        """
     )
     result = pytester.runpytest_inprocess("--strict-markers", "-rs")
     result.assert_outcomes(passed=1, skipped=1)
@@ -29,7 +38,9 @@ def test_marked_tests_skip_without_gpu_cloud(pytester: pytest.Pytester) -> None:
 def test_bad_marker_is_a_collection_error(
     pytester: pytest.Pytester, marker: str, expected: str
 ) -> None:
-    pytester.makepyfile(test_bad=f"import pytest\n\n@pytest.mark.{marker}\ndef test_a():\n    pass\n")
+    pytester.makepyfile(
+        test_bad=f"import pytest\n\n@pytest.mark.{marker}\ndef test_a():\n    pass\n"
+    )
     result = pytester.runpytest_inprocess()
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.stdout.fnmatch_lines(["*ERROR collecting*", expected, "*1 error*"])

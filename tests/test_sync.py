@@ -290,13 +290,36 @@ def test_no_change_sync_sends_nothing_even_without_local_state(repo: Path, remot
     assert second.manifest == first.manifest
 
 
-def test_a_file_changed_on_the_instance_travels_again(repo: Path, remote: Remote) -> None:
+def test_files_changed_on_the_instance_travel_again(
+    repo: Path, remote: Remote, tmp_path: Path
+) -> None:
     first = remote.sync(repo)
-    tampered = remote.home / "work/proj/src/pkg/mod.py"
-    tampered.write_text("broken\n")
+    mirror = remote.home / "work/proj"
+    (mirror / "src/pkg/mod.py").write_text("broken\n")
+    outside = write(tmp_path / "outside.txt", "not yours\n")
+    (mirror / "untracked.py").unlink()
+    (mirror / "untracked.py").symlink_to(outside)  # must be replaced, never written through
     again = remote.sync(repo, previous=first.manifest)
-    assert again.files_sent == 1
-    assert tampered.read_bytes() == (repo / "src/pkg/mod.py").read_bytes()
+    assert again.files_sent == 2
+    assert_mirrors(repo, mirror)
+    assert outside.read_text() == "not yours\n"
+
+
+def test_kind_changes_and_odd_names(repo: Path, remote: Remote) -> None:
+    first = remote.sync(repo)
+    (repo / "untracked.py").unlink()
+    (repo / "untracked.py").symlink_to("scripts/run.sh")  # file -> link
+    (repo / "link.py").unlink()
+    write(repo / "link.py", "now a file\n")  # link -> file
+    (repo / "data/blob.bin").unlink()
+    write(repo / "data/blob.bin/inner.py", "x = 1\n")  # file -> folder
+    write(repo / "docs/ünïcode name.md", "# ü\n")
+    write(repo / ("deep/" * 30 + "long.py"), "deep = True\n")  # > 100 bytes: pax path
+    write(repo / "empty.txt", "")
+    again = remote.sync(repo, previous=first.manifest)
+    assert (again.files_sent, again.files_removed) == (7, 1)
+    assert_mirrors(repo, remote.home / "work/proj")
+    assert remote.sync(repo).files_sent == 0
 
 
 def test_extra_files_arrive_and_go(repo: Path, remote: Remote, tmp_path: Path) -> None:
@@ -316,11 +339,13 @@ def test_extra_files_arrive_and_go(repo: Path, remote: Remote, tmp_path: Path) -
 
 def test_compression_only_where_it_pays(tmp_path: Path, remote: Remote) -> None:
     root = tmp_path / "plain"
-    write(root / "text.csv", "0.5,1.5,text\n" * 80_000)  # ~1 MB, compresses well
-    write(root / "noise.dat", os.urandom(1 << 20))  # unknown suffix: probed, sent as is
-    write(root / "weights.npy", os.urandom(1 << 20))  # known suffix: sent as is
+    write(root / "text.csv", "0.5,1.5,text\n" * 100_000)  # 1.3 MB, compresses well
+    write(root / "small.py", "print('hello')\n" * 100)
+    write(root / "noise.dat", os.urandom(1_500_000))  # binary: probed, streamed as is
+    write(root / "weights.npy", os.urandom(1_500_000))  # known suffix: streamed as is
+    write(root / "tiny.png", os.urandom(10_000))  # known suffix: in a plain pack
     result = remote.sync(root)
-    assert 2 << 20 < result.bytes_sent < (2 << 20) + 100_000
+    assert 3_010_000 < result.bytes_sent < 3_010_000 + 100_000
     assert_mirrors(root, remote.home / "work/proj")
 
 
@@ -330,11 +355,10 @@ def test_missing_python_on_the_instance_is_an_instance_error(repo: Path, remote:
         remote.sync(repo)
 
 
-def hostile_tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+def hostile_tar(*members: tuple[tarfile.TarInfo, bytes], removed: tuple[str, ...] = ()) -> bytes:
     names = [info.name for info, _ in members]
-    control = json.dumps(
-        {"removed": [], "chmod": [], "manifest": {n: ["file", 0o644, 1, 0, "x"] for n in names}}
-    ).encode()
+    entries = {n: ["file", 0o644, 1, 0, "x"] for n in names}
+    control = json.dumps({"removed": removed, "chmod": [], "entries": entries}).encode()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         head = tarfile.TarInfo("gpucloud-sync.json")
@@ -370,6 +394,15 @@ HOSTILE = {
 }
 
 
+def receive_stream(stream: bytes, mirror: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, receive.__file__, str(mirror)],
+        input=stream,
+        capture_output=True,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_receiver_refuses_hostile_members(case: str, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
@@ -377,15 +410,28 @@ def test_receiver_refuses_hostile_members(case: str, tmp_path: Path) -> None:
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     (mirror / "out").symlink_to(outside)  # as if a test had made it on the instance
-    done = subprocess.run(
-        [sys.executable, receive.__file__, str(mirror)],
-        input=hostile_tar(*HOSTILE[case]),
-        capture_output=True,
-        check=False,
-        cwd=tmp_path,
-    )
+    done = receive_stream(hostile_tar(*HOSTILE[case]), mirror)
     assert done.returncode == 1
     assert b"refused" in done.stderr
     assert list(outside.iterdir()) == []
     assert sorted(p.name for p in mirror.iterdir() if p.name not in ("out", "a")) == []
+    assert not Path(str(mirror) + ".manifest.json").exists()
+
+
+@pytest.mark.parametrize("name", ["../outside/keep.txt", "out/keep.txt", "/etc/hostname"])
+def test_receiver_refuses_hostile_removals(name: str, tmp_path: Path) -> None:
+    keep = write(tmp_path / "outside/keep.txt", "keep\n")
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "out").symlink_to(keep.parent)
+    done = receive_stream(hostile_tar(removed=(name,)), mirror)
+    assert (done.returncode, keep.exists()) == (1, True)
+    assert b"refused" in done.stderr
+
+
+def test_receiver_rejects_a_stream_cut_short(tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror"
+    done = receive_stream(hostile_tar((member("a.py"), b"x")), mirror)  # no digests at the end
+    assert done.returncode == 1
+    assert b"ended early" in done.stderr
     assert not Path(str(mirror) + ".manifest.json").exists()

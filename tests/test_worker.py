@@ -197,7 +197,9 @@ def test_hello_collection_and_outcomes(worker: Any, pytester: pytest.Pytester) -
     assert (xfail["outcome"], xfail["wasxfail"]) == ("skipped", "known")
     stdin = w.run("test_outcomes.py::test_stdin")[1]["report"]
     assert stdin["outcome"] == "failed"
-    assert "reading from stdin while output is captured" in stdin["longrepr"]["reprcrash"]["message"]
+    assert (
+        "reading from stdin while output is captured" in stdin["longrepr"]["reprcrash"]["message"]
+    )
     assert outcomes(w.run("test_outcomes.py::test_fd0_is_devnull"))[1] == ("call", "passed")
     assert w.finish() == (0, [])
 
@@ -272,6 +274,8 @@ def test_fixtures_live_across_runs_until_nextitem_leaves(
 
 
 def test_nextid_none_tears_everything_down(worker: Any, pytester: pytest.Pytester) -> None:
+    # The worker's private cache dir must not upset a session without a cache.
+    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider --strict-config\n")
     pytester.makepyfile(
         test_scoped="""
         import pytest
@@ -292,10 +296,41 @@ def test_nextid_none_tears_everything_down(worker: Any, pytester: pytest.Pyteste
     )
     w = worker()
     w.expect("hello")
-    w.start("test_scoped.py")
+    w.start("-c", "tox.ini", "test_scoped.py")
     assert outcomes(w.run("test_scoped.py::test_1", None))[1] == ("call", "passed")
     assert outcomes(w.run("test_scoped.py::test_2", None))[1] == ("call", "passed")
     assert w.finish(shutdown=False) == (0, [])  # EOF ends the session like shutdown
+
+
+def test_teardown_error_at_session_end_follows_shutdown(
+    worker: Any, pytester: pytest.Pytester
+) -> None:
+    pytester.makepyfile(
+        test_end="""
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def sess():
+            yield
+            raise RuntimeError("could not free the GPU")
+
+        def test_1(sess):
+            pass
+
+        def test_2(sess):
+            pass
+        """
+    )
+    w = worker()
+    w.expect("hello")
+    w.start("test_end.py")
+    assert outcomes(w.run("test_end.py::test_1", "test_end.py::test_2"))[2] == (
+        "teardown",
+        "passed",
+    )
+    status, after = w.finish()
+    assert status != 0
+    assert after == [{"type": "crashed", "message": "remote pytest failed: could not free the GPU"}]
 
 
 def test_collection_problems_warnings_and_missing(worker: Any, pytester: pytest.Pytester) -> None:
@@ -366,8 +401,16 @@ def test_local_plugin_options_are_inert(worker: Any, pytester: pytest.Pytester) 
         @pytest.mark.gpu("A100")
         def test_gpu():
             assert "PYTEST_XDIST_WORKER" not in os.environ
+
+        def test_other():
+            pass
         """
     )
+    # A workspace that persists between sessions keeps its own history; --lf must not
+    # deselect by it.
+    lastfailed = pytester.path / ".pytest_cache" / "v" / "cache" / "lastfailed"
+    lastfailed.parent.mkdir(parents=True)
+    lastfailed.write_text('{"test_gpu.py::test_other": true}')
     w = worker(autoload=True)  # the installed gpucloud entry point is blocked, xdist inert
     w.expect("hello")
     collected = w.start(
@@ -380,11 +423,16 @@ def test_local_plugin_options_are_inert(worker: Any, pytester: pytest.Pytester) 
         ],
         ini=["gpu_cloud_provider"],
     )
-    assert collected[-1] == {"type": "collected", "count": 1}, w.stderr
+    assert collected[-1] == {"type": "collected", "count": 2}, w.stderr
     assert outcomes(w.run("test_gpu.py::test_gpu"))[1] == ("call", "passed")
     assert w.finish() == (0, [])
     left = {p.name for p in pytester.path.iterdir()} - {"__pycache__"}
-    assert left == {"test_gpu.py", "tox.ini"}  # no junitxml, no cache
+    assert left == {".pytest_cache", "test_gpu.py", "tox.ini"}  # no junitxml
+    assert [p.name for p in (pytester.path / ".pytest_cache").rglob("*")] == [
+        "v",
+        "cache",
+        "lastfailed",
+    ]
 
 
 def test_usage_error_is_reported_as_crashed(worker: Any, pytester: pytest.Pytester) -> None:
@@ -397,6 +445,17 @@ def test_usage_error_is_reported_as_crashed(worker: Any, pytester: pytest.Pytest
     status, after = w.finish(shutdown=False)
     assert status != 0
     assert after == []
+
+
+def test_missing_file_is_reported_as_crashed(worker: Any, pytester: pytest.Pytester) -> None:
+    w = worker()
+    w.expect("hello")
+    crashed = w.start("test_not_there.py")[-1]
+    assert crashed == {
+        "type": "crashed",
+        "message": "remote pytest could not start: file or directory not found: test_not_there.py",
+    }
+    assert w.finish(shutdown=False)[0] != 0
 
 
 def test_unexpected_frame_is_an_internal_error(worker: Any, pytester: pytest.Pytester) -> None:

@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tinymodel import LinearModel, make_data  # noqa: E402
+from tinymodel import LinearModel, make_data
 
 
 @pytest.fixture(scope="module")

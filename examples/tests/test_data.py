@@ -6,7 +6,9 @@ from tinymodel import make_data
 
 def test_data_shapes():
     x, y, w = make_data(n=32, features=3)
-    assert x.shape == (32, 3) and y.shape == (32,) and w.shape == (3,)
+    assert x.shape == (32, 3)
+    assert y.shape == (32,)
+    assert w.shape == (3,)
 
 
 def test_data_is_reproducible():

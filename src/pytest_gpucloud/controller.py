@@ -3,6 +3,7 @@ each on the fleet, replays the results into this session, and tears everything d
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -96,7 +97,9 @@ class Controller:
         return [line]
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        planned = [(item, item.stash[REQUEST_KEY]) for item in session.items if REQUEST_KEY in item.stash]
+        planned = [
+            (item, item.stash[REQUEST_KEY]) for item in session.items if REQUEST_KEY in item.stash
+        ]
         if not planned or self.config.option.collectonly:
             return
         try:
@@ -133,9 +136,7 @@ class Controller:
     def _worker_start(self) -> dict[str, Any]:
         return {
             "args": remote_pytest_args(self.config),
-            "options": [
-                {"name": o.flag, "takes_value": not o.is_switch} for o in OPTIONS
-            ],
+            "options": [{"name": o.flag, "takes_value": not o.is_switch} for o in OPTIONS],
             "ini": [o.ini for o in OPTIONS],
         }
 
@@ -153,7 +154,9 @@ class Controller:
         )
 
     @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    def pytest_runtest_protocol(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> bool | None:
         request = item.stash.get(REQUEST_KEY, None)
         if request is None or self.fleet is None:
             return None
@@ -167,7 +170,9 @@ class Controller:
         self._replay_collection(item.session, machine)
         local_root = str(self.config.rootpath)
         for warning in run.warnings:
-            replay_warning(self.config, warning, remote_root=machine.remote_root, local_root=local_root)
+            replay_warning(
+                self.config, warning, remote_root=machine.remote_root, local_root=local_root
+            )
         if run.missing:
             replay_infra_error(
                 item, f"gpu-cloud: {item.nodeid} was not collected on instance {machine.id}"
@@ -182,9 +187,13 @@ class Controller:
         self._replayed.add(id(machine))
         local_root = str(self.config.rootpath)
         for report in machine.collection.errors:
-            replay_collectreport(session, report, remote_root=machine.remote_root, local_root=local_root)
+            replay_collectreport(
+                session, report, remote_root=machine.remote_root, local_root=local_root
+            )
         for warning in machine.collection.warnings:
-            replay_warning(self.config, warning, remote_root=machine.remote_root, local_root=local_root)
+            replay_warning(
+                self.config, warning, remote_root=machine.remote_root, local_root=local_root
+            )
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self._shutdown()
@@ -218,12 +227,12 @@ class Controller:
             try:
                 self.engine.run(self.fleet.shutdown(), timeout=SHUTDOWN_TIMEOUT)
             except TimeoutError:
-                self.fleet.orphans.extend(m.id for m in self.fleet.machines if m.state.value != "released")
+                self.fleet.orphans.extend(
+                    m.id for m in self.fleet.machines if m.state.value != "released"
+                )
         if self.provider is not None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 self.engine.run(self.provider.aclose(), timeout=30)
-            except TimeoutError:
-                pass
 
     def close(self) -> None:
         self._shutdown()

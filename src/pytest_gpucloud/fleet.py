@@ -133,7 +133,9 @@ class Fleet:
             self._catalog = await self.provider.catalog()
         return self._catalog
 
-    async def run(self, nodeid: str, request: GpuRequest, nextid: str | None) -> tuple[TestRun, Machine]:
+    async def run(
+        self, nodeid: str, request: GpuRequest, nextid: str | None
+    ) -> tuple[TestRun, Machine]:
         """Run one test on a machine that fits ``request``; infrastructure trouble raises."""
         machine = await self._lease(request)
         assert machine.link is not None
@@ -207,7 +209,9 @@ class Fleet:
         assert machine.instance is not None
         deadline = time.monotonic() + self.settings.boot_timeout
         machine.state = MachineState.BOOTING
-        machine.instance = await self.provider.wait_ready(machine.instance, self.settings.boot_timeout)
+        machine.instance = await self.provider.wait_ready(
+            machine.instance, self.settings.boot_timeout
+        )
         machine.state = MachineState.CONNECTING
         machine.conn = await ssh.connect(
             machine.instance, self._key, timeout=max(1.0, deadline - time.monotonic())
@@ -233,7 +237,9 @@ class Fleet:
         machine.ready_at = time.time()
         machine.state = MachineState.READY
 
-    async def _release(self, machine: Machine, state: MachineState = MachineState.RELEASING) -> None:
+    async def _release(
+        self, machine: Machine, state: MachineState = MachineState.RELEASING
+    ) -> None:
         """Stop the worker, close SSH, delete the instance and verify it is gone."""
         if machine.state in (MachineState.RELEASING, MachineState.RELEASED):
             return
@@ -267,7 +273,9 @@ class Fleet:
                 return
             await asyncio.sleep(interval)
             interval = min(interval * 1.5, 2.0)
-        raise TimeoutError(f"instance {instance_id} was still alive {DELETE_VERIFY_S:g} s after its delete")
+        raise TimeoutError(
+            f"instance {instance_id} was still alive {DELETE_VERIFY_S:g} s after its delete"
+        )
 
     async def shutdown(self) -> list[Machine]:
         """Release every machine at once; idempotent."""

@@ -6,8 +6,6 @@ of gpu tests in controller.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from pytest_gpucloud.controller import REQUEST_KEY, SKIP_REASON, Controller, GpuCloudHandle
@@ -35,7 +33,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             parser.addini(option.ini, option.help, type="bool", default=False)
         else:
             group.addoption(
-                option.flag, dest=option.dest, default=None, metavar=option.metavar,
+                option.flag,
+                dest=option.dest,
+                default=None,
+                metavar=option.metavar,
                 help=help_text,
             )
             parser.addini(option.ini, option.help, default="")
@@ -86,10 +87,9 @@ def pytest_collection_modifyitems(
 
 
 @pytest.fixture(scope="session")
-def gpu_cloud(request: pytest.FixtureRequest) -> Iterator[GpuCloudHandle]:
+def gpu_cloud(request: pytest.FixtureRequest) -> GpuCloudHandle:
     """The session's fleet: its instances, their states and the cost so far."""
     controller = request.config.stash.get(CONTROLLER_KEY, None)
     if controller is None:
         pytest.skip(SKIP_REASON)
-    yield controller.handle()
-
+    return controller.handle()

@@ -18,10 +18,8 @@ from typing import Any, Literal
 
 import pytest
 
+from pytest_gpucloud.errors import PREFIX
 from pytest_gpucloud.remote.protocol import Message
-
-# The prefix of every infrastructure error shown to a user (as errors.PREFIX).
-PREFIX = "gpu-cloud: "
 
 # Plugins the remote session must not be asked for: this plugin itself, and the two the
 # worker keeps inert there (the local session alone writes the cache and the junitxml).
@@ -84,7 +82,7 @@ class _PathMap:
 
     def localize(self, value: Any) -> Any:
         if isinstance(value, str):
-            if self.remote == self.local or self.remote not in value:
+            if not self.remote or self.remote == self.local or self.remote not in value:
                 return value
             return self._pattern.sub(lambda _: self.local, value)
         if isinstance(value, dict):

@@ -22,8 +22,7 @@ async def make_provider(name: str, settings: Settings) -> Provider:
 
         if settings.api_url is None:
             raise ConfigError(
-                "--gpu-provider rest needs the API's address: set GPUCLOUD_API_URL or "
-                "--gpu-api-url"
+                "--gpu-provider rest needs the API's address: set GPUCLOUD_API_URL or --gpu-api-url"
             )
         if settings.api_key is None:
             raise ConfigError("--gpu-provider rest needs an API key: set GPUCLOUD_API_KEY")

@@ -200,7 +200,7 @@ async def retrying(call: Callable[[], Awaitable[R]], attempts: int) -> R:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-_backoff = wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.2)
+_backoff = wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2)
 
 
 def _wait(retry_state: Any) -> float:

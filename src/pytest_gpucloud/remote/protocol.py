@@ -4,7 +4,9 @@ Every frame is a JSON object with a ``"type"`` key naming it (``encode``/``decod
 
 Local -> remote:
   start     {"args": [...], "options": [{"name": str, "takes_value": bool}], "ini": [str]}
-            sent once, first. ``args``: pytest arguments (rootdir-relative). ``options`` and
+            sent once, first. ``args``: pytest arguments, relative to the workspace; they must
+            not block cacheprovider or junitxml (the worker gives the session a throwaway
+            cache and turns junitxml off itself, and blocks this plugin). ``options`` and
             ``ini``: the local plugin's own command-line options and ini keys; the worker
             registers them as inert, so an ``addopts = --gpu-cloud`` or ``gpu_cloud_*`` key in
             the shared ini file does not break the remote session.
@@ -25,8 +27,8 @@ Remote -> local:
   missing   {"nodeid": str, "reason": str|None}  a ``run`` for a nodeid not collected here
             (reason: the skipped/failed collector or the deselection, when known)
   crashed   {"message": str}                     the worker hit an internal or usage error
-            and exits non-zero; may also follow ``shutdown`` when a fixture's teardown
-            failed at session end
+            and exits non-zero (the message may name remote paths); may also follow
+            ``shutdown`` when a fixture's teardown failed at session end
 
 A worker that exits without ``hello`` (no python3, no pytest) leaves only its stderr.
 """

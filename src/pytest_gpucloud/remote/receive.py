@@ -6,15 +6,17 @@ directory. The exchange, all on the exec's stdin and stdout:
 
 1. Prints one JSON line ``{"root": <absolute DIR>, "manifest": {path: entry}}``: the
    manifest stored by the last sync (in ``DIR.manifest.json``, next to the tree), less the
-   paths whose file changed on disk since (size, mtime or mode), so they travel again.
+   paths whose file changed on disk since (size, mtime or mode), so they travel again. An
+   entry is ``[kind, mode, size, mtime_ns, sha1]``.
 2. Reads one pax tar. The first member is JSON ``{"removed": [...], "chmod": [...],
-   "manifest": {...}}`` (paths to delete, files whose mode alone changed, the new
-   manifest); the others are regular files, symlinks and packs. A pack holds many files
-   back to back, listed in its pax header ``GPUCLOUD.pack`` as JSON ``[[path, size],
-   ...]``; with the pax header ``GPUCLOUD.zlib`` its content is zlib-compressed.
-3. Deletes the removed paths and the directories they leave empty, applies the chmods,
-   writes each member (temporary name, then rename), sets its mode and mtime from the
-   manifest, stores the new manifest atomically and prints ``ok <absolute DIR>``.
+   "entries": {...}}``: paths to delete, files whose mode alone changed, and the entries
+   that differ from the printed manifest. Then regular files, symlinks and packs: a pack
+   holds many files back to back, listed in its pax header ``GPUCLOUD.pack`` as JSON
+   ``[[path, size], ...]``, zlib-compressed when it has the pax header ``GPUCLOUD.zlib``.
+   Last, an empty member whose pax header ``GPUCLOUD.digests`` gives the sha1 of each file
+   sent (hashed while sending); a stream without it is incomplete.
+3. Deletes, chmods, writes each file under a temporary name then renames it, with mode
+   and mtime from its entry, stores the new manifest atomically, prints ``ok <DIR>``.
 
 Refused, with exit status 1 and the reason on stderr: absolute paths, ``..``, paths
 through a symlink that leaves the tree, symlinks pointing outside the tree, and any member
@@ -23,15 +25,18 @@ that is not a regular file or a symlink (devices, fifos, hard links, directories
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import sys
-import tarfile
 import zlib
-from typing import IO, Any
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing, tarfile and shutil stay out of the startup, before the head line
+    import tarfile
+    from typing import IO, Any
 PACK_HEADER = "GPUCLOUD.pack"
+DIGESTS_HEADER = "GPUCLOUD.digests"
 ZLIB_HEADER = "GPUCLOUD.zlib"
 _CHUNK = 1 << 20
 
@@ -47,6 +52,7 @@ class Tree:
         self.root = root
         self.real = os.path.realpath(root)
         self._safe_dirs: set[str] = set()
+        self._made_dirs: set[str] = set()
 
     def path(self, name: str) -> str:
         """The local path of member ``name``, refused unless it stays inside the tree."""
@@ -71,7 +77,7 @@ class Tree:
         except FileNotFoundError:
             return
         except IsADirectoryError:
-            shutil.rmtree(path)
+            _rmtree(path)
         parent = os.path.dirname(path)
         while parent != self.root:
             try:
@@ -79,35 +85,51 @@ class Tree:
             except OSError:
                 break
             self._safe_dirs.discard(parent)
+            self._made_dirs.discard(parent)
             parent = os.path.dirname(parent)
 
-    def write(self, path: str, content: bytes | IO[bytes], entry: list[Any]) -> None:
-        tmp = _temporary(path)
-        with open(tmp, "wb") as out:
+    def write(self, path: str, content: bytes | IO[bytes], entry: list[Any]) -> list[int]:
+        """Write a file under a temporary name, then rename it; return its stat key."""
+        tmp = self._temporary(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(fd, "wb") as out:
             if isinstance(content, bytes):
                 out.write(content)
             else:
-                shutil.copyfileobj(content, out, _CHUNK)
-            os.fchmod(out.fileno(), entry[1] & 0o7777)
-        os.utime(tmp, ns=(entry[3], entry[3]))
+                for chunk in iter(lambda: content.read(_CHUNK), b""):
+                    out.write(chunk)
+            out.flush()
+            os.fchmod(fd, entry[1] & 0o7777)
+            os.utime(fd, ns=(entry[3], entry[3]))
+            st = os.fstat(fd)
         _replace(tmp, path)
+        return [st.st_size, st.st_mtime_ns, st.st_mode]
 
-    def link(self, path: str, target: str) -> None:
+    def link(self, path: str, target: str) -> list[int]:
         if target.startswith("/") or not self.inside(_realpath_via(path, target)):
             raise Refused(f"refused link {path!r} -> {target!r}: it points out of the tree")
-        tmp = _temporary(path)
+        tmp = self._temporary(path)
         os.symlink(target, tmp)
         _replace(tmp, path)
+        st = os.lstat(path)
+        return [st.st_size, st.st_mtime_ns, st.st_mode]
+
+    def _temporary(self, path: str) -> str:
+        """A free name next to ``path``, its folder made."""
+        parent, base = os.path.split(path)
+        if parent not in self._made_dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._made_dirs.add(parent)
+        tmp = os.path.join(parent, f".{base}.gpucloud~")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # left behind by an interrupted sync
+        return tmp
 
 
-def _temporary(path: str) -> str:
-    """A free name next to ``path``, its parent directories made."""
-    parent, base = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{base}.gpucloud~")
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    return tmp
+def _rmtree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path)
 
 
 def _realpath_via(path: str, target: str) -> str:
@@ -115,9 +137,11 @@ def _realpath_via(path: str, target: str) -> str:
 
 
 def _replace(tmp: str, path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)  # something made a directory where the tree has a file
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except IsADirectoryError:  # something made a directory where the tree has a file
+        _rmtree(path)
+        os.replace(tmp, path)
 
 
 def _stat_key(path: str) -> list[int] | None:
@@ -128,83 +152,105 @@ def _stat_key(path: str) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns, st.st_mode]
 
 
-def load(store: str, tree: Tree) -> dict[str, Any]:
-    """The stored manifest, less the entries whose file changed on disk since."""
+def load(store: str, root: str) -> dict[str, Any]:
+    """The stored manifest and stats, less the entries whose file changed on disk since."""
     try:
         with open(store, "rb") as f:
             stored = json.load(f)
         manifest, stats = stored["manifest"], stored["stat"]
     except (OSError, ValueError, KeyError, TypeError):
         return {"manifest": {}, "stat": {}}
-    valid = {}
-    for name, stat in stats.items():
-        try:
+    valid = {
+        name: stat
+        for name, stat in stats.items()
+        if name in manifest and _stat_key(os.path.join(root, name)) == stat
+    }
+    return {"manifest": {name: manifest[name] for name in valid}, "stat": valid}
+
+
+class Receiver:
+    """Applies the members of one sync tar to the tree, in order."""
+
+    def __init__(self, tree: Tree, stored: dict[str, Any], control: dict[str, Any]) -> None:
+        self.tree = tree
+        self.manifest: dict[str, list[Any]] = dict(stored["manifest"])
+        self.stats: dict[str, Any] = dict(stored["stat"])
+        self.links: list[tuple[str, str]] = []
+        self.digests: dict[str, str] | None = None
+        for name in control["removed"]:
+            tree.remove(name)
+            self.manifest.pop(name, None)
+            self.stats.pop(name, None)
+        self.manifest.update(control["entries"])
+        for name in control["chmod"]:
             path = tree.path(name)
-        except Refused:
-            continue
-        if name in manifest and _stat_key(path) == stat:
-            valid[name] = stat
-    return {"manifest": {k: manifest[k] for k in valid}, "stat": valid}
+            os.chmod(path, self.manifest[name][1] & 0o7777)
+            self.stats[name] = _stat_key(path)
+
+    def member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        data = tar.extractfile(member) if member.isreg() else None
+        headers = member.pax_headers
+        if DIGESTS_HEADER in headers:
+            self.digests = json.loads(headers[DIGESTS_HEADER])
+        elif data is not None and PACK_HEADER in headers:
+            payload = data.read()
+            if ZLIB_HEADER in headers:
+                payload = zlib.decompress(payload)
+            offset = 0
+            for name, size in json.loads(headers[PACK_HEADER]):
+                self.put(name, payload[offset : offset + size])
+                offset += size
+            if offset != len(payload):
+                raise Refused("a pack does not match its index")
+        elif data is not None:
+            self.put(member.name, data)
+        elif member.issym():
+            self.put(member.name, None, member.linkname)
+        else:
+            raise Refused(f"refused member {member.name!r}: not a regular file or symlink")
+
+    def put(self, name: str, content: bytes | IO[bytes] | None, link: str = "") -> None:
+        path = self.tree.path(name)
+        if name not in self.manifest:
+            raise Refused(f"member {name!r} is not in the manifest")
+        if content is None:
+            self.stats[name] = self.tree.link(path, link)
+            self.links.append((path, link))
+        else:
+            self.stats[name] = self.tree.write(path, content, self.manifest[name])
+
+    def finish(self) -> dict[str, Any]:
+        """Check the links and the stream's end; the manifest and stats to store."""
+        # A link can leave the tree through links that arrived after it: check them again.
+        for path, target in self.links:
+            if not self.tree.inside(_realpath_via(path, target)):
+                os.unlink(path)
+                raise Refused(f"refused link {path!r} -> {target!r}: it points out of the tree")
+        if self.digests is None:
+            raise Refused("the sync stream ended early")
+        for name, digest in self.digests.items():
+            self.manifest[name] = [*self.manifest[name][:4], digest]
+        stats = {k: v for k, v in self.stats.items() if k in self.manifest and v is not None}
+        return {"manifest": {k: self.manifest[k] for k in stats}, "stat": stats}
 
 
 def apply(tree: Tree, stream: IO[bytes], stored: dict[str, Any]) -> dict[str, Any]:
     """Apply one sync tar read from ``stream``; return the manifest and stats to store."""
-    with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tar:
-        members = iter(tar)
-        first = next(members, None)
-        data = tar.extractfile(first) if first is not None and first.isreg() else None
-        if data is None:
-            raise Refused("the first member must be the control JSON")
-        control = json.loads(data.read())
-        manifest: dict[str, list[Any]] = control["manifest"]
-        stats: dict[str, Any] = dict(stored["stat"])
-        for name in control["removed"]:
-            tree.remove(name)
-            stats.pop(name, None)
-        for name in control["chmod"]:
-            path = tree.path(name)
-            os.chmod(path, manifest[name][1] & 0o7777)
-            stats[name] = _stat_key(path)
+    import tarfile
 
-        links: list[tuple[str, str]] = []
-
-        def put(name: str, content: bytes | IO[bytes] | None, link: str = "") -> None:
-            path = tree.path(name)
-            if name not in manifest:
-                raise Refused(f"member {name!r} is not in the manifest")
-            if content is None:
-                tree.link(path, link)
-                links.append((path, link))
-            else:
-                tree.write(path, content, manifest[name])
-            stats[name] = _stat_key(path)
-
-        for member in members:
-            data = tar.extractfile(member) if member.isreg() else None
-            index = member.pax_headers.get(PACK_HEADER)
-            if data is not None and index is not None:
-                payload = data.read()
-                if ZLIB_HEADER in member.pax_headers:
-                    payload = zlib.decompress(payload)
-                offset = 0
-                for name, size in json.loads(index):
-                    put(name, payload[offset : offset + size])
-                    offset += size
-                if offset != len(payload):
-                    raise Refused("a pack member does not match its index")
-            elif data is not None:
-                put(member.name, data)
-            elif member.issym():
-                put(member.name, None, member.linkname)
-            else:
-                raise Refused(f"refused member {member.name!r}: not a regular file or symlink")
-    # A link can leave the tree through links that arrived after it: check them all again.
-    for path, target in links:
-        if not tree.inside(_realpath_via(path, target)):
-            os.unlink(path)
-            raise Refused(f"refused link {path!r} -> {target!r}: it points out of the tree")
-    stats = {k: v for k, v in stats.items() if k in manifest and v is not None}
-    return {"manifest": {k: manifest[k] for k in stats}, "stat": stats}
+    try:
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tar:
+            members = iter(tar)
+            first = next(members, None)
+            data = tar.extractfile(first) if first is not None and first.isreg() else None
+            if data is None:
+                raise Refused("the first member must be the control JSON")
+            receiver = Receiver(tree, stored, json.loads(data.read()))
+            for member in members:
+                receiver.member(tar, member)
+    except tarfile.TarError as exc:
+        raise Refused(f"bad sync stream: {exc}") from None
+    return receiver.finish()
 
 
 def save(store: str, stored: dict[str, Any]) -> None:
@@ -218,15 +264,14 @@ def main(argv: list[str]) -> int:
     root = os.path.abspath(os.path.expanduser(argv[0])).rstrip("/") or "/"
     store = root + ".manifest.json"
     os.makedirs(root, exist_ok=True)
-    tree = Tree(root)
-    stored = load(store, tree)
+    stored = load(store, root)
     out = sys.stdout.buffer
     head = {"root": root, "manifest": stored["manifest"]}
     out.write(json.dumps(head, separators=(",", ":")).encode() + b"\n")
     out.flush()
     try:
-        new = apply(tree, sys.stdin.buffer, stored)
-    except (Refused, tarfile.TarError, zlib.error, ValueError, KeyError, OSError) as exc:
+        new = apply(Tree(root), sys.stdin.buffer, stored)
+    except (Refused, zlib.error, ValueError, KeyError, OSError) as exc:
         sys.stderr.write(f"gpucloud receive: {exc}\n")
         return 1
     if new != stored:

@@ -21,7 +21,7 @@ from .protocol import PROTOCOL_VERSION, Message, decode, encode
 
 if TYPE_CHECKING:
     import warnings
-    from collections.abc import Generator
+    from collections.abc import Generator, Iterator
 
 GPU_MARKER = "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None): "
 GPU_MARKER += "run this test on a cloud GPU instance (pytest-gpucloud)"
@@ -91,13 +91,26 @@ class WorkerPlugin:
         for name in self._ini:
             parser.addini(name, help="ignored on the instance")
 
+    @contextlib.contextmanager
+    def _crash_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:  # pytest prints it to stderr; the local side gets it too
+            self.crash(f"remote pytest {'failed' if self.collected else 'could not start'}: {exc}")
+            raise
+
     @pytest.hookimpl(wrapper=True)
     def pytest_cmdline_parse(self) -> Generator[None, pytest.Config, pytest.Config]:
-        try:
+        # Bad arguments or ini values, a conftest that does not import.
+        with self._crash_on_error():
             return (yield)
-        except Exception as exc:  # usage errors, broken conftests: pytest prints, we report
-            self.crash(f"remote pytest could not start: {exc}")
-            raise
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_cmdline_main(self) -> Generator[None, int | pytest.ExitCode, int | pytest.ExitCode]:
+        # Usage errors of configure and collection (a file that is not there), and a
+        # fixture whose teardown fails when the session ends after ``shutdown``.
+        with self._crash_on_error():
+            return (yield)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_configure(self, config: pytest.Config) -> None:
@@ -210,7 +223,7 @@ def serve(channel: Channel) -> int:
     args = [*start["args"], *BLOCKED, "-o", f"cache_dir={cache_dir}"]
     try:
         code = pytest.main(args, plugins=[plugin])
-    except BaseException as exc:  # e.g. a session fixture's teardown failing at session end
+    except BaseException as exc:
         plugin.crash(f"remote pytest failed: {type(exc).__name__}: {exc}")
         raise
     finally:

@@ -173,7 +173,7 @@ class Instance:
     async def _end(self, delay: float) -> None:
         await asyncio.sleep(delay)
         if self.machine is not None:
-            await self.machine.stop()
+            self.machine.stop()
         self.status = "terminated"
         self.terminated_at = utcnow()
 

@@ -125,7 +125,7 @@ class Machine:
         for conn in list(self.connections):
             conn.abort()
 
-    async def stop(self) -> None:
+    def stop(self) -> None:
         """Close the server and its connections, kill every process group, remove home."""
         for timer in self._timers:
             timer.cancel()
@@ -136,7 +136,8 @@ class Machine:
         self.drop_connections()
         for group_id in self._group_ids:
             _kill_group(group_id)
-        await asyncio.to_thread(shutil.rmtree, self.home, ignore_errors=True)
+        # Not in a worker thread: stop() also runs at interpreter exit, executors gone.
+        shutil.rmtree(self.home, ignore_errors=True)
 
     def _schedule_drop(self, delay: float) -> None:
         loop = asyncio.get_running_loop()

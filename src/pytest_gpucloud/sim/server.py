@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import socket
 import threading
 import time
@@ -30,8 +31,7 @@ class SimServer:
     def start(self) -> str:
         if self._thread is not None:
             raise RuntimeError("this SimServer was started already")
-        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        sock = socket.create_server((self.config.host, self.config.port), family=family)
+        sock = _bind(self.config.host, self.config.port)
         self._server = uvicorn.Server(
             uvicorn.Config(
                 create_app(self.config),
@@ -47,16 +47,16 @@ class SimServer:
         )
         self._thread.start()
         self._wait_started(self._server, self._thread)
+        atexit.register(self.stop)  # instance processes live in sessions of their own
         host, port = sock.getsockname()[:2]
-        self.url = (
-            f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
-        )
+        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         return self.url
 
     def stop(self) -> None:
         """Terminate every live instance, then stop serving; a second call does nothing."""
         if self._server is None or self._thread is None:
             return
+        atexit.unregister(self.stop)
         self._server.should_exit = True
         self._thread.join(_STOP_TIMEOUT_S)
         self._server = None
@@ -81,3 +81,13 @@ class SimServer:
                 server.should_exit = True
                 raise RuntimeError("gpu-cloud sim: the server did not start")
             time.sleep(0.005)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only then, and
+    # without it every answer waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock

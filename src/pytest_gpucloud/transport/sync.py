@@ -1,26 +1,26 @@
 """Mirror a project's files into a directory on an instance, in one SSH exec.
 
-The exec is ``python3 -c <source of remote/receive.py> DIR``. The receiver first prints
-the manifest it stored last time (empty on a fresh instance), so the diff needs no local
-state: a fresh instance gets everything, a warm one only what changed. Then this side
-streams one pax tar: a JSON member with the removed paths and the new manifest, then the
-changed files and symlinks (a file whose mode alone changed is chmod-ed, not sent). Work
-is pipelined: the file listing overlaps the remote
-start, and a worker thread reads and compresses the next chunk of the tar while the event
-loop sends the current one.
+The exec is ``python3 -S -c <source of remote/receive.py> DIR``; its docstring has the wire
+format. The receiver first prints the manifest it stored last time, less the files changed
+on the instance since, so the diff needs no local state: a fresh instance gets everything,
+a warm one only what changed. This side then streams one pax tar: removals, chmods and
+changed manifest entries, then the changed files and links, then the sha1 of each file.
 
-Change detection is rsync's quick check: a path whose size and mtime_ns match a known
-entry (``previous``, or the receiver's manifest, which drops the entries whose file changed
-on the instance) keeps that entry's digest; anything else is hashed (sha1, for speed).
+Speed: the file listing overlaps the remote start. rsync's quick check (same size and
+mtime_ns as a known entry, from ``previous`` or from the receiver) spares hashing unchanged
+files, and a file that must travel anyway is hashed while it is sent. A worker thread
+reads, compresses and hashes the next chunk while the event loop sends the current one.
+Small files travel in packs (one tar member, many files), so no side pays a tar header
+per file, and before the big ones, so the receiver writes them while those stream in.
 
-Compression is decided per file, because most of a tree's bytes are often incompressible
-(weights, arrays, archives) while its many source files compress 3-4x. The tar itself
-is not compressed; a member worth compressing carries zlib (level 1) content and a pax
-header ``GPUCLOUD.zlib`` with its original size, and the receiver inflates it. A file is
-sent as is when its extension says it is already compressed or random-looking
-(``_STORED``), when it is larger than 64 MiB (streamed, never held in memory), when a zlib
-probe of its first 64 KiB saves under 10%, or when the compressed content is not at least
-10% smaller.
+Compression is decided per file; the tar itself is not compressed, since the bulk of a
+tree's bytes is often incompressible (weights, arrays, archives) while its many source
+files compress 3-4x. Files worth it travel in zlib (level 1) packs; the others in plain
+packs or, above 1 MiB, as plain members streamed from disk. A file is not compressed when
+its extension says it is compressed or random-looking already (``_STORED``: .npz .pt
+.safetensors .gz .zip .png ...), or when it is binary (a NUL in its first 8000 bytes,
+git's test) and zlib saves under 10% on its first 64 KiB. Files over 64 MiB are streamed
+as they are, never held in memory.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import tarfile
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 import asyncssh
 
 from pytest_gpucloud.errors import InstanceError
-from pytest_gpucloud.remote.receive import PACK_HEADER, ZLIB_HEADER
+from pytest_gpucloud.remote.receive import DIGESTS_HEADER, PACK_HEADER, ZLIB_HEADER
 
 if TYPE_CHECKING:
     from asyncssh import SSHWriter
@@ -75,7 +75,7 @@ _STORED = frozenset(
 )
 _PROBE = 64 << 10
 _PACK_FILE_MAX = 1 << 20
-_PACK_MAX = 4 << 20
+_PACK_MAX = 1 << 20
 _INLINE_MAX = 64 << 20
 _CHUNK = 1 << 20
 
@@ -200,28 +200,31 @@ async def sync(
     files :func:`list_files` selects under ``root``, plus ``extra`` (path in the mirror ->
     local file), in one exec. Raises :class:`InstanceError` when the sync fails."""
     started = time.perf_counter()
-    scan = asyncio.ensure_future(asyncio.to_thread(_scan, root, dict(extra or {})))
-    command = f"python3 -c {shlex.quote(_receiver_source())} {shlex.quote(remote_dir)}"
+    command = f"python3 -S -c {shlex.quote(_receiver_source())} {shlex.quote(remote_dir)}"
     failed = f"code sync to {remote_dir} failed"
     try:
         proc = await conn.create_process(command, encoding=None)
     except (OSError, asyncssh.Error) as exc:
-        await asyncio.wait({scan})
         raise InstanceError(f"{failed}: {exc}") from None
     try:
+        files = await asyncio.to_thread(_scan, root, dict(extra or {}))  # while python starts
         head = await proc.stdout.readline()
-        files = await scan
         if not head:
             raise InstanceError(f"{failed}: {_reason(await proc.wait())}")
         answer = json.loads(head)
         remote = {name: Entry.from_json(value) for name, value in answer["manifest"].items()}
-        manifest = await asyncio.to_thread(_digest_all, files, {**remote, **(previous or {})})
+        known = {**remote, **(previous or {})}
+        manifest = await asyncio.to_thread(_digest_all, files, known, remote)
         changed, removed = diff(remote, manifest)
         chmod = {n for n in changed if _mode_only(remote.get(n), manifest[n])}
-        chunks = _tar_chunks(
-            files, manifest, [n for n in changed if n not in chmod], removed, chmod
-        )
-        sent = await _send(proc.stdin, chunks)
+        control = {
+            "removed": removed,
+            "chmod": sorted(chmod),
+            "entries": {n: e.to_json() for n, e in manifest.items() if remote.get(n) != e},
+        }
+        digests: dict[str, str] = {}
+        send = [n for n in changed if n not in chmod]
+        sent = await _send(proc.stdin, _tar_chunks(control, files, manifest, send, digests))
         done = await proc.wait()
         if sent is None or done.exit_status != 0 or not _said_ok(done.stdout):
             raise InstanceError(f"{failed}: {_reason(done)}")
@@ -235,7 +238,7 @@ async def sync(
         bytes_sent=sent,
         files_removed=len(removed),
         seconds=time.perf_counter() - started,
-        manifest=manifest,
+        manifest={**manifest, **{n: replace(manifest[n], digest=d) for n, d in digests.items()}},
     )
 
 
@@ -257,7 +260,7 @@ def _reason(done: asyncssh.SSHCompletedProcess) -> str:
     lines = (err.decode(errors="replace") if isinstance(err, bytes) else "").strip().splitlines()
     if lines:
         return lines[-1]
-    return f"the receiver exited with status {done.exit_status} (is python3 on the PATH?)"
+    return f"the receiver exited with status {done.exit_status}"
 
 
 async def _send(stdin: SSHWriter[bytes], chunks: Iterator[bytes]) -> int | None:
@@ -299,7 +302,10 @@ def _stat_all(sources: Mapping[str, Path]) -> _Files:
     return files
 
 
-def _digest_all(files: _Files, known: Manifest) -> Manifest:
+def _digest_all(files: _Files, known: Manifest, remote: Manifest | None = None) -> Manifest:
+    """Entries for ``files``. A file keeps the digest of its ``known`` entry where size and
+    mtime_ns match, else is hashed; but where ``remote`` shows that it must travel anyway
+    (absent there, or of another size), its digest is left empty, made while it is sent."""
     manifest: Manifest = {}
     for name, (path, st) in files.items():
         old = known.get(name)
@@ -313,12 +319,18 @@ def _digest_all(files: _Files, known: Manifest) -> Manifest:
                 and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns)
             ):
                 kind, digest = "file", old.digest
+            elif remote is not None and _must_send(remote.get(name), st):
+                kind, digest = "file", ""
             else:
                 kind, digest = "file", _file_digest(path)
         except OSError:
             continue  # vanished or replaced since the listing
         manifest[name] = Entry(kind, stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, digest)
     return manifest
+
+
+def _must_send(there: Entry | None, st: os.stat_result) -> bool:
+    return there is None or there.kind != "file" or there.size != st.st_size
 
 
 def _sha1(data: bytes) -> str:
@@ -334,18 +346,19 @@ def _file_digest(path: Path) -> str:
 
 
 def _tar_chunks(
-    files: _Files, manifest: Manifest, changed: list[str], removed: list[str], chmod: set[str]
+    control: dict[str, Any],
+    files: _Files,
+    manifest: Manifest,
+    send: list[str],
+    digests: dict[str, str],
 ) -> Iterator[bytes]:
-    """The sync tar in chunks of about ``_CHUNK`` bytes: control JSON, then ``changed``."""
-    control = {
-        "removed": removed,
-        "chmod": sorted(chmod),
-        "manifest": {k: e.to_json() for k, e in manifest.items()},
-    }
+    """The sync tar, in chunks of about ``_CHUNK`` bytes: ``control``, the paths in ``send``,
+    then the sha1 of each file sent, also recorded in ``digests``."""
     out = bytearray(_member(tarfile.TarInfo("gpucloud-sync.json"), json.dumps(control).encode()))
     packs: dict[bool, list[tuple[str, bytes]]] = {True: [], False: []}
     packed = {True: 0, False: 0}
-    for name in changed:
+    # Small files first: the receiver writes them while the big ones stream in.
+    for name in sorted(send, key=lambda n: manifest[n].size > _PACK_FILE_MAX):
         path, entry = files[name][0], manifest[name]
         info = tarfile.TarInfo(name)
         info.mode = entry.mode & 0o7777
@@ -362,10 +375,15 @@ def _tar_chunks(
                 out += _header(info, entry.size) + head
                 yield bytes(out)
                 out.clear()
-                yield from _read_exact(f, entry.size - len(head))
+                sha1 = hashlib.sha1(head, usedforsecurity=False)
+                for chunk in _read_exact(f, entry.size - len(head)):
+                    sha1.update(chunk)
+                    yield chunk
+                digests[name] = sha1.hexdigest()
                 out += _padding(entry.size)
                 continue
             data = head + f.read()
+        digests[name] = _sha1(data)
         packs[compress].append((name, data))
         packed[compress] += len(data)
         if packed[compress] >= _PACK_MAX:
@@ -377,7 +395,9 @@ def _tar_chunks(
     for compress, pack in packs.items():
         if pack:
             out += _pack(pack, compress)
-    out += bytes(2 * tarfile.BLOCKSIZE)
+    trailer = tarfile.TarInfo("gpucloud-digests")
+    trailer.pax_headers = {DIGESTS_HEADER: json.dumps(digests)}
+    out += _header(trailer, 0) + bytes(2 * tarfile.BLOCKSIZE)
     yield bytes(out)
 
 
