@@ -1,6 +1,6 @@
-"""Receiving end of a code sync; runs on the instance as ``python3 -c <this source> DIR``.
+"""Receiving end of a code sync; runs on the instance as ``python3 -S -c <source> DIR``.
 
-Standard library only (Python >= 3.8): it is sent as the source of the exec itself, before
+Standard library only (Python >= 3.7): it is sent as the source of the exec itself, before
 anything of ours exists on the instance. ``DIR`` is absolute or relative to the login
 directory. The exchange, all on the exec's stdin and stdout:
 
@@ -35,6 +35,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing, tarfile and shutil stay out of the startup, before the head line
     import tarfile
     from typing import IO, Any
+
 PACK_HEADER = "GPUCLOUD.pack"
 DIGESTS_HEADER = "GPUCLOUD.digests"
 ZLIB_HEADER = "GPUCLOUD.zlib"

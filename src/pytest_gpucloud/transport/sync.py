@@ -30,6 +30,7 @@ import hashlib
 import importlib.resources
 import json
 import os
+import posixpath
 import shlex
 import stat
 import subprocess
@@ -37,10 +38,10 @@ import tarfile
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple
 
 import asyncssh
 
@@ -74,14 +75,12 @@ _STORED = frozenset(
     " .mov .avi .ogg .flac .pdf".split()
 )
 _PROBE = 64 << 10
-_PACK_FILE_MAX = 1 << 20
-_PACK_MAX = 1 << 20
+_PACK_MAX = 1 << 20  # a pack closes past this size; a bigger incompressible file goes alone
 _INLINE_MAX = 64 << 20
 _CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One mirrored path. ``digest``: sha1 of the content (of the target, for a link)."""
 
     kind: Literal["file", "link"]
@@ -91,14 +90,14 @@ class Entry:
     digest: str
 
     def to_json(self) -> list[Any]:
-        return [self.kind, self.mode, self.size, self.mtime_ns, self.digest]
+        return list(self)
 
     @classmethod
     def from_json(cls, value: list[Any]) -> Entry:
         kind, mode, size, mtime_ns, digest = value
         if kind not in ("file", "link"):
             raise ValueError(f"unknown entry kind {kind!r}")
-        return cls(kind, int(mode), int(size), int(mtime_ns), str(digest))
+        return cls(kind, mode, size, mtime_ns, digest)
 
 
 Manifest = dict[str, Entry]
@@ -125,7 +124,8 @@ def list_files(root: Path) -> list[str]:
 
     Inside a git work tree, the files git tracks or would track (``.gitignore`` respected);
     elsewhere, a walk that skips VCS folders, virtualenvs, caches and ``*.pyc``. Symlinks
-    are listed, never followed; a ``.gpucloud`` folder (local artifacts) never is.
+    are listed, never followed, and left out when they point out of the tree (the receiver
+    would refuse them); a ``.gpucloud`` folder (local artifacts) never is listed.
     """
     try:
         done = subprocess.run(
@@ -139,16 +139,24 @@ def list_files(root: Path) -> list[str]:
     if done.returncode != 0:
         return _walk(root)
     names = {os.fsdecode(n) for n in done.stdout.split(b"\0") if n}
-    return sorted(n for n in names if ".gpucloud" not in n.split("/") and _is_listable(root / n))
+    return sorted(n for n in names if ".gpucloud" not in n.split("/") and _is_listable(root, n))
 
 
-def _is_listable(path: Path) -> bool:
+def _is_listable(root: Path, name: str) -> bool:
     # Skips deleted-but-tracked files and folders (submodules, nested repositories).
     try:
-        mode = path.lstat().st_mode
+        mode = (root / name).lstat().st_mode
     except OSError:
         return False
-    return stat.S_ISREG(mode) or stat.S_ISLNK(mode)
+    return stat.S_ISREG(mode) or (stat.S_ISLNK(mode) and _link_stays_inside(root, name))
+
+
+def _link_stays_inside(root: Path, name: str) -> bool:
+    target = os.readlink(root / name)
+    if os.path.isabs(target):
+        return False
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
+    return resolved != ".." and not resolved.startswith("../")
 
 
 def _walk(root: Path) -> list[str]:
@@ -162,9 +170,7 @@ def _walk(root: Path) -> list[str]:
                 if item.is_dir(follow_symlinks=False):
                     if item.name not in _SKIP_DIRS:
                         pending.append(name + "/")
-                elif (item.is_file(follow_symlinks=False) or item.is_symlink()) and not (
-                    item.name.endswith(_SKIP_SUFFIXES)
-                ):
+                elif not item.name.endswith(_SKIP_SUFFIXES) and _is_listable(root, name):
                     found.append(name)
     return sorted(found)
 
@@ -238,7 +244,7 @@ async def sync(
         bytes_sent=sent,
         files_removed=len(removed),
         seconds=time.perf_counter() - started,
-        manifest={**manifest, **{n: replace(manifest[n], digest=d) for n, d in digests.items()}},
+        manifest={**manifest, **{n: manifest[n]._replace(digest=d) for n, d in digests.items()}},
     )
 
 
@@ -358,7 +364,7 @@ def _tar_chunks(
     packs: dict[bool, list[tuple[str, bytes]]] = {True: [], False: []}
     packed = {True: 0, False: 0}
     # Small files first: the receiver writes them while the big ones stream in.
-    for name in sorted(send, key=lambda n: manifest[n].size > _PACK_FILE_MAX):
+    for name in sorted(send, key=lambda n: manifest[n].size > _PACK_MAX):
         path, entry = files[name][0], manifest[name]
         info = tarfile.TarInfo(name)
         info.mode = entry.mode & 0o7777
@@ -371,7 +377,7 @@ def _tar_chunks(
         with open(path, "rb") as f:
             head = f.read(_PROBE)
             compress = path.suffix.lower() not in _STORED and _compressible(head)
-            if entry.size > _PACK_FILE_MAX and (not compress or entry.size > _INLINE_MAX):
+            if entry.size > _PACK_MAX and (not compress or entry.size > _INLINE_MAX):
                 out += _header(info, entry.size) + head
                 yield bytes(out)
                 out.clear()
