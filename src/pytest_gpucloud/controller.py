@@ -13,7 +13,8 @@ from pytest_gpucloud import cost
 from pytest_gpucloud.catalog import check_known
 from pytest_gpucloud.engine import Engine
 from pytest_gpucloud.errors import PREFIX, GpuCloudError, MarkerError
-from pytest_gpucloud.fleet import Fleet, Machine
+from pytest_gpucloud.fleet import Fleet
+from pytest_gpucloud.machine import Machine
 from pytest_gpucloud.providers import make_provider
 from pytest_gpucloud.replay import (
     remote_pytest_args,

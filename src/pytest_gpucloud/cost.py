@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.fleet import Machine
+    from pytest_gpucloud.machine import Machine
 
 
 @dataclass(frozen=True)
