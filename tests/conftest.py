@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import secrets
+import shutil
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +18,7 @@ from pytest_gpucloud.api_models import LIVE_STATUSES
 from pytest_gpucloud.sim import SimConfig, SimServer
 
 BOOT_DELAY = 0.05
+STANDINS = Path(__file__).parent / "standins"
 
 
 class Sim:
@@ -41,9 +46,24 @@ class Sim:
     def configure(self, **settings: Any) -> None:
         self._http.put("/_sim/config", json=settings).raise_for_status()
 
+    def requests(self) -> list[dict[str, Any]]:
+        """The ``/v1`` requests answered so far, oldest first (``SimRequestRecord``)."""
+        response = self._http.get("/_sim/requests")
+        response.raise_for_status()
+        result: list[dict[str, Any]] = response.json()
+        return result
+
+    def delete(self, instance_id: str) -> None:
+        """Delete an instance through the API, as a user would, and wait until it is gone."""
+        self._http.delete(f"/v1/instances/{instance_id}")
+        deadline = time.monotonic() + 30
+        while any(i["id"] == instance_id for i in self.live()):
+            assert time.monotonic() < deadline, f"{instance_id} outlived its delete"
+            time.sleep(0.02)
+
     def reset(self) -> None:
         self._http.delete("/_sim/faults").raise_for_status()
-        self.configure(boot_delay_s=BOOT_DELAY)
+        self.configure(boot_delay_s=BOOT_DELAY, lifetime_scale=1.0, lifetime_check_interval_s=1.0)
 
     def close(self) -> None:
         self._http.close()
@@ -95,3 +115,30 @@ class GpuRun:
 @pytest.fixture
 def gpu_run(pytester: pytest.Pytester, sim: Sim, monkeypatch: pytest.MonkeyPatch) -> GpuRun:
     return GpuRun(pytester, sim, monkeypatch)
+
+
+class Standins:
+    """Recording stand-ins of the docker, podman and apptainer CLIs (tests/standins) in a
+    folder of their own, first on the PATH of sim instances created meanwhile."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def calls(self, tool: str | None = None) -> list[dict[str, Any]]:
+        """Every call so far (``tool``, ``argv``, ``cwd``, ``env`` names...), oldest first."""
+        log = self.path / "calls.jsonl"
+        if not log.exists():
+            return []
+        calls = [json.loads(line) for line in log.read_text().splitlines()]
+        return [c for c in calls if tool is None or c["tool"] == tool]
+
+
+@pytest.fixture
+def standins(tmp_path: Path, sim: Sim) -> Iterator[Standins]:
+    path = tmp_path / "standin-bin"
+    path.mkdir()
+    for tool in ("docker", "podman", "apptainer"):
+        shutil.copy2(STANDINS / "container_cli", path / tool)
+    sim.configure(extra_path=str(path))
+    yield Standins(path)
+    sim.configure(extra_path=None)

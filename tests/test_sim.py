@@ -566,8 +566,34 @@ def test_preempt_fault(api: httpx.Client) -> None:
         ssh_run(instance, "true")
 
 
+def test_drop_ssh_and_preempt_when_a_file_appears(api: httpx.Client) -> None:
+    add_faults(
+        api,
+        {"kind": "drop_ssh", "on_file": "drop-now"},
+        {"kind": "preempt", "on_file": "lose-me", "gpu_type": "L4"},
+    )
+    dropped, lost = launch(api), launch(api, gpu_type="L4")
+    assert ssh_run(dropped, "sleep 0.3 && touch drop-now && sleep 30").exit_status is None
+    assert ssh_run(dropped, "echo back").stdout == b"back\n"
+    assert ssh_run(lost, "echo still here").stdout == b"still here\n"
+    assert ssh_run(lost, "touch lose-me && sleep 30").exit_status is None
+    wait_for(api, lost.id, "terminated")
+    assert record_of(api, lost.id).termination_reason == "preempted"
+    assert api.get(f"/v1/instances/{dropped.id}").json()["status"] == "running"
+    api.delete(f"/v1/instances/{dropped.id}")
+    wait_for(api, dropped.id, "terminated")
+
+
 def test_bad_fault_rules_are_refused(api: httpx.Client) -> None:
-    for rule in ({"kind": "nope"}, {"kind": "drop_ssh"}, {"kind": "slow"}):
+    for rule in (
+        {"kind": "nope"},
+        {"kind": "drop_ssh"},
+        {"kind": "slow"},
+        {"kind": "preempt"},
+        {"kind": "preempt", "after_s": 1, "on_file": "x"},
+        {"kind": "drop_ssh", "after_s": 1, "on_file": "x"},
+        {"kind": "drop_ssh", "on_file": "../x"},
+    ):
         answer = api.post("/_sim/faults", json={"faults": [rule]})
         assert (answer.status_code, error_code(answer)) == (422, "invalid_request")
     assert api.get("/_sim/faults").json() == {"faults": []}

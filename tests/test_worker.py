@@ -468,3 +468,33 @@ def test_unexpected_frame_is_an_internal_error(worker: Any, pytester: pytest.Pyt
     assert "unexpected frame from the local side: 'bogus'" in crashed["message"]
     status, _ = w.finish(shutdown=False)
     assert status != 0
+
+
+def test_shutdown_skip_waiting_skips_the_runs_sent_ahead(
+    worker: Any, pytester: pytest.Pytester
+) -> None:
+    log = pytester.path / "ran.txt"
+    pytester.makepyfile(
+        test_skip_waiting=f"""
+        def test_a():
+            open({str(log)!r}, "a").write("a")
+
+        def test_b():
+            open({str(log)!r}, "a").write("b")
+        """
+    )
+    w = worker()
+    w.expect("hello")
+    assert w.start()[-1]["type"] == "collected"
+    assert w.proc.stdin is not None
+    # In one write, as a local side that read ahead and then ends its session would.
+    w.proc.stdin.write(
+        encode("run", nodeid="test_skip_waiting.py::test_a", nextid="test_skip_waiting.py::test_b")
+        + encode("run", nodeid="test_skip_waiting.py::test_b", nextid=None)
+        + encode("shutdown", skip_waiting=True)
+    )
+    w.proc.stdin.flush()
+    status, frames = w.finish(shutdown=False)
+    assert status == 0, w.stderr
+    assert [f for f in frames if f["type"] in ("report", "done")] == []
+    assert not log.exists(), "no run sent ahead of the shutdown started"

@@ -19,6 +19,8 @@ SafeId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0
 LabelKey = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._/-]{0,62}$")]
 LabelValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:@+-]{0,128}$")]
 GpuName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")]
+# Labels as a cloud may answer them (its own ones too): no shell or control characters.
+AnswerLabel = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9 ._:@+/=,-]{0,256}$")]
 
 
 def _check_ip(value: str) -> str:
@@ -64,7 +66,7 @@ class InstanceModel(_Model):
     region: str
     price_per_hour: float = Field(ge=0, le=10_000)
     created_at: datetime
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[AnswerLabel, AnswerLabel] = Field(default_factory=dict, max_length=64)
     ip: IpAddress | None = None
     ssh_port: int | None = Field(default=None, ge=1, le=65535)
     ssh_user: SafeId | None = None

@@ -71,3 +71,11 @@ class HostKeyMismatch(InstanceError):
 
 class RemoteError(InstanceError):
     """The remote worker crashed, hung or spoke an unexpected protocol."""
+
+
+class GpuMismatch(InstanceError):
+    """The instance does not show the GPUs its request asked for (type or count)."""
+
+
+class BudgetError(GpuCloudError):
+    """Running a test would pass ``--gpu-budget``."""

@@ -1,32 +1,93 @@
 """The fleet: every instance of a session, leased to the tests that fit it.
 
-The fleet lives in the controlling process only. It picks offers, asks the
-:class:`~pytest_gpucloud.machine.Launcher` to bring machines up, leases a ready machine to
-each test whose request it fits, runs the test there, and releases every machine at the end.
+The fleet lives in the controlling process only. :meth:`Fleet.plan` takes the session's
+items when collection ends, makes the :class:`~pytest_gpucloud.planner.Plan` and starts the
+instances it needs (``--gpu-start``: all now, each about when its first test is due, or at
+first use). :meth:`Fleet.run` runs one test; it may be awaited concurrently, once per owner
+(an xdist worker; a constant without xdist). A test takes, in this order:
+
+1. an idle machine that can host it: the one its owner's last test named it as next on
+   (same remote session: fixtures stay up), then one its owner used last, then one of its
+   own pool, then one of another pool where sharing is not dearer
+   (:meth:`~pytest_gpucloud.cost.CostModel.share_ok`), cheapest first;
+2. a machine still starting that can host it and that no other owner waits for;
+3. a new machine, if ``--gpu-max-instances``, ``--gpu-max-creates`` and ``--gpu-budget``
+   allow; at the instance limit an idle machine that cannot host it is released first;
+4. else it waits for one of these, or ends as an error that says why none can come.
+
+Every test is checked against the budget before it runs (:meth:`Fleet._check_budget`). A
+machine is released as soon as no queued test could use it (early release: no idle
+seconds billed for nothing), and every machine at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
-import getpass
-import re
+import os
 import time
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pytest_gpucloud.catalog import GpuType, explain_infeasible, feasible_offers
-from pytest_gpucloud.errors import GpuCloudError, InstanceError, ProviderError, RemoteError
+from pytest_gpucloud import cost
+from pytest_gpucloud.catalog import GpuType, check_known, explain_infeasible, feasible_offers
+from pytest_gpucloud.cost import CostModel, Placement
+from pytest_gpucloud.data import DataSource
+from pytest_gpucloud.deletion import delete_verified
+from pytest_gpucloud.durations import Durations
+from pytest_gpucloud.errors import (
+    PREFIX,
+    BudgetError,
+    GpuCloudError,
+    GpuMismatch,
+    InstanceError,
+    ProviderError,
+    RemoteError,
+)
+from pytest_gpucloud.failover import Failover
+from pytest_gpucloud.labels import SESSION, session_labels
 from pytest_gpucloud.machine import Launcher, Machine, MachineState
+from pytest_gpucloud.planner import Plan, Tests, hosts, make_plan
+from pytest_gpucloud.progress import Progress
+from pytest_gpucloud.transport.worker_link import READ_AHEAD, RunSpec
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
     from pathlib import Path
 
+    from pytest_gpucloud.artifacts import ArtifactStore
+    from pytest_gpucloud.catalog import Offer
     from pytest_gpucloud.providers.base import Provider
+    from pytest_gpucloud.remote.protocol import Message
     from pytest_gpucloud.request import GpuRequest
     from pytest_gpucloud.settings import Settings
     from pytest_gpucloud.transport.worker_link import TestRun
 
-REPLACEMENTS_PER_POOL = 2
+# --gpu-start jit starts an instance this share of its expected boot early.
+JIT_MARGIN = 0.05
+_UP = (MachineState.READY, MachineState.BUSY)
+_GONE = (MachineState.RELEASING, MachineState.RELEASED, MachineState.FAILED)
+
+
+@dataclass(eq=False)
+class _Use:
+    """The fleet's bookkeeping of one machine."""
+
+    claimed_by: str | None = None  # the owner waiting for it or running a test on it
+    last_owner: str | None = None
+    promise: str | None = None  # the nextid its last test was run with
+    test: str | None = None  # the test running on it now
+    test_started: float = 0.0  # monotonic
+    test_started_at: float = 0.0  # epoch
+    asked_by: str | None = None  # the test its creation was for
+    failure: GpuCloudError | None = None  # why it could not be brought up
+    replaces: GpuMismatch | None = None  # it replaces an instance that showed other GPUs
+    abandoned: bool = False  # release it as soon as its create answers
+    releasing: bool = False
+    said_busy: bool = False
+    said_released: bool = False
+    task: asyncio.Task[None] | None = None
+    leased: bool = False  # leased whole (gpu_cloud.instance()): no worker, no tests
 
 
 class Fleet:
@@ -40,105 +101,651 @@ class Fleet:
         rootdir: Path,
         start: dict[str, Any],
         project: str,
+        durations: Durations | None = None,
+        workers: int = 1,
+        artifacts: ArtifactStore | None = None,
+        data: DataSource | None = None,
     ) -> None:
         self.provider = provider
         self.settings = settings
+        # Each test's gpu_artifacts brought home (None: left on the instances), and the
+        # presigning of its datasets.
+        self.artifacts = artifacts
+        expiry = settings.boot_timeout + settings.timeout
+        self.data = data or DataSource(settings.s3_endpoint, expiry)
         self.session_id = uuid.uuid4().hex[:12]
         self.machines: list[Machine] = []
         self.orphans: list[str] = []
-        self.files_by_pool: dict[Any, list[str]] = {}
+        # What the summary should say about the teardown, beside each machine's error.
+        self.notes: list[str] = []
+        self.durations = durations or Durations()
+        self.costs = CostModel(self.durations)
+        self.workers = max(1, workers)
+        self.progress = Progress()
+        self.failover = Failover(settings.max_creates)
+        self.planned: Plan | None = None
+        self.placements: dict[str, Placement] = {}
         self.launcher = Launcher(
             provider,
             settings,
             rootdir,
-            _labels(self.session_id, project, settings.lifetime_s),
+            session_labels(self.session_id, project, settings.lifetime_s),
             start,
         )
+        # nodeid -> (its request, the test after it on its machine): the order in which
+        # this process will ask for tests, where it knows it. Quick tests are then read
+        # ahead (see transport/worker_link.py).
+        self.read_ahead: dict[str, tuple[GpuRequest, str | None]] = {}
+        self._specs: dict[str, RunSpec] = {}
         self._catalog: list[GpuType] | None = None
+        self._feasible: dict[GpuRequest, list[Offer]] = {}
         self._pool_errors: dict[Any, str] = {}
         self._replacements: dict[Any, int] = {}
+        # pool -> nodeid -> request: the planned tests that have not started
+        self._queued: dict[GpuRequest, dict[str, GpuRequest]] = {}
+        self._seen: set[str] = set()
+        self._uses: dict[Machine, _Use] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._warming: list[asyncio.Task[None]] = []
+        self._change = asyncio.Event()
+        self._closing = False
 
     async def catalog(self) -> list[GpuType]:
         if self._catalog is None:
             self._catalog = await self.provider.catalog()
         return self._catalog
 
+    async def plan(self, tests: Tests) -> Plan:
+        """Take the session's items in run order (request None: a local test).
+
+        The first call makes the plan and, unless ``--gpu-plan``, starts the instances it
+        needs; later calls (from other xdist workers) only queue tests not seen yet.
+        """
+        catalog = await self.catalog()
+        for nodeid, request in tests:
+            if request is not None and nodeid not in self._seen:
+                self._seen.add(nodeid)
+                self._queued.setdefault(request.pool_key, {})[nodeid] = request
+        if self.planned is None:
+            self.planned = make_plan(
+                tests,
+                offers=self._new_offers,
+                explain=lambda pool: explain_infeasible(pool, catalog, self.settings.regions),
+                costs=self.costs,
+                workers=self.workers,
+                max_instances=self.settings.max_instances,
+            )
+            if not self.settings.plan:
+                self._warm_start(self.planned)
+        return self.planned
+
     async def run(
-        self, nodeid: str, request: GpuRequest, nextid: str | None
+        self, nodeid: str, request: GpuRequest, nextid: str | None, *, owner: str = "main"
     ) -> tuple[TestRun, Machine]:
-        """Run one test on a machine that fits ``request``; infrastructure trouble raises."""
-        machine = await self._lease(request)
+        """Run one test on a machine that can host ``request``; infrastructure trouble raises.
+
+        ``owner``: the process whose item this is (an xdist worker id); may be awaited
+        concurrently for several owners, one test each. ``nextid``: the owner's next test
+        of the same pool, if known (the remote session keeps the fixtures it shares).
+        """
+        try:
+            data = await self.data.presign(nodeid, request.data) if request.data else {}
+        except GpuCloudError:
+            self.forget([(nodeid, request)])
+            raise
+        machine = await self._lease(nodeid, request, owner)
+        use = self._uses[machine]
         assert machine.link is not None
         timeout = request.timeout_s or self.settings.timeout
+        env = _allowed_env((*self.settings.env, *request.env))
         try:
-            run = await machine.link.run(nodeid, nextid, timeout)
+            run = await machine.link.run(nodeid, nextid, timeout, env, self._ahead(nextid), data)
+            await self._bring_home(machine, nodeid, run.artifacts)
         except RemoteError as exc:
             machine.error = str(exc)
-            pool = request.pool_key
-            self._replacements[pool] = self._replacements.get(pool, 0) + 1
-            await self._release(machine, failed=True)
+            await self._bring_home(machine, nodeid, None, lost=True)
+            await self._recover(machine, request)
             raise
+        except asyncio.CancelledError:  # its owner is gone: the remote test may still run
+            self._retire(machine)
+            raise
+        finally:
+            seconds = time.monotonic() - use.test_started
+            self.placements[nodeid] = Placement(machine.id, use.test_started_at, seconds)
+            use.test = use.claimed_by = None
+            use.last_owner = owner
+            self._after_change()
+        if machine.tests_run == 0:
+            machine.phases.first_test = run.seconds
         machine.tests_run += 1
         machine.state = MachineState.READY
+        use.promise = nextid
+        self.data.note(run.data)
+        self._after_change()
         return run, machine
 
-    async def _lease(self, request: GpuRequest) -> Machine:
+    async def _bring_home(
+        self, machine: Machine, nodeid: str, frame: Message | None, *, lost: bool = False
+    ) -> None:
+        """The test's gpu_artifacts, while its machine is sure to be up (``lost``: its
+        worker died; look for them anyway)."""
+        if self.artifacts is not None:
+            await self.artifacts.collect(machine, nodeid, frame, lost=lost)
+
+    async def lease_exclusive(self, request: GpuRequest) -> Machine:
+        """A machine of its own for ``request`` (``gpu_cloud.instance()``): brought up like
+        any but without a worker, and never given a test. It is billed, reported and torn
+        down with the others; :meth:`release_lease` deletes it."""
         pool = request.pool_key
-        for machine in self.machines:
-            if machine.pool == pool and machine.state is MachineState.READY:
-                machine.state = MachineState.BUSY
-                return machine
-        if pool in self._pool_errors:
-            raise InstanceError(self._pool_errors[pool])
-        if self._replacements.get(pool, 0) > REPLACEMENTS_PER_POOL:
-            raise InstanceError(
-                f"gave up on {request.canonical()}: {REPLACEMENTS_PER_POOL} replacement "
-                "instances were lost already"
-            )
+        check_known(pool, await self.catalog())
+        offers = self._new_offers(pool)
+        if not offers:
+            raise self._no_offer(pool)
+        what = f"gpu_cloud.instance({pool.spec!r}) on a new {offers[0].gpu.name}"
+        self._check_budget(self.costs.new(offers[0], pool.count, what), what)
+        machine = self._launch(pool, owner=f"lease-{uuid.uuid4().hex[:8]}", asked_by=None)
+        use = self._uses[machine]
+        use.leased = True
         try:
-            machine = await self._provision(request)
-        except GpuCloudError as exc:
-            self._pool_errors[pool] = str(exc)
+            while machine.state is not MachineState.READY:
+                if use.failure is not None:
+                    raise use.failure
+                if machine.state in _GONE:
+                    raise InstanceError(machine.error or f"{machine.label} was released")
+                await self._next_change()
+        except BaseException:
+            self._retire(machine)  # nobody will use it
             raise
         machine.state = MachineState.BUSY
         return machine
 
-    async def _provision(self, request: GpuRequest) -> Machine:
-        catalog = await self.catalog()
-        offers = feasible_offers(request, catalog)
-        if not offers:
-            raise ProviderError(explain_infeasible(request, catalog))
-        machine = await self.launcher.create(request, offers)
-        self.machines.append(machine)
-        try:
-            await self.launcher.bring_up(machine, self.files_by_pool.get(machine.pool, []))
-        except BaseException as exc:
-            machine.error = str(exc)
-            await asyncio.shield(self._release(machine, failed=True))
-            raise
-        return machine
+    async def release_lease(self, machine: Machine) -> None:
+        """Delete a machine of :meth:`lease_exclusive`."""
+        await self._release(machine)
 
-    async def _release(self, machine: Machine, *, failed: bool = False) -> None:
-        if not await self.launcher.release(machine, failed=failed):
-            self.orphans.append(machine.id)
+    def _ahead(self, nodeid: str | None) -> list[RunSpec]:
+        """The planned runs from ``nodeid`` on, as many as a link reads ahead, up to one
+        with datasets (their URLs are presigned when it runs)."""
+        specs: list[RunSpec] = []
+        while nodeid in self.read_ahead and len(specs) < READ_AHEAD:
+            if self.read_ahead[nodeid][0].data:
+                break
+            spec = self._specs.get(nodeid)
+            if spec is None:
+                request, following = self.read_ahead[nodeid]
+                timeout = request.timeout_s or self.settings.timeout
+                env = _allowed_env((*self.settings.env, *request.env))
+                spec = self._specs[nodeid] = RunSpec(nodeid, following, timeout, env)
+            specs.append(spec)
+            nodeid = spec.nextid
+        return specs
+
+    def forget(self, nodeids: Tests | None = None) -> None:
+        """These queued tests will not run (None: none of them will): machines only they
+        needed are released now."""
+        if nodeids is None:
+            self._queued.clear()
+        else:
+            for nodeid, request in nodeids:
+                if request is not None:
+                    self._queued.get(request.pool_key, {}).pop(nodeid, None)
+        self._after_change()
 
     async def shutdown(self) -> list[Machine]:
-        """Release every machine at once; idempotent."""
+        """Release every machine at once, then delete the instances of this session that
+        no machine holds (a create whose answer was lost or unreadable); idempotent."""
+        self._closing = True
+        self._queued.clear()
+        for task in self._warming:
+            task.cancel()
+        for machine in self.machines:
+            if machine.state not in _UP:
+                self._retire(machine)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         await asyncio.gather(*(self._release(m) for m in self.machines))
+        await self._sweep()
         return self.machines
 
+    # -- leasing ----------------------------------------------------------------------------
 
-_LABEL_CHARS = re.compile(r"[^A-Za-z0-9._:@+-]")
+    async def _lease(self, nodeid: str, request: GpuRequest, owner: str) -> Machine:
+        # A waiting test stays queued: the machines it could use are kept, and the worker
+        # of one started meanwhile collects its file.
+        try:
+            while True:
+                machine = self._pick(nodeid, request, owner)
+                if machine is not None:
+                    return machine
+                await self._next_change()
+        except BaseException:
+            self._dequeue(nodeid, request)
+            self._drop_claims(owner)
+            self._after_change()
+            raise
+
+    def _dequeue(self, nodeid: str, request: GpuRequest) -> None:
+        self._queued.get(request.pool_key, {}).pop(nodeid, None)
+
+    def _drop_claims(self, owner: str) -> None:
+        """Let others have the machines ``owner`` waited for."""
+        for use in self._uses.values():
+            if use.claimed_by == owner and use.test is None:
+                use.claimed_by = None
+
+    def _pick(self, nodeid: str, request: GpuRequest, owner: str) -> Machine | None:
+        """The machine to run ``nodeid`` on now, or None to wait (claiming or creating one
+        for the owner on the way); raises when none can come."""
+        idle = self._idle_hosts(nodeid, request, owner)
+        if idle:
+            return self._take(idle[0], nodeid, request, owner)
+        for use in self._uses.values():
+            if use.claimed_by == owner and use.test is None:
+                if use.failure is not None:
+                    use.claimed_by = None
+                    raise use.failure
+                return None  # still starting
+        starting = [
+            m
+            for m, use in self._uses.items()
+            if m.state not in _UP + _GONE
+            and not use.releasing
+            and use.claimed_by is None
+            and self._can_host(m, request, nodeid)
+        ]
+        if starting:
+            pool = request.pool_key
+            chosen = min(starting, key=lambda m: (m.pool != pool, m.requested_at))
+            self._uses[chosen].claimed_by = owner
+        else:
+            self._create_for(nodeid, request, owner)
+        return None
+
+    def _idle_hosts(self, nodeid: str, request: GpuRequest, owner: str) -> list[Machine]:
+        pool = request.pool_key
+        idle = [
+            m
+            for m, use in self._uses.items()
+            if m.state is MachineState.READY
+            and use.claimed_by in (None, owner)
+            and not use.releasing
+            and self._can_host(m, request, nodeid)
+        ]
+
+        def preference(machine: Machine) -> tuple[bool, bool, bool, bool, bool, float]:
+            use = self._uses[machine]
+            reserved = use.promise not in (None, nodeid) and use.last_owner != owner
+            return (
+                use.claimed_by != owner,
+                use.promise != nodeid,
+                reserved,
+                use.last_owner != owner,
+                machine.pool != pool,
+                machine.price_per_hour,
+            )
+
+        return sorted(idle, key=preference)
+
+    def _take(self, machine: Machine, nodeid: str, request: GpuRequest, owner: str) -> Machine:
+        use = self._uses[machine]
+        self._check_budget(
+            self.costs.on_running(machine.price_per_hour, nodeid),
+            f"{nodeid} on {machine.label}",
+        )
+        self._drop_claims(owner)
+        self._dequeue(nodeid, request)
+        machine.state = MachineState.BUSY
+        use.claimed_by = owner
+        use.test = nodeid
+        use.test_started = time.monotonic()
+        use.test_started_at = time.time()
+        if not use.said_busy:
+            use.said_busy = True
+            self.progress.emit(machine.label, "busy", f"with {nodeid}")
+        self._after_change()
+        return machine
+
+    def _create_for(self, nodeid: str, request: GpuRequest, owner: str) -> None:
+        """Start a machine for ``nodeid`` if the limits allow; return to wait; raise when
+        no machine can come."""
+        pool = request.pool_key
+        if pool in self._pool_errors:
+            raise InstanceError(self._pool_errors[pool])
+        lost = self._replacements.get(pool, 0)
+        if lost > self.settings.retries:
+            raise InstanceError(
+                f"gave up on {request.spec}: {lost} of its instances were lost, and "
+                f"--gpu-retries allows {self.settings.retries} fresh one(s) (raise it to "
+                "try more)"
+            )
+        offers = self._new_offers(pool)
+        # A machine that can host it but is busy, or starting for another owner, will do
+        # if no new one can be made.
+        others = any(
+            self._can_host(m, request, nodeid)
+            for m, use in self._uses.items()
+            if m.state not in _GONE and not use.releasing
+        )
+        if not offers:
+            if others:
+                return
+            raise self._no_offer(pool)
+        gpu = offers[0].gpu.name
+        what = (
+            f"{nodeid} on a new {gpu} (expected boot {self.durations.boot_s(gpu):.0f} s + test "
+            f"{self.durations.test_s(nodeid):.0f} s at ${offers[0].price(pool.count):.2f}/h)"
+        )
+        try:
+            self._check_budget(self.costs.new(offers[0], pool.count, nodeid), what)
+        except BudgetError:
+            if others:
+                return
+            raise
+        if self._alive() < self.settings.max_instances:
+            self._launch(pool, owner=owner, asked_by=nodeid)
+        elif not others and (victim := self._victim()) is not None:
+            self._retire(victim)  # its delete goes out first, then this test's create
+
+    def _victim(self) -> Machine | None:
+        """The idle machine to release to make room, least needed first."""
+        idle = [
+            m
+            for m, use in self._uses.items()
+            if m.state is MachineState.READY and use.claimed_by is None and not use.releasing
+        ]
+        return min(idle, key=self._queued_users, default=None)
+
+    # -- provisioning -----------------------------------------------------------------------
+
+    def _warm_start(self, plan: Plan) -> None:
+        """eager: every planned machine now; jit: each pool's first one about when its first
+        test is due. The rest (with xdist, a pool may have one per worker) start when a
+        test asks while the others are busy: xdist does not say which worker gets what."""
+        if self.settings.start == "lazy":
+            return
+        nth: dict[GpuRequest, int] = {}
+        for planned in sorted(plan.machines, key=lambda m: m.lead_s):
+            nth[planned.pool] = nth.get(planned.pool, 0) + 1
+            if self.settings.start == "eager":
+                self._warming.append(self._spawn(self._warm(planned.pool, 0.0, nth[planned.pool])))
+            elif nth[planned.pool] == 1:
+                delay = max(0.0, planned.lead_s - planned.boot_s * (1 + JIT_MARGIN))
+                self._warming.append(self._spawn(self._warm(planned.pool, delay, 1)))
+
+    async def _warm(self, pool: GpuRequest, delay: float, nth: int) -> None:
+        """Start the ``nth`` machine of ``pool`` after ``delay`` unless it is not needed then:
+        its tests are gone, it runs already, or a limit is in the way."""
+        await asyncio.sleep(delay)
+        queued = self._queued.get(pool)
+        mine = [m for m in self.machines if m.pool == pool and m.state not in _GONE]
+        offers = self._new_offers(pool)
+        if (
+            self._closing
+            or not queued
+            or not offers
+            or pool in self._pool_errors
+            or len(mine) >= nth
+            or self._alive() >= self.settings.max_instances
+        ):
+            return
+        try:
+            cost = self.costs.new(offers[0], pool.count, next(iter(queued)))
+            self._check_budget(cost, f"starting a {offers[0].gpu.name} ahead of its tests")
+        except BudgetError:
+            return  # its tests say so when they come
+        self._launch(pool, owner=None, asked_by=None)
+
+    def _launch(self, pool: GpuRequest, *, owner: str | None, asked_by: str | None) -> Machine:
+        offers = self._new_offers(pool)
+        machine = Machine(pool=pool, offer=offers[0], count=pool.count)
+        self.machines.append(machine)
+        use = self._uses[machine] = _Use(claimed_by=owner, asked_by=asked_by)
+        count = f":{pool.count}" if pool.count > 1 else ""
+        self.progress.emit(f"{offers[0].gpu.name}{count}", "requested", f"for {pool.spec}")
+        use.task = self._spawn(self._provision(machine, offers))
+        return machine
+
+    async def _provision(self, machine: Machine, offers: list[Offer]) -> None:
+        use = self._uses[machine]
+        try:
+            await self.launcher.create(machine, offers, self.failover)
+            price = f"${machine.price_per_hour:.2f}/h"
+            self.progress.emit(machine.label, "booting", f"in {machine.offer.region} at {price}")
+            if use.abandoned or self._closing:
+                await self._release(machine)
+                return
+            files = None if use.leased else self._files_for(machine, use.asked_by)
+            await self.launcher.bring_up(machine, files)
+            assert machine.ready_at is not None
+            boot = machine.ready_at - machine.requested_at
+            self.durations.record_boot(machine.offer.gpu.name, boot)
+            # with what bring-up did: image pull time, setup, the GPUs seen
+            notes = "".join(f"; {note}" for note in machine.notes)
+            self.progress.emit(machine.label, "ready", f"in {boot:.1f} s{notes}")
+        except asyncio.CancelledError:
+            await asyncio.shield(self._release(machine))
+            raise
+        except GpuMismatch as exc:
+            await self._mismatched(machine, exc)
+        except Exception as exc:
+            failure = exc if isinstance(exc, GpuCloudError) else InstanceError(_described(exc))
+            use.failure = failure
+            machine.error = str(failure)
+            self._pool_errors.setdefault(machine.pool, str(failure))
+            self.progress.emit(machine.label, "failed", str(failure).splitlines()[0])
+            await asyncio.shield(self._release(machine, failed=True))
+        finally:
+            self._after_change()
+
+    async def _mismatched(self, machine: Machine, exc: GpuMismatch) -> None:
+        """Not the GPUs asked for (the health check): one fresh instance, then give up."""
+        use = self._uses[machine]
+        machine.error = str(exc)
+        self.progress.emit(machine.label, "failed", str(exc).splitlines()[0])
+        await asyncio.shield(self._release(machine, failed=True))
+        if use.replaces is None and not use.abandoned and not self._closing:
+            replacement = self._launch(machine.pool, owner=use.claimed_by, asked_by=use.asked_by)
+            self._uses[replacement].replaces = exc
+            use.claimed_by = None
+            return
+        failure = exc
+        if use.replaces is not None:
+            failure = GpuMismatch(
+                f"{use.replaces}; it was released and replaced once, but the replacement "
+                f"{str(exc).removeprefix(PREFIX)}"
+            )
+        use.failure = failure
+        self._pool_errors.setdefault(machine.pool, str(failure))
+
+    def _files_for(self, machine: Machine, asked_by: str | None) -> list[str]:
+        """The test files its worker collects: those of every queued test it could host."""
+        nodeids = [
+            nodeid
+            for tests in self._queued.values()
+            for nodeid, request in tests.items()
+            if self._can_host(machine, request, nodeid)
+        ]
+        if asked_by is not None:
+            nodeids.append(asked_by)
+        return sorted({nodeid.split("::")[0] for nodeid in nodeids})
+
+    # -- release ----------------------------------------------------------------------------
+
+    def _after_change(self) -> None:
+        """Wake the waiting tests, and release the machines no queued test could use."""
+        self._release_unneeded()
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def _next_change(self) -> None:
+        await self._change.wait()
+
+    def _release_unneeded(self) -> None:
+        for machine, use in self._uses.items():
+            if (
+                use.claimed_by is None
+                and not use.releasing
+                and machine.state not in (MachineState.BUSY, *_GONE)
+                and self._queued_users(machine) == 0
+            ):
+                self._retire(machine)
+
+    def _retire(self, machine: Machine) -> None:
+        """Release ``machine`` in the background, however far its bring-up got."""
+        use = self._uses[machine]
+        if use.releasing:
+            return
+        use.releasing = True
+        if use.task is not None and not use.task.done():
+            if machine.instance is None:
+                use.abandoned = True  # the create call goes on; its answer is released
+            else:
+                use.task.cancel()
+            return
+        self._spawn(self._release(machine))
+
+    async def _release(self, machine: Machine, *, failed: bool = False) -> None:
+        use = self._uses.get(machine)
+        if use is not None:
+            use.releasing = True
+        if not await self.launcher.release(machine, failed=failed) and (
+            machine.id not in self.orphans
+        ):
+            self.orphans.append(machine.id)
+        if use is not None and machine.instance is not None and not use.said_released:
+            use.said_released = True
+            billed = cost.billed(machine.price_per_hour, machine.seconds)
+            self.progress.emit(
+                machine.label, "released", f"after {machine.seconds:.1f} s, ${billed:.4f}"
+            )
+        self._after_change()
+
+    async def _recover(self, machine: Machine, request: GpuRequest) -> None:
+        """After a test lost its worker: keep the machine with a fresh worker if the instance
+        is healthy; else give it up, and the pool's next test gets a fresh instance (at most
+        ``--gpu-retries`` of them)."""
+        if await self.launcher.recover(machine):
+            machine.state = MachineState.READY
+            return
+        pool = request.pool_key
+        self._replacements[pool] = self._replacements.get(pool, 0) + 1
+        await self._release(machine, failed=True)
+
+    async def _sweep(self) -> None:
+        if not await self.launcher.settle_creates():
+            return
+        try:
+            found = await self.provider.list_instances({SESSION: self.session_id})
+        except ProviderError as exc:
+            self.notes.append(f"could not look for stray instances of this session: {exc}")
+            return
+        held = {m.id for m in self.machines}
+        strays = [i.id for i in found if i.id not in held and i.status != "terminated"]
+        results = await asyncio.gather(
+            *(delete_verified(self.provider, i) for i in strays), return_exceptions=True
+        )
+        for instance_id, result in zip(strays, results, strict=True):
+            if isinstance(result, BaseException):
+                self.notes.append(f"{instance_id}: delete failed: {result}")
+                self.orphans.append(instance_id)
+
+    # -- choices and limits -----------------------------------------------------------------
+
+    def _feasible_offers(self, request: GpuRequest) -> list[Offer]:
+        """Every offer that satisfies the request in the allowed regions, best first."""
+        pool = request.pool_key
+        if pool not in self._feasible:
+            catalog = self._catalog or []
+            self._feasible[pool] = feasible_offers(pool, catalog, self.settings.regions)
+        return self._feasible[pool]
+
+    def _new_offers(self, request: GpuRequest) -> list[Offer]:
+        """The offers a new machine for ``request`` may still be created from."""
+        return self.failover.usable(self._feasible_offers(request))
+
+    def _no_offer(self, pool: GpuRequest) -> GpuCloudError:
+        feasible = self._feasible_offers(pool)
+        if feasible:
+            return self.failover.exhausted(pool.spec, feasible, [])
+        return ProviderError(explain_infeasible(pool, self._catalog or [], self.settings.regions))
+
+    def _can_host(self, machine: Machine, request: GpuRequest, nodeid: str) -> bool:
+        """Whether ``nodeid`` may run on ``machine``: its own pool's, or sharing it is not
+        dearer than a new machine of its own."""
+        pool = request.pool_key
+        if machine.pool == pool:
+            return True
+        if not hosts(machine.pool, machine.offer, pool, self._feasible_offers(pool)):
+            return False
+        offers = self._new_offers(pool)
+        return not offers or self.costs.share_ok(
+            machine.price_per_hour, offers[0], pool.count, nodeid
+        )
+
+    def _queued_users(self, machine: Machine) -> int:
+        """How many queued tests could run on ``machine`` (counting stops at the first of
+        another pool: enough to know it is needed)."""
+        users = len(self._queued.get(machine.pool, {}))
+        if users:
+            return users
+        for pool, tests in self._queued.items():
+            if pool != machine.pool and any(
+                self._can_host(machine, r, n) for n, r in tests.items()
+            ):
+                return 1
+        return 0
+
+    def _alive(self) -> int:
+        """Machines that are or will be instances whose delete has not gone out yet."""
+        return sum(
+            1
+            for m in self.machines
+            if m.deleted_at is None and m.state not in (MachineState.RELEASED, MachineState.FAILED)
+        )
+
+    def _check_budget(self, extra: float, what: str) -> None:
+        """Raise BudgetError if ``extra`` on top of the meter and the work under way would
+        pass ``--gpu-budget``."""
+        budget = self.settings.budget
+        if budget is None:
+            return
+        spent = cost.spent(self.machines)
+        under_way = self._under_way()
+        if spent + under_way + extra > budget:
+            raise BudgetError(
+                f"the budget of ${budget:.2f} would be passed by {what}: "
+                f"${spent:.4f} spent, ${under_way:.4f} expected for work under way, "
+                f"${extra:.4f} for this; raise --gpu-budget to run it"
+            )
+
+    def _under_way(self) -> float:
+        """Expected cost still to come of the tests running and the machines starting."""
+        now = time.monotonic()
+        total = 0.0
+        for machine, use in self._uses.items():
+            if machine.state in _GONE or use.releasing:
+                continue
+            if use.test is not None:
+                left = self.durations.test_s(use.test) - (now - use.test_started)
+            elif machine.state is not MachineState.READY:
+                boot = self.durations.boot_s(machine.offer.gpu.name)
+                left = boot - (time.time() - machine.requested_at)
+            else:
+                continue
+            total += machine.price_per_hour * max(0.0, left) / 3600
+        return total
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
 
-def _labels(session_id: str, project: str, lifetime_s: int) -> dict[str, str]:
-    try:
-        owner = getpass.getuser()
-    except (KeyError, OSError):
-        owner = "unknown"
-    return {
-        "gpucloud-session": session_id,
-        "gpucloud-project": _LABEL_CHARS.sub("-", project)[:64] or "project",
-        "gpucloud-owner": _LABEL_CHARS.sub("-", owner)[:64] or "unknown",
-        "gpucloud-expires": str(int(time.time()) + lifetime_s),
-    }
+def _described(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _allowed_env(names: tuple[str, ...]) -> dict[str, str]:
+    """The allow-listed variables that are set here, for one remote test."""
+    return {name: os.environ[name] for name in sorted(set(names)) if name in os.environ}

@@ -5,22 +5,30 @@ A :class:`Machine` moves through :class:`MachineState`::
     requested -> booting -> connecting -> ready <-> busy -> releasing -> released
     any state before released -> failed -> released
 
-Bring-up is a pipeline of steps (create with failover, boot, SSH, code sync, worker); each
-step raises a :class:`~pytest_gpucloud.errors.GpuCloudError` naming the instance and cause.
+Bring-up is a pipeline of steps (create with failover, boot, SSH, code sync, the image
+and its container, the setup command, the GPU health check, worker; see
+:mod:`~pytest_gpucloud.preparation`); each step raises a
+:class:`~pytest_gpucloud.errors.GpuCloudError` naming the instance and cause.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_gpucloud import remote
-from pytest_gpucloud.errors import NotFound, OutOfCapacity, ProviderError
+from pytest_gpucloud import preparation, remote
+from pytest_gpucloud.deletion import delete_verified
+from pytest_gpucloud.errors import GpuCloudError, OutOfCapacity, ProviderError
+from pytest_gpucloud.failover import offer_name
+from pytest_gpucloud.providers.base import LeasingProvider
+from pytest_gpucloud.runtime import Runtime, runtime_for
 from pytest_gpucloud.transport import ssh
 from pytest_gpucloud.transport.sync import sync
 from pytest_gpucloud.transport.worker_link import REMOTE_PACKAGE, Collection, WorkerLink
@@ -29,11 +37,13 @@ if TYPE_CHECKING:
     import asyncssh
 
     from pytest_gpucloud.catalog import Offer
+    from pytest_gpucloud.failover import Failover
     from pytest_gpucloud.providers.base import Instance, Provider
-    from pytest_gpucloud.request import GpuRequest
     from pytest_gpucloud.settings import Settings
 
-DELETE_VERIFY_S = 30.0
+# How long a worker may take to end its session at release: deletes go out soon after.
+WORKER_CLOSE_S = 1.0
+CREATE_SETTLE_S = 30.0
 
 
 class MachineState(str, enum.Enum):
@@ -47,6 +57,29 @@ class MachineState(str, enum.Enum):
     RELEASING = "releasing"
     RELEASED = "released"
     FAILED = "failed"
+
+
+@dataclass
+class Phases:
+    """Seconds each step of a machine's bring-up took, and its first test (``--gpu-report``:
+    ``instances[].phases``). ``boot``: from the create's answer to running and reachable;
+    the rest add up to the time from there to the first remote result."""
+
+    boot: float | None = None
+    connect: float | None = None
+    sync: float | None = None
+    prepare: float | None = None  # container, setup command, GPU check
+    worker_start: float | None = None  # the worker's exec to its hello
+    collect: float | None = None
+    first_test: float | None = None  # the first run frame to the test's last report
+
+    def to_json(self) -> dict[str, float | None]:
+        """The phases, and their sum after boot as ``ready_to_first_result``."""
+        phases: dict[str, float | None] = dict(vars(self))
+        after_boot = [v for k, v in phases.items() if k != "boot" and v is not None]
+        complete = len(after_boot) == len(phases) - 1
+        phases["ready_to_first_result"] = sum(after_boot) if complete else None
+        return {k: None if v is None else round(v, 4) for k, v in phases.items()}
 
 
 @dataclass(eq=False)
@@ -68,6 +101,13 @@ class Machine:
     link: WorkerLink | None = None
     remote_root: str = ""
     collection: Collection | None = None
+    # The worker's start frame, files included: a restarted worker gets the same.
+    worker_start: dict[str, Any] = field(default_factory=dict)
+    released: asyncio.Future[bool] | None = None
+    runtime: Runtime | None = None
+    # What bring-up did, for its "ready" status line: image pull time, setup, GPUs seen.
+    notes: list[str] = field(default_factory=list)
+    phases: Phases = field(default_factory=Phases)
 
     @property
     def id(self) -> str:
@@ -102,44 +142,73 @@ class Launcher:
     labels: dict[str, str]
     start: dict[str, Any]
     key: asyncssh.SSHKey = field(default_factory=ssh.new_client_key)
+    # Every create call sent, so the teardown can wait for those in flight.
+    creates: list[asyncio.Future[Instance]] = field(default_factory=list)
+    # Set when the session was interrupted: releases stop workers without goodbyes.
+    hurry: threading.Event = field(default_factory=threading.Event)
 
-    async def create(self, request: GpuRequest, offers: list[Offer]) -> Machine:
-        """Create an instance of the first offer with capacity; out of capacity moves on."""
+    async def create(self, machine: Machine, offers: list[Offer], failover: Failover) -> None:
+        """Create ``machine``'s instance from the first of ``offers`` with capacity, in order.
+
+        An offer out of capacity is avoided for the rest of the session (``failover``) and
+        the next one is tried; every call counts against ``--gpu-max-creates``. Raises a
+        ProviderError naming every offer tried when none has capacity.
+        """
+        request = machine.pool
         tried: list[str] = []
         for offer in offers:
-            try:
-                instance = await self.provider.create(
+            if offer.key in failover.avoided:
+                continue
+            failover.spend_create(request.spec, tried)
+            machine.offer = offer
+            create = asyncio.ensure_future(
+                self.provider.create(
                     offer,
-                    count=request.count,
+                    count=machine.count,
                     image=request.image or self.settings.image,
                     ssh_public_key=ssh.public_key_line(self.key),
                     labels=self.labels,
                     max_lifetime_s=self.settings.lifetime_s,
                     client_token=uuid.uuid4().hex,
                 )
-            except OutOfCapacity:
-                tried.append(f"{offer.gpu.name} in {offer.region}")
-                continue
-            return Machine(
-                pool=request.pool_key,
-                offer=offer,
-                count=request.count,
-                instance=instance,
-                created_at=instance.created_at,
             )
-        raise ProviderError(f"out of capacity for {request.canonical()} (tried {', '.join(tried)})")
+            self.creates.append(create)
+            try:
+                # Shielded: a cancelled session still learns whether the create made one.
+                instance = await asyncio.shield(create)
+            except OutOfCapacity:
+                failover.avoid(offer)
+                tried.append(offer_name(offer))
+                continue
+            machine.instance = instance
+            machine.created_at = instance.created_at
+            return
+        raise failover.exhausted(request.spec, offers, tried)
 
-    async def bring_up(self, machine: Machine, files: list[str]) -> None:
-        """Boot, connect, sync the code and start the worker, which collects ``files``."""
+    async def settle_creates(self) -> bool:
+        """Wait (a bounded while) for creates still in flight; False if none was ever sent."""
+        pending = [create for create in self.creates if not create.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=CREATE_SETTLE_S)
+        return bool(self.creates)
+
+    async def bring_up(self, machine: Machine, files: list[str] | None) -> None:
+        """Boot, connect, sync the code and start the worker, which collects ``files``
+        (None: no worker, for a machine leased whole by ``gpu_cloud.instance()``)."""
         assert machine.instance is not None
         boot_timeout = self.settings.boot_timeout
         deadline = time.monotonic() + boot_timeout
+        phases, lap = machine.phases, _Lap()
         machine.state = MachineState.BOOTING
         machine.instance = await self.provider.wait_ready(machine.instance, boot_timeout)
+        phases.boot = lap()
         machine.state = MachineState.CONNECTING
-        machine.conn = await ssh.connect(
-            machine.instance, self.key, timeout=max(1.0, deadline - time.monotonic())
-        )
+        connect_timeout = max(1.0, deadline - time.monotonic())
+        if isinstance(self.provider, LeasingProvider):
+            machine.conn = await self.provider.connect(machine.instance, self.key, connect_timeout)
+        else:
+            machine.conn = await ssh.connect(machine.instance, self.key, timeout=connect_timeout)
+        phases.connect = lap()
         result = await sync(
             machine.conn,
             self.rootdir,
@@ -147,57 +216,137 @@ class Launcher:
             extra=_remote_package_files(),
         )
         machine.remote_root = result.remote_root
-        start = dict(self.start)
-        start["args"] = [*start["args"], *files]
+        phases.sync = lap()
+        await self._prepare(machine)
+        phases.prepare = lap()
+        if files is not None:
+            machine.worker_start = dict(self.start)
+            machine.worker_start["args"] = [*self.start["args"], *files]
+            await self._start_worker(machine, timeout=max(30.0, deadline - time.monotonic()))
+            assert machine.collection is not None
+            phases.worker_start = machine.collection.start_s
+            phases.collect = machine.collection.collect_s
+        machine.ready_at = time.time()
+        machine.state = MachineState.READY
+
+    async def _prepare(self, machine: Machine) -> None:
+        """The steps between the code sync and the worker: the image and its container, the
+        setup command, the GPU health check (a mismatch raises GpuMismatch)."""
+        assert machine.conn is not None
+        settings = self.settings
+        runtime = machine.runtime = runtime_for(
+            settings.runtime,
+            image=machine.pool.image or settings.image,
+            workspace=machine.remote_root,
+            container="gpucloud-" + re.sub(r"[^A-Za-z0-9_.-]", "-", machine.id),
+        )
+        container_id, machine.notes = await preparation.start_container(
+            machine.conn,
+            runtime,
+            machine.id,
+            pull_timeout=settings.boot_timeout,
+            leftover=isinstance(self.provider, LeasingProvider),
+        )
+        if settings.setup is not None:
+            note = await preparation.run_setup(
+                machine.conn,
+                runtime,
+                machine.id,
+                command=settings.setup,
+                key=preparation.setup_key(
+                    settings.setup, self.rootdir, runtime=runtime, container_id=container_id
+                ),
+                log=self.rootdir / ".gpucloud" / "logs" / f"{machine.id}-setup.log",
+                timeout=settings.timeout,
+            )
+            machine.notes.append(note)
+        machine.notes.append(
+            await preparation.check_gpus(
+                machine.conn, runtime, machine.id, gpu=machine.offer.gpu.name, count=machine.count
+            )
+        )
+
+    async def _start_worker(self, machine: Machine, timeout: float) -> None:
+        assert machine.conn is not None
         machine.link, machine.collection = await WorkerLink.start(
             machine.conn,
             machine.id,
-            workspace=result.remote_root,
-            package_dir=f"{result.remote_root}/.gpucloud/pkg",
-            start=start,
-            timeout=max(30.0, deadline - time.monotonic()),
+            workspace=machine.remote_root,
+            package_dir=f"{machine.remote_root}/.gpucloud/pkg",
+            start=machine.worker_start,
+            timeout=timeout,
+            wrap=machine.runtime.wrap if machine.runtime else None,
         )
-        machine.ready_at = time.time()
-        machine.state = MachineState.READY
+
+    async def recover(self, machine: Machine) -> bool:
+        """After a test lost its worker: start a fresh worker on the same instance if the
+        instance still runs and its SSH connection holds. False: give the machine up."""
+        if machine.link is not None:
+            machine.link.kill()
+        if machine.conn is None or machine.conn.is_closed():
+            return False
+        try:
+            if (await self.provider.get(machine.id)).status != "running":
+                return False
+            await self._start_worker(machine, timeout=self.settings.boot_timeout)
+        except GpuCloudError as exc:
+            machine.error = f"{machine.error}; restarting its worker failed: {exc}"
+            return False
+        return True
 
     async def release(self, machine: Machine, *, failed: bool = False) -> bool:
         """Stop the worker, close SSH, delete the instance and verify it is gone.
 
-        Returns False when the instance may still be alive (an orphan); idempotent.
+        Returns False when the instance may still be alive (an orphan). Idempotent: later
+        calls wait for the first, which goes on even if its caller is cancelled.
         """
-        if machine.state in (MachineState.RELEASING, MachineState.RELEASED):
-            return True
+        if machine.released is None:
+            machine.released = asyncio.ensure_future(self._release(machine, failed))
+        return await asyncio.shield(machine.released)
+
+    async def _release(self, machine: Machine, failed: bool) -> bool:
+        # A machine still busy had its test cut short: no goodbyes; nor in a hurry.
+        busy = machine.state is MachineState.BUSY
         machine.state = MachineState.FAILED if failed else MachineState.RELEASING
         if machine.link is not None:
-            await machine.link.close(timeout=5.0)
+            if busy or self.hurry.is_set():
+                machine.link.kill()
+            else:
+                await machine.link.close(timeout=WORKER_CLOSE_S)
         if machine.conn is not None:
+            await self._clean(machine, machine.conn)
             machine.conn.close()
         if machine.instance is not None:
             machine.deleted_at = time.time()
             try:
-                await self.provider.delete(machine.id)
-                await self._verify_deleted(machine.id)
-            except (ProviderError, TimeoutError) as exc:
+                await delete_verified(self.provider, machine.id)
+            except ProviderError as exc:
                 machine.error = f"delete failed: {exc}"
                 return False
         machine.state = MachineState.RELEASED
         return True
 
-    async def _verify_deleted(self, instance_id: str) -> None:
-        deadline = time.monotonic() + DELETE_VERIFY_S
-        interval = 0.05
-        while time.monotonic() < deadline:
-            try:
-                instance = await self.provider.get(instance_id)
-            except NotFound:
-                return
-            if instance.status == "terminated":
-                return
-            await asyncio.sleep(interval)
-            interval = min(interval * 1.5, 2.0)
-        raise TimeoutError(
-            f"instance {instance_id} was still alive {DELETE_VERIFY_S:g} s after its delete"
-        )
+    async def _clean(self, machine: Machine, conn: asyncssh.SSHClientConnection) -> None:
+        """Remove the container before the instance goes; on a machine that outlives the
+        session (a lease), the workspace too."""
+        leased = isinstance(self.provider, LeasingProvider)
+        if machine.runtime is None or conn.is_closed():
+            return
+        failed = await preparation.clean(conn, machine.runtime, machine.id, workspace=leased)
+        if failed and machine.error is None:
+            machine.error = "; ".join(failed)
+
+
+class _Lap:
+    """Seconds since the last call (or since made)."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def __call__(self) -> float:
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        return seconds
 
 
 def _remote_package_files() -> dict[str, Path]:

@@ -6,12 +6,24 @@ of gpu tests in controller.py.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import pytest
 
-from pytest_gpucloud.controller import REQUEST_KEY, SKIP_REASON, Controller, GpuCloudHandle
-from pytest_gpucloud.errors import ConfigError, MarkerError
+from pytest_gpucloud import hooks
+from pytest_gpucloud.controller import (
+    PROVIDERS_KEY,
+    REQUEST_KEY,
+    SKIP_REASON,
+    Controller,
+    GpuCloudHandle,
+)
+from pytest_gpucloud.errors import PREFIX, ConfigError, MarkerError
+from pytest_gpucloud.ipc import WORKERINPUT_KEY, Handoff
+from pytest_gpucloud.providers import BUILTIN, ProviderFactory, ProviderRegistry
 from pytest_gpucloud.request import request_for_item
-from pytest_gpucloud.settings import OPTIONS, Settings, from_config
+from pytest_gpucloud.settings import API_KEY_ENV, OPTIONS, Settings, from_config
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 CONTROLLER_KEY = pytest.StashKey[Controller]()
@@ -31,6 +43,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 option.flag, dest=option.dest, action="store_true", default=None, help=help_text
             )
             parser.addini(option.ini, option.help, type="bool", default=False)
+        elif option.repeatable:
+            group.addoption(
+                option.flag,
+                dest=option.dest,
+                action="append",
+                default=None,
+                metavar=option.metavar,
+                help=help_text,
+            )
+            parser.addini(option.ini, option.help, type="args", default=[])
         else:
             group.addoption(
                 option.flag,
@@ -42,26 +64,79 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             parser.addini(option.ini, option.help, default="")
 
 
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hooks)
+
+
+def pytest_gpucloud_register_providers() -> dict[str, ProviderFactory]:
+    return BUILTIN
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_DOC)
+    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    # An xdist worker reaches the controller's fleet; it has no provider of its own.
+    handoff: Handoff | None = (workerinput or {}).get(WORKERINPUT_KEY)
     try:
-        settings = from_config(config)
-        provider = settings.chosen_provider() if settings.enabled else None
+        registry = ProviderRegistry.collect(config.hook.pytest_gpucloud_register_providers())
+        settings = from_config(config, registry.names)
+        provider = None
+        if settings.enabled:
+            provider = handoff["provider"] if handoff else settings.chosen_provider()
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = settings
-    if provider is not None:
-        controller = Controller(config, settings, provider)
-        config.stash[CONTROLLER_KEY] = controller
-        config.pluginmanager.register(controller, "gpucloud-controller")
+    config.stash[PROVIDERS_KEY] = registry
+    if provider is None:
+        return
+    if workerinput is not None and handoff is None:
+        raise pytest.UsageError(
+            f"{PREFIX}this xdist worker got no fleet from its controller: run the controller "
+            "with the same --gpu-cloud options"
+        )
+    controller = Controller(config, settings, provider, handoff)
+    config.stash[CONTROLLER_KEY] = controller
+    config.pluginmanager.register(controller, "gpucloud-controller")
+    if workerinput is None and config.pluginmanager.hasplugin("xdist"):
+        xdist_hooks = XdistControllerHooks(controller)
+        config.stash[XDIST_HOOKS_KEY] = xdist_hooks
+        config.pluginmanager.register(xdist_hooks, "gpucloud-xdist")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    xdist_hooks = config.stash.get(XDIST_HOOKS_KEY, None)
+    if xdist_hooks is not None:
+        xdist_hooks.restore()
+        config.pluginmanager.unregister(xdist_hooks)
+        del config.stash[XDIST_HOOKS_KEY]
     controller = config.stash.get(CONTROLLER_KEY, None)
     if controller is not None:
         controller.close()
         config.pluginmanager.unregister(controller)
         del config.stash[CONTROLLER_KEY]
+
+
+class XdistControllerHooks:
+    """pytest-xdist's controller hooks, registered only where xdist is installed: every
+    worker gets the fleet's socket in its ``workerinput``; no worker gets the API key."""
+
+    def __init__(self, controller: Controller) -> None:
+        self._controller = controller
+        self._hidden_key: str | None = None
+
+    def pytest_xdist_setupnodes(self) -> None:
+        # Workers inherit this process's environment; the key is in Settings already.
+        self._hidden_key = os.environ.pop(API_KEY_ENV, None)
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput[WORKERINPUT_KEY] = self._controller.handoff()
+
+    def restore(self) -> None:
+        if self._hidden_key is not None:
+            os.environ.setdefault(API_KEY_ENV, self._hidden_key)
+
+
+XDIST_HOOKS_KEY = pytest.StashKey[XdistControllerHooks]()
 
 
 @pytest.hookimpl(trylast=True)

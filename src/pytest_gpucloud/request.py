@@ -28,6 +28,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Literal, cast
 
 from pytest_gpucloud.errors import MarkerError
+from pytest_gpucloud.settings import SECRET_ENV
 
 if TYPE_CHECKING:
     import pytest
@@ -317,6 +318,8 @@ def _env(value: object) -> tuple[str, ...]:
     for name in names:
         if _IDENT.fullmatch(name) is None:
             raise _Bad(f"env must be {ENV_FORMS}; got {_got(name)} (not a variable name)")
+        if name in SECRET_ENV:
+            raise _Bad(f"env may not name {name}: it never travels to instances; remove it")
     return tuple(sorted(set(names)))
 
 

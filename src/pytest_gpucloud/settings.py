@@ -8,18 +8,30 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from pytest_gpucloud.errors import ConfigError
-from pytest_gpucloud.units import parse_duration
+from pytest_gpucloud.s3 import split_url
+from pytest_gpucloud.units import parse_duration, parse_size
 
 API_KEY_ENV = "GPUCLOUD_API_KEY"
+# Environment variables that no allow-list (--gpu-env, gpu(env=...)) may pass to instances.
+SECRET_ENV = frozenset({API_KEY_ENV})
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,8 @@ class Option:
     env: str | None = None
     is_switch: bool = False
     metavar: str | None = None
+    #: A list: the flag may be repeated; the ini key and environment take a list of words.
+    repeatable: bool = False
 
     @property
     def ini(self) -> str:
@@ -53,8 +67,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "provider",
         "--gpu-provider",
-        "where instances come from: rest (a cloud API) or sim "
-        "(the simulated cloud, on this machine's CPU)",
+        "where instances come from: rest (a cloud API), sim (the simulated cloud, on this "
+        "machine's CPU), local (this machine's GPUs), ssh (static hosts, see --gpu-hosts) "
+        "or a provider a plugin registers",
         env="GPUCLOUD_PROVIDER",
         metavar="NAME",
     ),
@@ -71,6 +86,43 @@ OPTIONS: tuple[Option, ...] = (
         "container image of the instances",
         env="GPUCLOUD_IMAGE",
         metavar="IMAGE",
+    ),
+    Option(
+        "runtime",
+        "--gpu-runtime",
+        "container runtime on the instances: docker, podman, apptainer or none (default: "
+        "none, the tests run on the instance itself)",
+        env="GPUCLOUD_RUNTIME",
+        metavar="RUNTIME",
+    ),
+    Option(
+        "setup",
+        "--gpu-setup",
+        "shell command run once per instance (in its container) before its first test, "
+        "e.g. 'pip install -e .[test]'; skipped where it ran already with the same files",
+        env="GPUCLOUD_SETUP",
+        metavar="CMD",
+    ),
+    Option(
+        "hosts",
+        "--gpu-hosts",
+        "static hosts of --gpu-provider ssh: user@host:port=TYPE[:COUNT], separated by commas",
+        env="GPUCLOUD_HOSTS",
+        metavar="HOSTS",
+    ),
+    Option(
+        "known_hosts",
+        "--gpu-known-hosts",
+        "known_hosts file with the host keys of --gpu-hosts (default ~/.ssh/known_hosts)",
+        env="GPUCLOUD_KNOWN_HOSTS",
+        metavar="PATH",
+    ),
+    Option(
+        "ssh_key",
+        "--gpu-ssh-key",
+        "private key that logs in to --gpu-hosts (default: ~/.ssh/id_* and the SSH agent)",
+        env="GPUCLOUD_SSH_KEY",
+        metavar="PATH",
     ),
     Option(
         "timeout",
@@ -95,6 +147,107 @@ OPTIONS: tuple[Option, ...] = (
         metavar="DURATION",
     ),
     Option(
+        "env",
+        "--gpu-env",
+        "pass this environment variable to the remote tests (repeatable; values are never "
+        "shown); the environment variable and ini key take names separated by commas or spaces",
+        env="GPUCLOUD_ENV",
+        metavar="NAME",
+        repeatable=True,
+    ),
+    Option(
+        "retries",
+        "--gpu-retries",
+        "how many fresh instances may replace lost ones, per kind of instance (default 2)",
+        env="GPUCLOUD_RETRIES",
+        metavar="N",
+    ),
+    Option(
+        "regions",
+        "--gpu-region",
+        "allowed regions, patterns separated by commas such as 'eu-*'; an offer elsewhere "
+        "is never created (default: all)",
+        env="GPUCLOUD_REGIONS",
+        metavar="PATTERNS",
+    ),
+    Option(
+        "max_instances",
+        "--gpu-max-instances",
+        "most instances alive at once (default 8)",
+        env="GPUCLOUD_MAX_INSTANCES",
+        metavar="N",
+    ),
+    Option(
+        "max_creates",
+        "--gpu-max-creates",
+        "most create calls of a session, failovers included (default 20)",
+        env="GPUCLOUD_MAX_CREATES",
+        metavar="N",
+    ),
+    Option(
+        "budget",
+        "--gpu-budget",
+        "most US dollars the session's instances may cost; a test that would pass it ends "
+        "as an error (default: no limit)",
+        env="GPUCLOUD_BUDGET",
+        metavar="USD",
+    ),
+    Option(
+        "start",
+        "--gpu-start",
+        "when instances start: jit (ready about when their first test is due, from earlier "
+        "runs' durations), eager (all when collection ends) or lazy (at first use)",
+        env="GPUCLOUD_START",
+        metavar="MODE",
+    ),
+    Option(
+        "plan",
+        "--gpu-plan",
+        "print the instances the session would create, their tests and expected cost; "
+        "create nothing and run no test",
+        env="GPUCLOUD_PLAN",
+        is_switch=True,
+    ),
+    Option(
+        "report",
+        "--gpu-report",
+        "write the cost report (instances, tests, costs) as JSON to this file",
+        env="GPUCLOUD_REPORT",
+        metavar="PATH",
+    ),
+    Option(
+        "artifacts_dir",
+        "--gpu-artifacts-dir",
+        "where each remote test's gpu_artifacts folder is brought back to, one folder per "
+        "test (default .gpucloud/artifacts/<run-id> under the rootdir)",
+        env="GPUCLOUD_ARTIFACTS_DIR",
+        metavar="DIR",
+    ),
+    Option(
+        "artifacts_max",
+        "--gpu-artifacts-max",
+        "most bytes of artifacts brought back per test, e.g. 500MB; files past it stay on "
+        "the instance and are named in the summary (default 1GB)",
+        env="GPUCLOUD_ARTIFACTS_MAX",
+        metavar="SIZE",
+    ),
+    Option(
+        "artifacts_s3",
+        "--gpu-artifacts-s3",
+        "also upload each test's artifacts to s3://bucket/prefix/<run-id>/<test>/, from "
+        "this machine (AWS credentials from the usual AWS environment variables)",
+        env="GPUCLOUD_ARTIFACTS_S3",
+        metavar="URL",
+    ),
+    Option(
+        "s3_endpoint",
+        "--gpu-s3-endpoint",
+        "endpoint URL of an S3-compatible store (MinIO, Ceph, R2, ...) for artifacts and "
+        "gpu(data=...) (default: AWS S3, or AWS_ENDPOINT_URL_S3)",
+        env="GPUCLOUD_S3_ENDPOINT",
+        metavar="URL",
+    ),
+    Option(
         "sim_boot_delay",
         "--gpu-sim-boot-delay",
         "boot time of the simulated cloud's instances",
@@ -103,7 +256,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
 )
 
-BUILTIN_PROVIDERS = ("rest", "sim")
 NO_PROVIDER = (
     "--gpu-cloud has no GPU provider: set GPUCLOUD_API_KEY and GPUCLOUD_API_URL (or "
     "--gpu-api-url) to use your cloud's API, or pass --gpu-provider sim to try it on this "
@@ -118,7 +270,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = False
-    provider: Literal["rest", "sim"] | None = None
+    provider: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     api_url: str | None = None
     api_key: SecretStr | None = Field(default=None, repr=False)
     image: str = Field(default="python:3.12-slim", min_length=1)
@@ -126,16 +278,102 @@ class Settings(BaseModel):
     boot_timeout: Duration = Field(default=600.0, gt=0)
     max_lifetime: Duration | None = Field(default=None, ge=60)
     sim_boot_delay: Duration = Field(default=0.3, ge=0)
+    runtime: Literal["none", "docker", "podman", "apptainer"] = "none"
+    setup: str | None = Field(default=None, min_length=1)
+    hosts: str | None = None
+    known_hosts: str | None = Field(default=None, min_length=1)
+    ssh_key: str | None = Field(default=None, min_length=1)
+    env: tuple[str, ...] = ()
+    retries: int = Field(default=2, ge=0, le=100)
+    regions: tuple[str, ...] = ()
+    max_instances: int = Field(default=8, ge=1, le=1000)
+    max_creates: int = Field(default=20, ge=1, le=10_000)
+    budget: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    start: Literal["jit", "eager", "lazy"] = "jit"
+    plan: bool = False
+    report: str | None = Field(default=None, min_length=1)
+    artifacts_dir: str | None = Field(default=None, min_length=1)
+    artifacts_max: int = Field(default=10**9, gt=0)
+    artifacts_s3: str | None = None
+    s3_endpoint: str | None = None
 
     @field_validator("timeout", "boot_timeout", "max_lifetime", "sim_boot_delay", mode="before")
     @classmethod
     def _duration(cls, value: object) -> object:
         return parse_duration(value) if isinstance(value, str) else value
 
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _region_patterns(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        patterns = tuple(p.strip() for p in value.split(",") if p.strip())
+        for pattern in patterns:
+            if not _REGION.fullmatch(pattern):
+                raise ValueError(f"{pattern!r} is not a region pattern")
+        if not patterns:
+            raise ValueError("no region pattern given")
+        return patterns
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _dollars(cls, value: object) -> object:
+        return value.strip().removeprefix("$") if isinstance(value, str) else value
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_names(cls, value: object) -> object:
+        words = [value] if isinstance(value, str) else value
+        if not isinstance(words, (list, tuple)):
+            return value
+        names = [name for word in words for name in re.split(r"[\s,]+", str(word)) if name]
+        for name in names:
+            check_env_name(name)
+        return tuple(sorted(set(names)))
+
+    @field_validator("provider")
+    @classmethod
+    def _provider(cls, value: str | None, info: ValidationInfo) -> str | None:
+        known = (info.context or {}).get("providers")
+        if value is not None and known is not None and value not in known:
+            raise ValueError(f"unknown GPU provider; choose one of: {', '.join(sorted(known))}")
+        return value
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: str | None) -> str | None:
+        from pytest_gpucloud.providers.ssh import parse_hosts
+
+        if value is not None:
+            parse_hosts(value)
+        return value
+
     @field_validator("api_url")
     @classmethod
     def _api_url(cls, value: str | None) -> str | None:
         return None if value is None else check_api_url(value)
+
+    @field_validator("artifacts_max", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        return parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("artifacts_s3")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_url(value)
+        return value
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _s3_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL such as https://minio.example.com:9000")
+        return value.rstrip("/")
 
     def chosen_provider(self) -> str:
         """The provider to use; without one and without an API key, say both ways forward."""
@@ -151,6 +389,19 @@ class Settings(BaseModel):
         if self.max_lifetime is not None:
             return int(self.max_lifetime)
         return int(self.boot_timeout + 2 * self.timeout + 3600)
+
+
+def check_env_name(name: str) -> str:
+    """``name`` if the remote tests may be given this environment variable."""
+    if not _ENV_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not an environment variable name")
+    if name in SECRET_ENV:
+        raise ValueError(f"{name} never travels to instances")
+    return name
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_REGION = re.compile(r"[A-Za-z0-9*?\[\]!-]{1,64}")
 
 
 def check_api_url(url: str) -> str:
@@ -178,9 +429,15 @@ class _Source:
 
 
 def resolve(
-    cli: Callable[[str], Any], ini: Callable[[str], Any], environ: Mapping[str, str]
+    cli: Callable[[str], Any],
+    ini: Callable[[str], Any],
+    environ: Mapping[str, str],
+    providers: Collection[str] | None = None,
 ) -> Settings:
-    """Build :class:`Settings` from the three sources; a bad value raises ConfigError."""
+    """Build :class:`Settings` from the three sources; a bad value raises ConfigError.
+
+    ``providers``: the names a provider may have (the registry's); None: any name.
+    """
     sources: dict[str, _Source] = {}
     for option in OPTIONS:
         source = _pick(option, cli(option.dest), ini(option.ini), environ)
@@ -190,7 +447,7 @@ def resolve(
     if environ.get(API_KEY_ENV):
         values["api_key"] = environ[API_KEY_ENV]
     try:
-        return Settings(**values)
+        return Settings.model_validate(values, context={"providers": providers})
     except ValidationError as exc:
         raise _config_error(exc, sources) from None
 
@@ -219,16 +476,24 @@ def _config_error(exc: ValidationError, sources: Mapping[str, _Source]) -> Confi
 
 
 _HINTS = {
-    "provider": f" (choose one of: {', '.join(BUILTIN_PROVIDERS)})",
     "timeout": " (a duration such as 300, 90s, 10m or 1h30m)",
     "boot_timeout": " (a duration such as 300, 90s, 10m or 1h30m)",
     "max_lifetime": " (a duration of at least 60 s, such as 2h)",
     "sim_boot_delay": " (a duration such as 0.5 or 3s)",
+    "env": " (names of environment variables such as HF_TOKEN; their values stay unshown)",
+    "retries": " (a whole number such as 0 or 3)",
+    "regions": " (region patterns separated by commas, such as 'eu-*' or 'us-east-1,eu-*')",
+    "max_instances": " (a whole number of at least 1, such as 4)",
+    "max_creates": " (a whole number of at least 1, such as 20)",
+    "budget": " (US dollars, a positive number such as 5 or 12.50)",
+    "start": " (choose one of: jit, eager, lazy)",
+    "artifacts_max": " (a size such as 500MB, 2GB or 1.5GiB)",
+    "artifacts_s3": " (such as s3://my-bucket/ci-artifacts)",
 }
 
 
-def from_config(config: pytest.Config) -> Settings:
+def from_config(config: pytest.Config, providers: Collection[str] | None = None) -> Settings:
     def ini(name: str) -> Any:
         return config.getini(name)
 
-    return resolve(lambda dest: config.getoption(dest, None), ini, os.environ)
+    return resolve(lambda dest: config.getoption(dest, None), ini, os.environ, providers)

@@ -19,3 +19,26 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"{text!r} is not a duration")
     hours, minutes, seconds = (float(part) if part else 0.0 for part in match.groups())
     return hours * 3600 + minutes * 60 + seconds
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])(i)?)?b?")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text``: a plain number of bytes, or ``500MB``, ``2GB``, ``1.5GiB`` (kB, MB,
+    GB, TB are powers of 1000; KiB, MiB, GiB, TiB of 1024)."""
+    match = _SIZE.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError(f"{text!r} is not a size")
+    number, prefix, binary = match.groups()
+    power = "kmgt".index(prefix) + 1 if prefix else 0
+    return int(float(number) * (1024 if binary else 1000) ** power)
+
+
+def format_size(size: float) -> str:
+    """``size`` bytes for people: ``512 B``, ``20.0 MB``, ``1.5 GB``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"

@@ -1,7 +1,14 @@
-"""Providers turn an offer into a reachable machine and delete it again."""
+"""Providers turn an offer into a reachable machine and delete it again.
+
+They come from a registry, filled by the hook ``pytest_gpucloud_register_providers`` (see
+:mod:`pytest_gpucloud.hooks`) and by the entry-point group ``pytest_gpucloud.providers``.
+The built-in ones register through the hook, like any other.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING
 
 from pytest_gpucloud.errors import ConfigError
@@ -10,21 +17,100 @@ if TYPE_CHECKING:
     from pytest_gpucloud.providers.base import Provider
     from pytest_gpucloud.settings import Settings
 
+ENTRY_POINT_GROUP = "pytest_gpucloud.providers"
+ProviderFactory = Callable[["Settings"], Awaitable["Provider"]]
 
-async def make_provider(name: str, settings: Settings) -> Provider:
-    """The provider called ``name``, configured from ``settings``."""
-    if name == "sim":
-        from pytest_gpucloud.providers.sim import SimProvider
 
-        return await SimProvider.start(settings.sim_boot_delay)
-    if name == "rest":
-        from pytest_gpucloud.providers.rest import RestProvider
+async def _rest(settings: Settings) -> Provider:
+    from pytest_gpucloud.providers.rest import RestProvider
 
-        if settings.api_url is None:
-            raise ConfigError(
-                "--gpu-provider rest needs the API's address: set GPUCLOUD_API_URL or --gpu-api-url"
+    if settings.api_url is None:
+        raise ConfigError(
+            "--gpu-provider rest needs the API's address: set GPUCLOUD_API_URL or --gpu-api-url"
+        )
+    if settings.api_key is None:
+        raise ConfigError("--gpu-provider rest needs an API key: set GPUCLOUD_API_KEY")
+    return RestProvider(settings.api_url, settings.api_key.get_secret_value())
+
+
+async def _sim(settings: Settings) -> Provider:
+    from pytest_gpucloud.providers.sim import SimProvider
+
+    return await SimProvider.start(settings.sim_boot_delay)
+
+
+async def _local(settings: Settings) -> Provider:
+    from pytest_gpucloud.providers.local import LocalProvider
+
+    return await LocalProvider.start(settings)
+
+
+async def _ssh(settings: Settings) -> Provider:
+    from pytest_gpucloud.providers.ssh import SshProvider
+
+    return SshProvider.from_settings(settings)
+
+
+BUILTIN: dict[str, ProviderFactory] = {"rest": _rest, "sim": _sim, "local": _local, "ssh": _ssh}
+
+
+class ProviderRegistry:
+    """Provider factories by name. Entry points are loaded only when their provider is made."""
+
+    def __init__(self, factories: Mapping[str, ProviderFactory | EntryPoint]) -> None:
+        self._factories = dict(factories)
+
+    @classmethod
+    def collect(cls, registered: Iterable[Mapping[str, ProviderFactory]]) -> ProviderRegistry:
+        """The registry of the hook's answers (``registered``) and of the entry points."""
+        found: dict[str, ProviderFactory | EntryPoint] = {}
+        origins: dict[str, str] = {}
+        sources: list[tuple[str, Mapping[str, ProviderFactory | EntryPoint]]] = [
+            ("the hook pytest_gpucloud_register_providers", answer) for answer in registered
+        ]
+        sources.append(
+            (
+                f"the entry-point group {ENTRY_POINT_GROUP}",
+                {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)},
             )
-        if settings.api_key is None:
-            raise ConfigError("--gpu-provider rest needs an API key: set GPUCLOUD_API_KEY")
-        return RestProvider(settings.api_url, settings.api_key.get_secret_value())
-    raise ConfigError(f"unknown GPU provider {name!r}: choose rest or sim")
+        )
+        for source, factories in sources:
+            for name, factory in factories.items():
+                where = f"{_describe(factory)} (from {source})"
+                if name in found:
+                    raise ConfigError(
+                        f"GPU provider {name!r} is registered twice: by {origins[name]} and "
+                        f"by {where}; remove one of them"
+                    )
+                found[name] = factory
+                origins[name] = where
+        return cls(found)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._factories)
+
+    async def make(self, name: str, settings: Settings) -> Provider:
+        """The provider called ``name``, configured from ``settings``."""
+        factory = self._factories.get(name)
+        if factory is None:
+            raise ConfigError(
+                f"unknown GPU provider {name!r}: choose one of {', '.join(self.names)}"
+            )
+        if isinstance(factory, EntryPoint):
+            try:
+                factory = factory.load()
+            except Exception as exc:
+                raise ConfigError(
+                    f"GPU provider {name!r} ({factory.value}, entry point of "
+                    f"{ENTRY_POINT_GROUP}) failed to load: {type(exc).__name__}: {exc}"
+                ) from None
+        provider: Provider = await factory(settings)
+        return provider
+
+
+def _describe(factory: ProviderFactory | EntryPoint) -> str:
+    if isinstance(factory, EntryPoint):
+        return factory.value
+    module = getattr(factory, "__module__", "?")
+    return f"{module}:{getattr(factory, '__qualname__', repr(factory))}"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from pytest_gpucloud.catalog import GpuType, Offer
+
+if TYPE_CHECKING:
+    import asyncssh
 
 
 @dataclass(frozen=True)
@@ -68,3 +71,20 @@ class Provider(Protocol):
     async def list_instances(self, labels: dict[str, str]) -> list[Instance]: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class LeasingProvider(Protocol):
+    """A provider whose machines outlive the session (this machine's GPUs, static hosts).
+
+    Its ``create`` leases a free machine (waiting a bounded while for one) and ``delete``
+    ends the lease; nothing is created or destroyed. It logs in with credentials of its
+    own, through :meth:`connect`, and the launcher removes the session's workspace before
+    the lease ends.
+    """
+
+    async def connect(
+        self, instance: Instance, session_key: asyncssh.SSHKey, timeout: float
+    ) -> asyncssh.SSHClientConnection:
+        """An SSH connection to the leased machine ``instance``."""
+        ...

@@ -61,12 +61,14 @@ class RestProvider:
         request_timeout: float = 30.0,
         attempts: int = 5,
         poll_interval: float = 0.05,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._client = httpx.AsyncClient(
             base_url=base_url,
             headers={"Authorization": f"Bearer {api_key}", "User-Agent": "pytest-gpucloud"},
             timeout=request_timeout,
             trust_env=False,
+            transport=transport,
         )
         self._attempts = attempts
         self._poll_interval = poll_interval
@@ -182,7 +184,7 @@ class RestProvider:
         try:
             return json.loads(body)
         except ValueError:
-            raise BadAnswer(
+            raise _bad_answer(
                 f"the GPU cloud API answered {what} with a body that is not JSON"
             ) from None
 
@@ -217,7 +219,7 @@ async def _read_capped(response: httpx.Response, what: str) -> bytes:
     async for chunk in response.aiter_bytes():
         size += len(chunk)
         if size > MAX_BODY:
-            raise BadAnswer(
+            raise _bad_answer(
                 f"the GPU cloud API answered {what} with more than {MAX_BODY // 1024 // 1024} MiB"
             )
         chunks.append(chunk)
@@ -232,7 +234,9 @@ def _api_error(response: httpx.Response, body: bytes, what: str) -> ProviderErro
         code, message = detail.code, detail.message
     except ValidationError:
         pass
-    said = f": {message[:300]}" if message else ""
+    # The API's words, on one line: they end up in a one-line error.
+    message = " ".join(message.split())[:300]
+    said = f": {message}" if message else ""
     if status == 401 or code == "unauthorized":
         return AuthError(
             f"the GPU cloud API refused the API key ({what}, HTTP {status}); check GPUCLOUD_API_KEY"
@@ -263,10 +267,17 @@ def _parse(adapter: TypeAdapter[M] | None, payload: Any, method: str, path: str)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise BadAnswer(
+        raise _bad_answer(
             f"the GPU cloud API answered {method} {path} with a bad value at {where}: "
             f"{first['msg']}"
         ) from None
+
+
+def _bad_answer(what: str) -> BadAnswer:
+    return BadAnswer(
+        f"{what}; check that --gpu-api-url (GPUCLOUD_API_URL) is your GPU cloud's API, "
+        "and if it is, report the answer to its provider"
+    )
 
 
 def _instance(model: InstanceModel) -> Instance:

@@ -9,10 +9,20 @@ Local -> remote:
             cache and turns junitxml off itself, and blocks this plugin). ``options`` and
             ``ini``: the local plugin's own command-line options and ini keys; the worker
             registers them as inert, so an ``addopts = --gpu-cloud`` or ``gpu_cloud_*`` key in
-            the shared ini file does not break the remote session.
-  run       {"nodeid": str, "nextid": str|None}  run one collected test; ``nextid`` is the
-            test the local session runs next on this worker (None: none, tear all down)
-  shutdown  {}                                   finish the session and exit (EOF does the same)
+            the shared ini file does not break the remote session. ``artifacts``: the
+            folder, relative to the workspace, that holds one ``gpu_artifacts`` folder per
+            test (named by remote/fixtures.py's ``artifacts_dir_name``)
+  run       {"nodeid": str, "nextid": str|None, "timeout": float|None, "env": {str: str}}
+            run one collected test; ``nextid`` is the test the local session runs next on
+            this worker (None: none, tear all down). ``timeout``: seconds after which the
+            worker writes where the test hangs to stderr and exits with ``TIMEOUT_EXIT``.
+            ``env``: the allow-listed environment variables, set for this test only (their
+            values travel only here, never on a command line). ``data``: ``{name: spec}``,
+            the test's datasets for its ``gpu_data`` fixture (presigned URLs; the spec is
+            described in remote/datacache.py); absent when it has none
+  shutdown  {"skip_waiting": bool}               finish the session and exit (EOF does the same);
+            ``skip_waiting``: the ``run`` frames sent before it and not started yet are
+            skipped (the local side sent them ahead and no longer wants them)
 
 Remote -> local:
   hello     {"python", "pytest", "protocol", "rootdir"}   first frame, before pytest starts;
@@ -23,6 +33,12 @@ Remote -> local:
             before ``collected`` (config/collection warnings) and inside a test's frames
   collected {"count": int}                       collection finished; ``run`` frames welcome
   report    {"report": dict}                     pytest_report_to_serializable of a TestReport
+  data      {"nodeid", "name", "path": str, "cached": bool, "bytes": int}   a dataset of
+            the test is at ``path`` on the instance (``cached``: nothing was downloaded)
+  artifacts {"nodeid", "path": str, "files": int, "bytes": int, "list": [[name, size]],
+             "skipped": [[name, why]]}   the test wrote to its ``gpu_artifacts`` folder
+            ``path``: its regular files, and what is not one (links); comes after its
+            reports, before ``done``
   done      {"nodeid": str}                      the last report of that test was sent
   missing   {"nodeid": str, "reason": str|None}  a ``run`` for a nodeid not collected here
             (reason: the skipped/failed collector or the deselection, when known)
@@ -39,6 +55,8 @@ import json
 from typing import Any
 
 PROTOCOL_VERSION = 1
+# The worker's exit status when a test outlived the timeout of its run frame.
+TIMEOUT_EXIT = 124
 
 Message = dict[str, Any]
 

@@ -8,16 +8,24 @@ session fixtures alive between consecutive tests exactly as the local ``nextitem
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import math
 import os
 import platform
+import select
 import shutil
+import sys
 import tempfile
+import threading
+import time
+import traceback
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pytest
 
-from .protocol import PROTOCOL_VERSION, Message, decode, encode
+from .fixtures import GpuFixtures
+from .protocol import PROTOCOL_VERSION, TIMEOUT_EXIT, Message, decode, encode
 
 if TYPE_CHECKING:
     import warnings
@@ -26,16 +34,23 @@ if TYPE_CHECKING:
 GPU_MARKER = "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None): "
 GPU_MARKER += "run this test on a cloud GPU instance (pytest-gpucloud)"
 
+STACK_SHOWN = 6  # innermost frames of a test that outlived its time limit
+
 # The local plugin must not load again on the instance, whatever name it was loaded by.
 BLOCKED = ["-p", "no:gpucloud", "-p", "no:pytest_gpucloud.plugin"]
 
 
 class Channel:
-    """The frame channel: private copies of the process's original stdin and stdout."""
+    """The frame channel: private copies of the process's original stdin and stdout, and
+    of its stderr for the worker's own last words (pytest's capture takes fd 2 in tests)."""
 
-    def __init__(self, reader: BinaryIO, writer: BinaryIO) -> None:
-        self._reader = reader
+    def __init__(self, reader: BinaryIO, writer: BinaryIO, stderr: BinaryIO) -> None:
+        self._reader = reader  # read through its fd, unbuffered: see shutdown_waiting
         self._writer = writer
+        self.stderr = stderr
+        self._frames: collections.deque[Message] = collections.deque()
+        self._partial = b""
+        self._eof = False
 
     @classmethod
     def from_stdio(cls) -> Channel:
@@ -46,20 +61,107 @@ class Channel:
         """
         reader = os.fdopen(os.dup(0), "rb")
         writer = os.fdopen(os.dup(1), "wb")
+        stderr = os.fdopen(os.dup(2), "wb")
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
         os.dup2(2, 1)
-        return cls(reader, writer)
+        return cls(reader, writer, stderr)
 
     def send(self, kind: str, **fields: Any) -> None:
-        self._writer.write(encode(kind, **fields))
+        """Write a frame and flush it, with those queued before it."""
+        self.queue(kind, **fields)
         self._writer.flush()
+
+    def queue(self, kind: str, **fields: Any) -> None:
+        """Write a frame that goes out with the next :meth:`send`: a test's reports travel
+        with its ``done``, in one write instead of four."""
+        self._writer.write(encode(kind, **fields))
 
     def recv(self) -> Message | None:
         """The next frame, or None at EOF."""
-        line = self._reader.readline()
-        return decode(line) if line else None
+        while not self._frames and self._read(wait=True):
+            pass
+        return self._frames.popleft() if self._frames else None
+
+    def shutdown_waiting(self) -> bool:
+        """Whether a ``shutdown`` with ``skip_waiting`` already waits behind the frames not
+        served yet. The local side sends the runs of quick tests ahead of their turn; those
+        it no longer wants when it ends the session are skipped."""
+        self._read(wait=False)
+        return any(f["type"] == "shutdown" and f.get("skip_waiting") for f in self._frames)
+
+    def _read(self, *, wait: bool) -> bool:
+        """Take in what has arrived (``wait``: block until something has); False at EOF."""
+        if self._eof:
+            return False
+        fd = self._reader.fileno()
+        if not wait and not select.select([fd], [], [], 0)[0]:
+            return True
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            self._eof = True
+            lines = [self._partial] if self._partial else []  # a torn last frame raises
+        else:
+            *lines, self._partial = (self._partial + chunk).split(b"\n")
+        self._frames.extend(decode(line) for line in lines)
+        return bool(chunk)
+
+
+class Watchdog:
+    """Stops the worker if a test outlives its run frame's ``timeout``: the test may never
+    give control back, so a thread says where it hangs and ends the process.
+
+    One thread for the whole session, armed per test. It sleeps until the deadline it knows
+    of and is woken only for a nearer one, not for every test: a thread started per test
+    cost as much as the trivial test itself (bench/results.md).
+    """
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._cond = threading.Condition()
+        self._armed: tuple[float, str, float] | None = None  # deadline, nodeid, seconds
+        self._wake_at = math.inf
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def guard(self, nodeid: str, frame: Message) -> Iterator[None]:
+        seconds = frame.get("timeout")
+        if seconds is None:
+            yield
+            return
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            self._armed = (deadline, nodeid, seconds)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, daemon=True)
+                self._thread.start()
+            elif deadline < self._wake_at:
+                self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._armed = None
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                armed, now = self._armed, time.monotonic()
+                if armed is not None and now >= armed[0]:
+                    self._expire(*armed[1:])
+                self._wake_at = armed[0] if armed is not None else math.inf
+                self._cond.wait(None if armed is None else self._wake_at - now)
+
+    def _expire(self, nodeid: str, seconds: float) -> None:
+        where = sys._current_frames().get(threading.main_thread().ident or 0)
+        stack = traceback.format_stack(where)[-STACK_SHOWN:] if where else []
+        self._stream.write(
+            f"{nodeid} exceeded its time limit of {seconds:g} s; it was at:\n".encode()
+            + "".join(stack).encode(errors="replace")
+        )
+        self._stream.flush()
+        os._exit(TIMEOUT_EXIT)
 
 
 class WorkerPlugin:
@@ -67,6 +169,8 @@ class WorkerPlugin:
 
     def __init__(self, channel: Channel, start: Message) -> None:
         self._channel = channel
+        self._watchdog = Watchdog(channel.stderr)
+        self.fixtures = GpuFixtures(channel, start.get("artifacts"))
         self._options: list[dict[str, Any]] = start.get("options", [])
         self._ini: list[str] = start.get("ini", [])
         self._config: pytest.Config | None = None
@@ -122,6 +226,14 @@ class WorkerPlugin:
         if getattr(config.option, "dist", "no") != "no":
             config.option.dist = "no"
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        # The local side may run a test other than the ``nextid`` it named last (a test
+        # that shares this instance, another xdist worker's): tear down what the previous
+        # test kept for that one and this one does not need. A no-op when it came as named;
+        # a failing teardown is this test's setup error.
+        item.session._setupstate.teardown_exact(item)
+
     def _serialize(self, report: pytest.TestReport | pytest.CollectReport) -> dict[str, Any]:
         assert self._config is not None
         data: dict[str, Any] = self._config.hook.pytest_report_to_serializable(
@@ -164,7 +276,7 @@ class WorkerPlugin:
         )
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self._channel.send("report", report=self._serialize(report))
+        self._channel.queue("report", report=self._serialize(report))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> bool:
@@ -175,6 +287,8 @@ class WorkerPlugin:
         while (frame := self._channel.recv()) is not None and frame["type"] != "shutdown":
             if frame["type"] != "run":
                 raise ValueError(f"unexpected frame from the local side: {frame['type']!r}")
+            if self._channel.shutdown_waiting():
+                break
             nodeid: str = frame["nodeid"]
             item = items.get(nodeid)
             if item is None:
@@ -182,7 +296,10 @@ class WorkerPlugin:
                 continue
             nextid: str | None = frame.get("nextid")
             nextitem = items.get(nextid) if nextid is not None else None
-            item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+            self.fixtures.begin(frame)
+            with _environment(frame.get("env") or {}), self._watchdog.guard(nodeid, frame):
+                item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+            self.fixtures.end()
             self._channel.send("done", nodeid=nodeid)
         return True
 
@@ -199,6 +316,21 @@ class WorkerPlugin:
 
     def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
         self.crash(f"remote pytest interrupted: {excinfo.exconly()}")
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """The allow-listed variables of one run frame, set for that test only."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def serve(channel: Channel) -> int:
@@ -222,7 +354,7 @@ def serve(channel: Channel) -> int:
     cache_dir = tempfile.mkdtemp(prefix="gpucloud-cache-")
     args = [*start["args"], *BLOCKED, "-o", f"cache_dir={cache_dir}"]
     try:
-        code = pytest.main(args, plugins=[plugin])
+        code = pytest.main(args, plugins=[plugin, plugin.fixtures])
     except BaseException as exc:
         plugin.crash(f"remote pytest failed: {type(exc).__name__}: {exc}")
         raise

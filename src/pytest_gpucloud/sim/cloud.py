@@ -9,9 +9,12 @@ sim's event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import asyncssh
@@ -34,9 +37,12 @@ from pytest_gpucloud.sim.faults import (
     InstanceRule,
     Preempt,
     SshRefuse,
+    WrongGpu,
     WrongHostKey,
 )
 from pytest_gpucloud.sim.instances import SSH_HOST, SSH_USER, Machine, utcnow
+
+_WATCH_INTERVAL_S = 0.02
 
 TerminationReason = Literal["deleted", "max_lifetime", "preempted", "sim_stopped"]
 
@@ -83,6 +89,7 @@ class Instance:
         self.announced_host_key: str | None = None
         self._boot: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
+        self._watchers: list[asyncio.Task[None]] = []
         self._ending: asyncio.Task[None] | None = None
 
     def boot(self, delay: float, extra_path: str | None) -> None:
@@ -97,6 +104,8 @@ class Instance:
                 self._boot.cancel()
             for timer in self._timers:
                 timer.cancel()
+            for watcher in self._watchers:
+                watcher.cancel()
             self._ending = asyncio.get_running_loop().create_task(self._end(delay))
         return self._ending
 
@@ -153,6 +162,7 @@ class Instance:
             self.status = "failed"
             return
         gpu = f"{self.request.gpu_type}:{self.request.count}"
+        gpu = next((f.gpu for f in self.faults if isinstance(f, WrongGpu)), gpu)
         machine = self.machine = Machine(self.id, gpu, self.client_key, extra_path)
         self.ssh_port = machine.refuse() if self._has(SshRefuse) else await machine.listen()
         wrong_key = self._has(WrongHostKey)
@@ -165,10 +175,24 @@ class Instance:
         loop = asyncio.get_running_loop()
         for fault in self.faults:
             if isinstance(fault, DropSsh):
-                machine.drop_after(fault.after_s, fault.after_commands)
+                if fault.on_file is not None:
+                    self._on_file(machine.home / fault.on_file, machine.drop_connections)
+                else:
+                    machine.drop_after(fault.after_s, fault.after_commands)
             elif isinstance(fault, Preempt):
-                timer = loop.call_later(fault.after_s, self.terminate, "preempted", 0.0)
-                self._timers.append(timer)
+                lose = functools.partial(self.terminate, "preempted", 0.0)
+                if fault.on_file is not None:
+                    self._on_file(machine.home / fault.on_file, lose)
+                else:
+                    self._timers.append(loop.call_later(fault.after_s or 0.0, lose))
+
+    def _on_file(self, path: Path, action: Callable[[], object]) -> None:
+        async def watch() -> None:
+            while not path.exists():
+                await asyncio.sleep(_WATCH_INTERVAL_S)
+            action()
+
+        self._watchers.append(asyncio.get_running_loop().create_task(watch()))
 
     async def _end(self, delay: float) -> None:
         await asyncio.sleep(delay)

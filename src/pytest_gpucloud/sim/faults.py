@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from pytest_gpucloud.api_models import ErrorCode
 
 Op = Literal["gpu_types", "create", "get", "list", "delete"]
+# A file name in an instance's home whose appearance fires a fault (no directories).
+OnFile = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 
 
 class _Rule(BaseModel):
@@ -127,28 +129,51 @@ class DropSsh(InstanceRule):
     """Abort every SSH connection of the instance once; it stays running and reachable.
 
     The drop comes ``after_s`` (default 0) after the instance starts running or, with
-    ``after_commands: n``, after its n-th command started (so it hits that command).
-    ``{"kind": "drop_ssh", "after_commands": 2, "after_s": 0.5}``
+    ``after_commands: n``, after its n-th command started (so it hits that command), or,
+    with ``on_file: name``, as soon as a file of that name appears in the instance's home
+    (so a test can choose its moment). ``{"kind": "drop_ssh", "after_commands": 2,
+    "after_s": 0.5}``, ``{"kind": "drop_ssh", "on_file": "drop-now"}``
     """
 
     kind: Literal["drop_ssh"]
     after_s: float | None = Field(default=None, ge=0)
     after_commands: int | None = Field(default=None, ge=1)
+    on_file: OnFile | None = None
 
     @model_validator(mode="after")
     def _needs_a_moment(self) -> DropSsh:
-        if self.after_s is None and self.after_commands is None:
-            raise ValueError("drop_ssh needs after_s, after_commands or both")
+        if self.on_file is not None and (self.after_s, self.after_commands) != (None, None):
+            raise ValueError("drop_ssh takes on_file alone, or after_s and after_commands")
+        if self.after_s is None and self.after_commands is None and self.on_file is None:
+            raise ValueError("drop_ssh needs after_s, after_commands or on_file")
         return self
 
 
 class Preempt(InstanceRule):
-    """``after_s`` after it starts running, the instance is lost: SSH closed, processes
-    killed, status ``terminated``. ``{"kind": "preempt", "after_s": 1.5}``
+    """``after_s`` after it starts running, or as soon as a file named ``on_file`` appears in
+    its home, the instance is lost: SSH closed, processes killed, status ``terminated``.
+    ``{"kind": "preempt", "after_s": 1.5}``, ``{"kind": "preempt", "on_file": "lose-me"}``
     """
 
     kind: Literal["preempt"]
-    after_s: float = Field(ge=0)
+    after_s: float | None = Field(default=None, ge=0)
+    on_file: OnFile | None = None
+
+    @model_validator(mode="after")
+    def _needs_one_moment(self) -> Preempt:
+        if (self.after_s is None) == (self.on_file is None):
+            raise ValueError("preempt needs after_s or on_file (one of them)")
+        return self
+
+
+class WrongGpu(InstanceRule):
+    """The instance declares other GPUs than it was created with: its processes see
+    ``GPUCLOUD_SIM_GPU`` set to ``gpu`` (``TYPE:COUNT``). ``{"kind": "wrong_gpu", "gpu":
+    "A10G:1"}``
+    """
+
+    kind: Literal["wrong_gpu"]
+    gpu: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}:[0-9]{1,2}$")]
 
 
 FaultRule = Annotated[
@@ -163,7 +188,8 @@ FaultRule = Annotated[
     | WrongHostKey
     | SshRefuse
     | DropSsh
-    | Preempt,
+    | Preempt
+    | WrongGpu,
     Field(discriminator="kind"),
 ]
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -135,7 +136,7 @@ class Machine:
             self._refuser.close()
         self.drop_connections()
         for group_id in self._group_ids:
-            _kill_group(group_id)
+            kill_group(group_id)
         # Not in a worker thread: stop() also runs at interpreter exit, executors gone.
         shutil.rmtree(self.home, ignore_errors=True)
 
@@ -157,36 +158,64 @@ class Machine:
             process.exit(1)
             return
         record = self._command_started(process.command)
-        proc = await asyncio.create_subprocess_exec(
-            "/bin/sh",
-            "-c",
-            process.command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=self.home,
-            env=self.env,
-            start_new_session=True,
-        )
-        self._group_ids.append(proc.pid)
-        stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
-        assert stdin is not None
-        assert stdout is not None
-        assert stderr is not None
-        watcher = asyncio.ensure_future(_kill_when_closed(process, proc))
-        # Input is copied by hand: asyncssh's redirect to a pipe can lose data when the
-        # client's EOF arrives first (asyncio's write pipe transport, Python 3.11).
-        pump = asyncio.ensure_future(_pump(process.stdin, stdin))
-        try:
-            # No EOF when stdout ends: it would end stderr too. The exit status closes all.
-            await process.redirect(stdout=stdout, stderr=stderr, send_eof=False)
-            record.exit_status = await proc.wait()
+
+        def ended(status: int) -> None:
+            record.exit_status = status
             record.ended_at = utcnow()
-            await _report_exit(process, record.exit_status)
-        finally:
-            pump.cancel()
-            process.close()  # a no-op once the exit status closed it
-            await watcher
+
+        await run_exec(
+            process, cwd=self.home, env=self.env, group_ids=self._group_ids, on_exit=ended
+        )
+
+
+async def run_exec(
+    process: asyncssh.SSHServerProcess[bytes],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    group_ids: list[int],
+    on_exit: Callable[[int], None] | None = None,
+) -> None:
+    """Serve an SSH exec request: run ``/bin/sh -c CMD`` in ``cwd`` with exactly ``env``,
+    in a process group of its own (its id added to ``group_ids``), killed when the client
+    goes; ``on_exit`` gets the exit status before the client does."""
+    assert process.command is not None
+    proc = await asyncio.create_subprocess_exec(
+        "/bin/sh",
+        "-c",
+        process.command,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+    )
+    group_ids.append(proc.pid)
+    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+    assert stdin is not None
+    assert stdout is not None
+    assert stderr is not None
+    watcher = asyncio.ensure_future(_kill_when_closed(process, proc))
+    # Input is copied by hand: asyncssh's redirect to a pipe can lose data when the
+    # client's EOF arrives first (asyncio's write pipe transport, Python 3.11).
+    pump = asyncio.ensure_future(_pump(process.stdin, stdin))
+    # Output too: under backpressure, asyncssh's redirect from a pipe can start a second
+    # reader of it, which drops the whole connection. No EOF when stdout ends: it would
+    # end stderr too; the exit status closes all.
+    outputs: list[asyncio.Future[None]] = []
+    try:
+        await process.redirect(stdout=stdout, stderr=stderr, send_eof=False)
+        status = await proc.wait()
+        if on_exit is not None:
+            on_exit(status)
+        await _report_exit(process, status)
+    finally:
+        pump.cancel()
+        for output in outputs:
+            output.cancel()
+        process.close()  # a no-op once the exit status closed it
+        await watcher
 
 
 async def _pump(source: asyncssh.SSHReader[bytes], stdin: asyncio.StreamWriter) -> None:
@@ -196,6 +225,14 @@ async def _pump(source: asyncssh.SSHReader[bytes], stdin: asyncio.StreamWriter) 
             stdin.write(data)
             await stdin.drain()
     stdin.close()
+
+
+async def _pump_out(source: asyncio.StreamReader, sink: asyncssh.SSHWriter[bytes]) -> None:
+    """Copy the process's output to the client until EOF or until the client is gone."""
+    with contextlib.suppress(ConnectionError, asyncssh.Error):
+        while data := await source.read(_CHUNK):
+            sink.write(data)
+            await sink.drain()
 
 
 async def _report_exit(process: asyncssh.SSHServerProcess[bytes], status: int) -> None:
@@ -217,10 +254,10 @@ async def _kill_when_closed(
     """The client went away (or the process ended): kill what is left of it."""
     await process.wait_closed()
     if proc.returncode is None:
-        _kill_group(proc.pid)
+        kill_group(proc.pid)
 
 
-def _kill_group(group_id: int) -> None:
+def kill_group(group_id: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(group_id, signal.SIGKILL)
 

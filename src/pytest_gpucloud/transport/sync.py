@@ -101,6 +101,8 @@ class Entry(NamedTuple):
 
 
 Manifest = dict[str, Entry]
+# mirrored path -> (local path, lstat)
+_Files = Mapping[str, "tuple[str, os.stat_result]"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,12 @@ def list_files(root: Path) -> list[str]:
     are listed, never followed, and left out when they point out of the tree (the receiver
     would refuse them); a ``.gpucloud`` folder (local artifacts) never is listed.
     """
+    return sorted(_listed(root))
+
+
+def _listed(root: Path) -> _Files:
+    """:func:`list_files`' selection, each with its path and lstat (one lstat per file, on
+    plain strings: a Path per file would cost more than the lstat)."""
     try:
         done = subprocess.run(
             ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -138,29 +146,38 @@ def list_files(root: Path) -> list[str]:
         return _walk(root)
     if done.returncode != 0:
         return _walk(root)
-    names = {os.fsdecode(n) for n in done.stdout.split(b"\0") if n}
-    return sorted(n for n in names if ".gpucloud" not in n.split("/") and _is_listable(root, n))
+    base = os.fspath(root)
+    found: dict[str, tuple[str, os.stat_result]] = {}
+    for raw in done.stdout.split(b"\0"):
+        name = os.fsdecode(raw)
+        if name and ".gpucloud" not in name.split("/"):
+            _add_listable(found, base, name)
+    return found
 
 
-def _is_listable(root: Path, name: str) -> bool:
-    # Skips deleted-but-tracked files and folders (submodules, nested repositories).
+def _add_listable(found: dict[str, tuple[str, os.stat_result]], base: str, name: str) -> None:
+    """Add a file or an in-tree link; skip anything else (deleted-but-tracked files,
+    folders such as submodules and nested repositories)."""
+    path = os.path.join(base, name)
     try:
-        mode = (root / name).lstat().st_mode
+        st = os.lstat(path)
     except OSError:
-        return False
-    return stat.S_ISREG(mode) or (stat.S_ISLNK(mode) and _link_stays_inside(root, name))
+        return
+    if stat.S_ISREG(st.st_mode) or (stat.S_ISLNK(st.st_mode) and _link_stays_inside(path, name)):
+        found[name] = (path, st)
 
 
-def _link_stays_inside(root: Path, name: str) -> bool:
-    target = os.readlink(root / name)
+def _link_stays_inside(path: str, name: str) -> bool:
+    target = os.readlink(path)
     if os.path.isabs(target):
         return False
     resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
     return resolved != ".." and not resolved.startswith("../")
 
 
-def _walk(root: Path) -> list[str]:
-    found: list[str] = []
+def _walk(root: Path) -> _Files:
+    base = os.fspath(root)
+    found: dict[str, tuple[str, os.stat_result]] = {}
     pending = [""]
     while pending:
         prefix = pending.pop()
@@ -170,16 +187,18 @@ def _walk(root: Path) -> list[str]:
                 if item.is_dir(follow_symlinks=False):
                     if item.name not in _SKIP_DIRS:
                         pending.append(name + "/")
-                elif not item.name.endswith(_SKIP_SUFFIXES) and _is_listable(root, name):
-                    found.append(name)
-    return sorted(found)
+                elif not item.name.endswith(_SKIP_SUFFIXES):
+                    _add_listable(found, base, name)
+    return found
 
 
 def build_manifest(root: Path, files: Iterable[str], previous: Manifest | None = None) -> Manifest:
     """Entries for ``files`` under ``root``; digests of ``previous`` are reused where size and
     mtime_ns are unchanged. Files that vanished or are no longer files or links are left out.
     """
-    return _digest_all(_stat_all({name: root / name for name in files}), previous or {})
+    return _digest_all(
+        _stat_all({name: os.path.join(root, name) for name in files}), previous or {}
+    )
 
 
 def diff(old: Manifest, new: Manifest) -> tuple[list[str], list[str]]:
@@ -287,20 +306,15 @@ async def _send(stdin: SSHWriter[bytes], chunks: Iterator[bytes]) -> int | None:
     return sent
 
 
-_Files = Mapping[str, "tuple[Path, os.stat_result]"]
-
-
 def _scan(root: Path, extra: dict[str, Path]) -> _Files:
-    sources = {name: root / name for name in list_files(root)}
-    sources.update(extra)
-    return _stat_all(sources)
+    return {**_listed(root), **_stat_all({name: os.fspath(path) for name, path in extra.items()})}
 
 
-def _stat_all(sources: Mapping[str, Path]) -> _Files:
+def _stat_all(sources: Mapping[str, str]) -> _Files:
     files = {}
     for name, path in sources.items():
         try:
-            st = path.lstat()
+            st = os.lstat(path)
         except OSError:
             continue
         if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
@@ -343,7 +357,7 @@ def _sha1(data: bytes) -> str:
     return hashlib.sha1(data, usedforsecurity=False).hexdigest()
 
 
-def _file_digest(path: Path) -> str:
+def _file_digest(path: str) -> str:
     h = hashlib.sha1(usedforsecurity=False)
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -376,7 +390,8 @@ def _tar_chunks(
             continue
         with open(path, "rb") as f:
             head = f.read(_PROBE)
-            compress = path.suffix.lower() not in _STORED and _compressible(head)
+            suffix = os.path.splitext(path)[1].lower()
+            compress = suffix not in _STORED and _compressible(head)
             if entry.size > _PACK_MAX and (not compress or entry.size > _INLINE_MAX):
                 out += _header(info, entry.size) + head
                 yield bytes(out)

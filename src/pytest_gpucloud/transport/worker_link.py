@@ -1,10 +1,22 @@
-"""The local end of one instance's long-lived remote pytest session (``remote/worker.py``)."""
+"""The local end of one instance's long-lived remote pytest session (``remote/worker.py``).
+
+Read-ahead: a round trip per test would cost every test the latency of the SSH channel and
+three processes' wake-ups (on a real network, a whole RTT). When the caller names the tests
+that follow (``ahead``) and the last test was quick (under ``READ_AHEAD_BELOW_S``), their
+``run`` frames go out before this test's results are in, up to ``READ_AHEAD`` of them; the
+worker runs them back to back and their results wait in the channel until asked for. Runs
+asked for out of that order are still right: the runs in flight are first taken and
+dropped (they ran, as xdist's pre-sent tests do). Slow tests are never read ahead of, so
+an interrupted session makes the worker run at most a few quick tests more.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import shlex
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,10 +24,43 @@ import asyncssh
 import pytest
 
 from pytest_gpucloud.errors import RemoteError
-from pytest_gpucloud.remote.protocol import PROTOCOL_VERSION, Message, decode, encode
+from pytest_gpucloud.remote.protocol import (
+    PROTOCOL_VERSION,
+    TIMEOUT_EXIT,
+    Message,
+    decode,
+    encode,
+)
 
 REMOTE_PACKAGE = "gpucloud_remote"
 _CHUNK = 256 * 1024
+# How much longer than a test's time limit this side waits for the worker to stop itself.
+TIMEOUT_GRACE_S = 5.0
+READ_AHEAD = 8
+READ_AHEAD_BELOW_S = 0.05
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One ``run`` frame: the test, the test after it on this worker, its limit and env,
+    and its datasets (presigned, see data.py)."""
+
+    nodeid: str
+    nextid: str | None
+    timeout: float
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # values are never shown
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def frame(self) -> bytes:
+        extra = {"data": self.data} if self.data else {}
+        return encode(
+            "run",
+            nodeid=self.nodeid,
+            nextid=self.nextid,
+            timeout=self.timeout,
+            env=self.env,
+            **extra,
+        )
 
 
 @dataclass
@@ -26,6 +71,9 @@ class TestRun:
     reports: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[Message] = field(default_factory=list)
     missing: bool = False
+    seconds: float = 0.0  # how long the caller waited for it (less when read ahead)
+    artifacts: Message | None = None  # its ``artifacts`` frame: it wrote to gpu_artifacts
+    data: list[Message] = field(default_factory=list)  # its ``data`` frames
 
 
 @dataclass
@@ -36,6 +84,8 @@ class Collection:
     errors: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[Message] = field(default_factory=list)
     count: int = 0
+    start_s: float = 0.0  # from the exec to the worker's hello
+    collect_s: float = 0.0  # from the start frame to ``collected``
 
 
 class _Frames:
@@ -63,6 +113,9 @@ class WorkerLink:
         self._frames = _Frames(process.stdout)
         self._stderr: collections.deque[bytes] = collections.deque(maxlen=60)
         self._drain = asyncio.ensure_future(self._drain_stderr())
+        # Runs sent whose results were not taken yet, in the worker's order.
+        self._in_flight: collections.deque[RunSpec] = collections.deque()
+        self._quick = False  # the last test ran quickly enough to read ahead of the next
 
     @classmethod
     async def start(
@@ -74,16 +127,24 @@ class WorkerLink:
         package_dir: str,
         start: Message,
         timeout: float,
+        wrap: Callable[[str], str] | None = None,
     ) -> tuple[WorkerLink, Collection]:
-        """Start the worker in ``workspace`` and wait until it has collected."""
+        """Start the worker in ``workspace`` and wait until it has collected.
+
+        ``wrap``: turns the worker's shell command line into the one to run (a container
+        runtime's, see :meth:`pytest_gpucloud.runtime.Runtime.wrap`).
+        """
         command = (
             f"cd {shlex.quote(workspace)} && PYTHONPATH={shlex.quote(package_dir)} "
             f"exec python3 -m {REMOTE_PACKAGE}"
         )
+        if wrap is not None:
+            command = wrap(command)
+        started = time.perf_counter()
         process = await conn.create_process(command, encoding=None)
         link = cls(instance_id, process)
         try:
-            collection = await asyncio.wait_for(link._handshake(start), timeout)
+            collection = await asyncio.wait_for(link._handshake(start, started), timeout)
         except asyncio.TimeoutError:
             link.kill()
             raise RemoteError(
@@ -95,18 +156,20 @@ class WorkerLink:
             raise
         return link, collection
 
-    async def _handshake(self, start: Message) -> Collection:
+    async def _handshake(self, start: Message, started: float) -> Collection:
         hello = await self._expect_frame("starting")
         if hello.get("type") != "hello":
             raise self._lost("starting", f"first frame was {hello.get('type')!r}")
         _check_versions(hello, self.instance_id)
+        collection = Collection(hello=hello, start_s=time.perf_counter() - started)
+        started = time.perf_counter()
         await self._send(encode("start", **start))
-        collection = Collection(hello=hello)
         while True:
             frame = await self._expect_frame("collecting")
             kind = frame["type"]
             if kind == "collected":
                 collection.count = int(frame.get("count", 0))
+                collection.collect_s = time.perf_counter() - started
                 return collection
             if kind == "collectreport":
                 collection.errors.append(frame["report"])
@@ -115,18 +178,71 @@ class WorkerLink:
             elif kind == "crashed":
                 raise self._lost("collecting", str(frame.get("message", "")))
 
-    async def run(self, nodeid: str, nextid: str | None, timeout: float) -> TestRun:
-        """Run one test; raise RemoteError if the worker dies or the test outlives ``timeout``."""
-        await self._send(encode("run", nodeid=nodeid, nextid=nextid))
+    async def run(
+        self,
+        nodeid: str,
+        nextid: str | None,
+        timeout: float,
+        env: dict[str, str] | None = None,
+        ahead: Sequence[RunSpec] = (),
+        data: dict[str, Any] | None = None,
+    ) -> TestRun:
+        """Run one test; raise RemoteError if the worker dies or the test outlives ``timeout``.
+
+        ``env``: environment variables for this test; their values travel in the run frame
+        only. The worker stops itself at ``timeout``; if it cannot, this side gives up on it
+        a little later. ``ahead``: the runs expected next on this worker, in order, which
+        may be sent now (see the module docstring). ``data``: the test's datasets.
+        """
+        started = time.perf_counter()
+        spec = RunSpec(nodeid, nextid, timeout, env or {}, data or {})
+        if self._in_flight and self._in_flight[0] != spec:
+            await self._drop_in_flight()
+        if not self._in_flight:
+            await self._send(spec.frame())
+            self._in_flight.append(spec)
+        if self._quick and ahead:
+            await self._send_ahead(ahead)
+        run = await self._result(spec)
+        run.seconds = time.perf_counter() - started
+        self._quick = sum(r.get("duration", 0.0) for r in run.reports) < READ_AHEAD_BELOW_S
+        return run
+
+    async def _send_ahead(self, ahead: Sequence[RunSpec]) -> None:
+        sent = list(self._in_flight)[1:]
+        if list(ahead[: len(sent)]) != sent:
+            return  # the caller's plan changed; what is in flight is dropped when reached
+        for spec in ahead[len(sent) : READ_AHEAD]:
+            await self._send(spec.frame())
+            self._in_flight.append(spec)
+
+    async def _drop_in_flight(self) -> None:
+        """Take and drop the results of runs sent ahead that the caller did not ask for."""
+        while self._in_flight:
+            await self._result(self._in_flight[0])
+
+    async def _result(self, spec: RunSpec) -> TestRun:
+        """The results of the oldest run in flight, ``spec``."""
         try:
-            return await asyncio.wait_for(self._collect_run(nodeid), timeout)
+            return await asyncio.wait_for(
+                self._collect_run(spec.nodeid), spec.timeout + TIMEOUT_GRACE_S
+            )
         except asyncio.TimeoutError:
             self.kill()
-            raise RemoteError(
-                f"{nodeid} exceeded its time limit of {timeout:g} s on instance "
-                f"{self.instance_id}; the remote worker was stopped (raise it with "
-                "--gpu-timeout or gpu(timeout=...))"
-            ) from None
+            raise self._timed_out(spec.nodeid, spec.timeout) from None
+        except RemoteError:
+            if self._process.exit_status == TIMEOUT_EXIT:
+                raise self._timed_out(spec.nodeid, spec.timeout) from None
+            raise
+        finally:
+            self._in_flight.popleft()
+
+    def _timed_out(self, nodeid: str, timeout: float) -> RemoteError:
+        return RemoteError(
+            f"{nodeid} exceeded its time limit of {timeout:g} s on instance "
+            f"{self.instance_id}; the remote worker was stopped (raise the limit with "
+            f"--gpu-timeout or gpu(timeout=...)){self._last_output()}"
+        )
 
     async def _collect_run(self, nodeid: str) -> TestRun:
         run = TestRun(nodeid)
@@ -137,6 +253,10 @@ class WorkerLink:
                 run.reports.append(frame["report"])
             elif kind == "warning":
                 run.warnings.append(frame)
+            elif kind == "artifacts":
+                run.artifacts = frame
+            elif kind == "data":
+                run.data.append(frame)
             elif kind == "done":
                 return run
             elif kind == "missing":
@@ -149,7 +269,7 @@ class WorkerLink:
         """Ask the worker to finish its session (session fixtures torn down), then wait."""
         if self._process.exit_status is None:
             try:
-                await self._send(encode("shutdown"))
+                await self._send(encode("shutdown", skip_waiting=True))
                 self._process.stdin.write_eof()
                 await asyncio.wait_for(self._process.wait_closed(), timeout)
             except (asyncio.TimeoutError, OSError, asyncssh.Error, RemoteError):
@@ -176,16 +296,24 @@ class WorkerLink:
             raise self._lost(doing, f"garbled output ({exc})") from None
         if frame is None:
             await asyncio.sleep(0.05)  # let the exit status arrive
-            status = self._process.exit_status
-            raise self._lost(doing, "it exited" if status is None else f"exit status {status}")
+            raise self._lost(doing, self._how_it_ended())
         return frame
 
+    def _how_it_ended(self) -> str:
+        if self._process.exit_signal is not None:
+            return f"it was killed by SIG{self._process.exit_signal[0]}"
+        status = self._process.exit_status
+        return "it exited" if status is None else f"exit status {status}"
+
     def _lost(self, doing: str, why: str) -> RemoteError:
-        tail = b"".join(self._stderr).decode(errors="replace").strip().splitlines()[-8:]
-        shown = ("; its last output:\n" + "\n".join(tail)) if tail else ""
         return RemoteError(
-            f"the remote worker on instance {self.instance_id} stopped while {doing}: {why}{shown}"
+            f"the remote worker on instance {self.instance_id} stopped while {doing}: "
+            f"{why}{self._last_output()}"
         )
+
+    def _last_output(self) -> str:
+        tail = b"".join(self._stderr).decode(errors="replace").strip().splitlines()[-8:]
+        return ("; its last output:\n" + "\n".join(tail)) if tail else ""
 
     async def _drain_stderr(self) -> None:
         # The worker's own terminal output goes to stderr; keep reading it so it never

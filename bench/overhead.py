@@ -1,0 +1,297 @@
+"""Per-test overhead of remote execution, memory at scale, and the start of a session.
+
+Per-test overhead (issue 2: 200 tests, target 5 ms; issue 8: 200, 2,000 and 20,000 tests,
+target 2 ms at every size). The same trivial tests (``def test_t(i): pass``, parametrized)
+run twice, each in a pytest process of its own: with ``--gpu-cloud`` on one sim instance
+(the sim in a process of its own, see simcloud.py), and locally with the plugin off. A
+conftest in the project times each run from its first ``pytest_runtest_logstart`` to its
+last ``pytest_runtest_logfinish``, which leaves out start-up, collection and instance boot
+(the first remote test is replayed only once its instance is up). The overhead per test
+is ``(remote span - local span) / tests``.
+
+Peak RSS (issue 8: at most 150 MB at 20,000 tests): the ``ru_maxrss`` of the remote run's
+pytest process (``os.wait4``), against the local run's.
+
+Session start (issue 8: at most 1.0 s): a project of the sync benchmark's shape (2,000 files,
+58 MB) with one trivial gpu test, run with ``--gpu-report``; from the instance being up and
+reachable to the first remote result: connect, sync, worker start, collection, first test,
+from the machine's phase timings.
+
+Profile: the 20,000-test run once more under pyinstrument, summarised in the notes.
+
+Run: ``python bench/overhead.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from simcloud import SimProcess
+from sync import make_tree
+
+SIZES = (200, 2_000, 20_000)
+ISSUE2_TARGET_MS = 5.0
+SCALE_TARGET_MS = 2.0
+RSS_TARGET_MB = 150.0
+START_TARGET_S = 1.0
+PROFILE_SIZE = 20_000
+START_REPEATS = 3
+PHASES = ("connect", "sync", "prepare", "worker_start", "collect", "first_test")
+NOTES: list[str] = []
+
+CONFTEST = """
+import json
+import os
+import time
+
+_SPAN = {"tests": 0}
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _SPAN.setdefault("first", time.perf_counter())
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _SPAN["last"] = time.perf_counter()
+    _SPAN["tests"] += 1
+
+
+def pytest_sessionfinish(session):
+    out = os.environ.get("BENCH_SPAN")
+    if out and "last" in _SPAN:
+        with open(out, "w") as f:
+            json.dump({"tests": _SPAN["tests"], "span": _SPAN["last"] - _SPAN["first"]}, f)
+"""
+
+INI = """[pytest]
+markers =
+    gpu: run on a GPU instance (the plugin is off in the local runs)
+"""
+
+
+def make_project(root: Path) -> None:
+    """The trivial tests, one file per size, every test marked for a T4."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pytest.ini").write_text(INI)
+    (root / "conftest.py").write_text(CONFTEST)
+    for size in SIZES:
+        (root / f"test_n{size}.py").write_text(
+            textwrap.dedent(f"""\
+            import pytest
+
+
+            @pytest.mark.gpu("T4")
+            @pytest.mark.parametrize("i", range({size}))
+            def test_t(i):
+                pass
+            """)
+        )
+
+
+class Session:
+    """One pytest process in ``root``: its span, test count and peak RSS."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root = root
+        self.env = env
+
+    def run(self, args: list[str], *, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+        span_file = self.root / ".span.json"
+        span_file.unlink(missing_ok=True)
+        log = self.root / ".log.txt"
+        command = [*prefix, *self._python(prefix), "-p", "no:cacheprovider", "-q", *args]
+        started = time.perf_counter()
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                command,
+                cwd=self.root,
+                env={**self.env, "BENCH_SPAN": str(span_file)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+            raise RuntimeError(f"{' '.join(command)} failed:\n" + "\n".join(tail))
+        result: dict[str, Any] = json.loads(span_file.read_text())
+        result["rss_mb"] = usage.ru_maxrss / 1024
+        result["cpu"] = usage.ru_utime + usage.ru_stime
+        result["wall"] = wall
+        result["log"] = log.read_text(errors="replace")
+        return result
+
+    @staticmethod
+    def _python(prefix: tuple[str, ...]) -> list[str]:
+        return ["-m", "pytest"] if prefix else [sys.executable, "-m", "pytest"]
+
+
+def _remote_args(report: Path | None = None) -> list[str]:
+    args = ["--gpu-cloud", "--gpu-provider", "rest"]
+    return [*args, "--gpu-report", str(report)] if report else args
+
+
+def scale(sim: SimProcess, root: Path) -> tuple[list[dict[str, Any]], dict[int, float]]:
+    session = Session(root, sim.env())
+    rows: list[dict[str, Any]] = []
+    overheads: dict[int, float] = {}
+    cpu: dict[int, tuple[float, float]] = {}  # size -> (remote: all processes, local)
+    for size in SIZES:
+        local = session.run(["-p", "no:gpucloud", f"test_n{size}.py"])
+        sim_cpu = sim.cpu_seconds()
+        remote = session.run([*_remote_args(), f"test_n{size}.py"])
+        cpu[size] = (remote["cpu"] + sim.cpu_seconds() - sim_cpu, local["cpu"])
+        assert remote["tests"] == local["tests"] == size, (remote["tests"], local["tests"])
+        remote_ms = remote["span"] * 1000 / size
+        local_ms = local["span"] * 1000 / size
+        overhead = remote_ms - local_ms
+        overheads[size] = overhead
+        print(
+            f"overhead: {size:>6,} tests: remote {remote_ms:.3f} ms/test, local "
+            f"{local_ms:.3f} ms/test, overhead {overhead:.3f} ms/test; peak RSS remote "
+            f"{remote['rss_mb']:.0f} MB, local {local['rss_mb']:.0f} MB",
+            flush=True,
+        )
+        target = ISSUE2_TARGET_MS if size == 200 else SCALE_TARGET_MS
+        rows.append(
+            {
+                "name": f"per-test overhead of remote execution, {size:,} trivial tests "
+                "(value: remote ms/test; baseline: local ms/test)",
+                "value": round(remote_ms, 3),
+                "baseline": round(local_ms, 3),
+                "ratio": round(remote_ms / local_ms, 2),
+                "target": f"overhead {overhead:.2f} ms <= {SCALE_TARGET_MS:g} ms"
+                + (f" (issue 2: {ISSUE2_TARGET_MS:g} ms)" if size == 200 else ""),
+                "ok": overhead <= min(target, SCALE_TARGET_MS),
+                "unit": "ms",
+            }
+        )
+        if size == SIZES[-1]:
+            rows.append(
+                {
+                    "name": f"peak RSS of the local pytest process, {size:,} remote tests "
+                    "(baseline: the same tests run locally)",
+                    "value": round(remote["rss_mb"], 1),
+                    "baseline": round(local["rss_mb"], 1),
+                    "ratio": round(remote["rss_mb"] / local["rss_mb"], 2),
+                    "target": f"<= {RSS_TARGET_MB:g} MB",
+                    "ok": remote["rss_mb"] <= RSS_TARGET_MB,
+                    "unit": "MB",
+                }
+            )
+    (small, (remote_small, local_small)), (big, (remote_big, local_big)) = (
+        (n, cpu[n]) for n in (SIZES[0], SIZES[-1])
+    )
+    extra = big - small
+    NOTES.append(
+        "CPU time per test, the marginal cost between the smallest and the largest run (start-"
+        "up and collection cancel out; less sensitive to a busy machine than the wall-clock "
+        f"figures): remote {(remote_big - remote_small) * 1000 / extra:.3f} ms (this process, "
+        "the sim's SSH server and the instance's worker together), local "
+        f"{(local_big - local_small) * 1000 / extra:.3f} ms."
+    )
+    return rows, overheads
+
+
+def profile(sim: SimProcess, root: Path) -> None:
+    """The remote 20,000-test run under pyinstrument; its top frames go to the notes."""
+    text = root / ".profile.txt"
+    Session(root, sim.env()).run(
+        [*_remote_args(), f"test_n{PROFILE_SIZE}.py"],
+        prefix=(sys.executable, "-m", "pyinstrument", "-o", str(text)),
+    )
+    lines = text.read_text().splitlines()
+    NOTES.append(
+        f"Profile of the local process, {PROFILE_SIZE:,} remote tests (pyinstrument, main "
+        "thread; the engine thread's waits show as Engine.run):\n\n```\n"
+        + "\n".join(_profile_head(lines))
+        + "\n```"
+    )
+
+
+def _profile_head(lines: list[str], limit: int = 45) -> list[str]:
+    """The profile's header and its heaviest frames, cut at ``limit`` lines."""
+    return [line.rstrip() for line in lines if line.strip()][:limit]
+
+
+def session_start(sim: SimProcess, root: Path) -> dict[str, Any]:
+    """Best of ``START_REPEATS`` sessions of one trivial gpu test in a tree of the sync
+    benchmark's shape; baseline: the same test in a local pytest process, start to exit."""
+    make_tree(root)
+    (root / ".gitignore").write_text(".*.json\n.*.txt\n")  # this benchmark's own files
+    (root / "pytest.ini").write_text(INI)
+    (root / "conftest.py").write_text(CONFTEST)
+    (root / "test_first.py").write_text(
+        'import pytest\n\n\n@pytest.mark.gpu("T4")\ndef test_first():\n    pass\n'
+    )
+    session = Session(root, sim.env())
+    report = root / ".report.json"
+    best: dict[str, Any] | None = None
+    local = []
+    for _ in range(START_REPEATS):
+        session.run([*_remote_args(report), "test_first.py"])
+        (instance,) = json.loads(report.read_text())["instances"]
+        phases = instance["phases"]
+        if best is None or phases["ready_to_first_result"] < best["ready_to_first_result"]:
+            best = phases
+        local.append(session.run(["-p", "no:gpucloud", "test_first.py"])["wall"])
+    assert best is not None
+    total = best["ready_to_first_result"]
+    print(
+        "overhead: session start, ready to first result "
+        f"{total:.3f} s: " + ", ".join(f"{p} {best[p]:.3f}" for p in PHASES),
+        flush=True,
+    )
+    NOTES.append(
+        "Session start, from the instance running and reachable to the first remote result "
+        "(best of 3; the `phases` of the instance in `--gpu-report`; boot itself, "
+        f"{best['boot']:.3f} s on the sim, is not part of it):\n\n"
+        "| phase | seconds |\n|---|---|\n"
+        + "\n".join(f"| {p} | {best[p]:.3f} |" for p in PHASES)
+        + f"\n| **total** | **{total:.3f}** |"
+    )
+    baseline = min(local)
+    return {
+        "name": "session start: instance reachable -> first remote result, 2,000 files / 58 MB "
+        "(baseline: the same test in a local pytest process, start to exit)",
+        "value": round(total, 3),
+        "baseline": round(baseline, 3),
+        "ratio": round(total / baseline, 2),
+        "target": START_TARGET_S,
+        "unit": "s",
+    }
+
+
+def main() -> list[dict[str, Any]]:
+    scratch = Path(tempfile.mkdtemp(prefix="gpucloud-bench-overhead-"))
+    try:
+        root = scratch / "project"
+        make_project(root)
+        with SimProcess() as sim:
+            rows, overheads = scale(sim, root)
+            rows.append(session_start(sim, scratch / "tree"))
+            profile(sim, root)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    flat = max(overheads.values()) - min(overheads.values())
+    NOTES.insert(
+        0,
+        "Per-test overhead by size: "
+        + ", ".join(f"{n:,}: {ms:.2f} ms" for n, ms in overheads.items())
+        + f" (spread {flat:.2f} ms).",
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Read-ahead of quick remote tests (transport/worker_link.py): the runs of the planned next
+tests go out before the current test's results are in, yet every test is reported once,
+with its own outcome, and a session that may stop early sends nothing ahead.
+
+The remote tests append their names to a file outside the workspace (sim instances are
+processes on this machine), so each test can see what ran on the instance and how often.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GpuRun
+
+TESTS = """
+import pytest
+
+pytestmark = pytest.mark.gpu("T4")
+
+
+def ran(name):
+    with open({log!r}, "a") as f:
+        f.write(name + "\\n")
+
+
+@pytest.mark.parametrize("i", range(12))
+def test_q(i):
+    ran(f"q{{i}}")
+    assert i != {failing}
+"""
+
+
+def _project(pytester: pytest.Pytester, *, failing: int = -1) -> Path:
+    log = pytester.path.parent / f"{pytester.path.name}-ran.txt"
+    pytester.makepyfile(test_quick=TESTS.format(log=str(log), failing=failing))
+    return log
+
+
+def _ran(log: Path) -> list[str]:
+    return log.read_text().split()
+
+
+def test_every_test_runs_once_in_order_with_its_own_outcome(
+    gpu_run: GpuRun, pytester: pytest.Pytester
+) -> None:
+    log = _project(pytester, failing=7)
+    result = gpu_run("-v")
+    result.assert_outcomes(passed=11, failed=1)
+    result.stdout.fnmatch_lines(["*test_q?6? PASSED*", "*test_q?7? FAILED*", "*test_q?8? PASSED*"])
+    assert _ran(log) == [f"q{i}" for i in range(12)]
+
+
+def test_exitfirst_sends_nothing_ahead(gpu_run: GpuRun, pytester: pytest.Pytester) -> None:
+    log = _project(pytester, failing=3)
+    result = gpu_run("-x")
+    result.assert_outcomes(passed=3, failed=1)
+    assert _ran(log) == ["q0", "q1", "q2", "q3"], "no test after the failure ran remotely"
+
+
+def test_runs_out_of_the_planned_order_get_their_own_results(
+    gpu_run: GpuRun, pytester: pytest.Pytester
+) -> None:
+    # The plan is made in collection order; this conftest then reverses the run order, so
+    # each run asked for differs from the one read ahead, which is dropped.
+    log = _project(pytester, failing=4)
+    pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.hookimpl(trylast=True)
+        def pytest_collection_finish(session):
+            session.items.reverse()
+        """
+    )
+    result = gpu_run("-v")
+    result.assert_outcomes(passed=11, failed=1)
+    result.stdout.fnmatch_lines(["*test_q?5? PASSED*", "*test_q?4? FAILED*", "*test_q?3? PASSED*"])
+    ran = _ran(log)
+    assert sorted(set(ran)) == sorted(f"q{i}" for i in range(12))
+    assert len(ran) > 12, "runs read ahead by the plan ran, and were dropped"
