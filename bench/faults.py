@@ -289,8 +289,10 @@ def _run_one(index: int, repeat: int) -> Outcome:
         args = [
             *("--gpu-cloud", "--gpu-provider", "rest", "--gpu-api-url", sim.url),
             *("-p", "no:cacheprovider", "--import-mode=importlib", "-q", "-rE"),
-            # Plugins of this venv the sessions do not need (the sim's instances share it).
+            # Plugins of this venv the sessions do not need (the sim's instances share it),
+            # and the gc.collect() of every session end (a pool process has a large heap).
             *("-p", "no:hypothesispytest", "-p", "no:anyio", "-p", "no:xdist"),
+            *("-p", "no:unraisableexception"),
             *(f"--junitxml={project / 'report.xml'}", *scenario.args),
         ]
         os.environ["GPUCLOUD_API_KEY"] = sim.api_key

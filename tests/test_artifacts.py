@@ -31,6 +31,7 @@ def test_pass(gpu_artifacts):
     (gpu_artifacts / "sub").mkdir()
     (gpu_artifacts / "sub" / "result.txt").write_text("passed")
     (gpu_artifacts / "\\u00fcn\\u00ef c\\u00f6de.txt").write_text("unicode")
+    (gpu_artifacts / "lnk").symlink_to("/etc/passwd")
 
 
 def test_fail(gpu_artifacts):
@@ -84,6 +85,7 @@ def test_artifacts_of_passing_failing_and_crashed_tests_come_home(
 
     assert (folder("test_pass") / "sub" / "result.txt").read_text() == "passed"
     assert (folder("test_pass") / "\u00fcn\u00ef c\u00f6de.txt").read_text() == "unicode"
+    assert not (folder("test_pass") / "lnk").exists()
     assert (folder("test_fail") / "log.txt").read_text() == "before the failure"
     assert (folder("test_crash") / "last-words.txt").read_text() == "about to die"
     assert (folder("test_timeout") / "progress.txt").read_text() == "step 1"
@@ -105,6 +107,7 @@ def test_artifacts_of_passing_failing_and_crashed_tests_come_home(
             "*artifacts: 7 test(s), 8 file(s)*",
             f"*test_art.py::test_fail (failed): {folder('test_fail')}",
             f"*test_art.py::test_crash (failed): {folder('test_crash')}",
+            "*test_art.py::test_pass: links and special files stay behind: lnk",
         ]
     )
 

@@ -153,6 +153,15 @@ def test_requests_that_differ_in_count_or_image_never_share() -> None:
     assert hosts(gpu("T4"), t4, gpu("any"), [t4])
 
 
+def test_a_guest_pool_spreads_over_its_hosts_machines_with_the_host_pool() -> None:
+    durations = Durations({"g": 1.0, "h": 1.0}, {"L4": 300.0})
+    result = plan([("g", gpu("24GB+")), ("h", gpu("A100"))], durations, workers=2)
+    assert [(m.offer.gpu.name, m.tests) for m in result.machines] == [
+        ("A100-80GB", ["g"]),
+        ("A100-80GB", ["h"]),
+    ]
+
+
 def test_leads_come_from_known_durations_and_split_over_workers() -> None:
     durations = Durations({"l1": 4.0, "l2": 6.0, "g1": 2.0})
     tests: Tests = [("l1", None), ("l2", None), ("g1", gpu("T4")), ("l3", None), ("g2", gpu("L4"))]
@@ -181,6 +190,11 @@ def test_plan_lines_and_json_show_instances_tests_seconds_and_cost() -> None:
         f"  T4 in eu-west-1 at $0.53/h: 2 test(s), boot 60 s + tests 60 s = 120 s, ${cost:.4f}"
     )
     assert lines[2:4] == ["    a", "    b"]
+    assert result.lines(budget=1.0) == result.lines()
+    assert result.lines(budget=0.01)[-1] == (
+        f"the expected ${cost:.4f} is more than --gpu-budget $0.0100: the tests that would "
+        "pass it will end as errors"
+    )
     data = json.loads(json.dumps(result.to_json()))
     assert data["instances"][0]["tests"] == ["a", "b"]
     assert data["instances"][0]["cost"] == pytest.approx(cost, abs=1e-6)

@@ -149,7 +149,9 @@ def test_lf_reruns_only_remote_failures(gpu_run: GpuRun, pytester: pytest.Pytest
     again = gpu_run("--lf", "-v")
     assert again.parseoutcomes()["failed"] == 1
     assert "passed" not in again.parseoutcomes()
-    again.stdout.fnmatch_lines(["*run-last-failure: rerun previous 1 failure*", "*test_bad FAILED*"])
+    again.stdout.fnmatch_lines(
+        ["*run-last-failure: rerun previous 1 failure*", "*test_bad FAILED*"]
+    )
 
 
 def test_x_stops_after_first_remote_failure(gpu_run: GpuRun, pytester: pytest.Pytester) -> None:

@@ -49,7 +49,7 @@ def test_instance_boots_while_local_tests_run_and_says_so(
     pytester.makepyfile(LOCAL_THEN_GPU.format(locals=5, seconds=0.5))
     before = {i["id"] for i in sim.instances()}
     # no earlier run: jit knows no durations and starts the instance at once
-    result = gpu_run("-v")
+    result = gpu_run("-v", "-rA")
     result.assert_outcomes(passed=6)
     (instance,) = _new(sim, before)
     assert _time(instance["running_at"]) < _local_ended(pytester), "the gpu test waited"
@@ -64,6 +64,8 @@ def test_instance_boots_while_local_tests_run_and_says_so(
         ]
     )
     result.stdout.fnmatch_lines([f"*::test_gpu PASSED [[]{label}[]]*"])
+    # the summary at the end, which tools read, keeps pytest's own form
+    result.stdout.fnmatch_lines(["*short test summary info*", "PASSED test_*.py::test_gpu"])
     # local test lines name no instance
     result.stdout.fnmatch_lines(["*::test_local[[]0[]] PASSED *"])
     result.stdout.no_fnmatch_line("*::test_local*PASSED [[]T4*")

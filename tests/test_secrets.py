@@ -173,3 +173,22 @@ def test_ssh_reads_no_user_config_agent_or_known_hosts_and_writes_no_key(
     )
     gpu_run().assert_outcomes(passed=1)
     assert files_containing(pytester.path, "PRIVATE KEY") == []
+
+
+@pytest.mark.parametrize(
+    ("cli", "ini", "environ"),
+    [
+        (["HF_TOKEN", "WANDB_API_KEY,HF_TOKEN"], None, {}),
+        (None, ["HF_TOKEN", "WANDB_API_KEY"], {}),
+        (None, ["OTHER"], {"GPUCLOUD_ENV": "WANDB_API_KEY, HF_TOKEN"}),
+    ],
+)
+def test_allow_list_comes_from_option_ini_or_environment(
+    cli: list[str] | None, ini: list[str] | None, environ: dict[str, str]
+) -> None:
+    settings = resolve(
+        lambda dest: cli if dest == "gpu_cloud_opt_env" else None,
+        lambda name: ini if name == "gpu_cloud_env" else None,
+        environ,
+    )
+    assert settings.env == ("HF_TOKEN", "WANDB_API_KEY")

@@ -48,13 +48,15 @@ def new_run_id() -> str:
 @dataclass
 class TestArtifacts:
     """What came home of one test's folder. ``left``: ``(name, size)`` over the size cap;
-    ``error``: why it could not come (entirely)."""
+    ``skipped``: links and special files, which never travel; ``error``: why it could not
+    come (entirely)."""
 
     nodeid: str
     path: Path
     files: int = 0
     bytes: int = 0
     left: list[tuple[str, int]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
     error: str | None = None
     s3_url: str | None = None
     upload_error: str | None = None
@@ -124,6 +126,8 @@ class ArtifactStore:
                 record.path.rmdir()
             return
         record.files, record.bytes, record.left = pulled.files, pulled.bytes, pulled.left
+        skipped = pulled.skipped if listed is None else _pairs(frame, "skipped")
+        record.skipped = [str(name) for name, _ in skipped]
         if pulled.refused:
             names = ", ".join(name for name, _ in pulled.refused[:SHOWN])
             record.error = f"refused files instance {machine.id} sent for {nodeid}: {names}"
@@ -171,12 +175,9 @@ class ArtifactStore:
         return properties
 
     def _left_text(self, record: TestArtifacts) -> str:
-        shown = ", ".join(f"{name} ({format_size(size)})" for name, size in record.left[:SHOWN])
-        more = f" and {len(record.left) - SHOWN} more" if len(record.left) > SHOWN else ""
-        return (
-            f"over --gpu-artifacts-max {format_size(self.max_bytes)}, left on the instance: "
-            f"{shown}{more}"
-        )
+        cap = format_size(self.max_bytes)
+        left = _some([f"{name} ({format_size(size)})" for name, size in record.left])
+        return f"over --gpu-artifacts-max {cap}, left on the instance: {left}"
 
     def summary_lines(self, failed: Iterable[str]) -> list[tuple[str, bool]]:
         """Lines for the terminal summary, each with whether it is a warning."""
@@ -204,6 +205,9 @@ class ArtifactStore:
         for record in records:
             if record.left:
                 lines.append((f"  {record.nodeid}: {self._left_text(record)}", True))
+            if record.skipped:
+                what = f"links and special files stay behind: {_some(record.skipped)}"
+                lines.append((f"  {record.nodeid}: {what}", True))
             for problem in (record.error, record.upload_error):
                 if problem:
                     lines.append((f"  gpu-cloud: {problem.removeprefix('gpu-cloud: ')}", True))
@@ -212,15 +216,27 @@ class ArtifactStore:
 
 def _listed(frame: Message | None) -> list[tuple[str, int]] | None:
     """The files an ``artifacts`` frame lists, if it lists them well."""
-    listed = frame.get("list") if frame is not None else None
-    if not isinstance(listed, list):
+    if frame is None or not isinstance(frame.get("list"), list):
         return None
-    files = []
-    for entry in listed:
-        if not (isinstance(entry, list) and len(entry) == 2):
-            return None
-        name, size = entry
-        if not isinstance(name, str) or not isinstance(size, int) or size < 0:
-            return None
-        files.append((name, size))
-    return files
+    listed = [
+        (name, size) for name, size in _pairs(frame, "list") if isinstance(size, int) and size >= 0
+    ]
+    return listed if len(listed) == len(frame["list"]) else None
+
+
+def _some(names: list[str]) -> str:
+    """``a, b, c and 4 more``."""
+    more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+    return ", ".join(names[:SHOWN]) + more
+
+
+def _pairs(frame: Message | None, key: str) -> list[tuple[str, object]]:
+    """The well-formed ``[name, value]`` entries of a frame's list ``key``."""
+    entries = frame.get(key) if frame is not None else None
+    if not isinstance(entries, list):
+        return []
+    return [
+        (entry[0], entry[1])
+        for entry in entries
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+    ]

@@ -117,6 +117,7 @@ class Controller:
         # nodeid -> the machine label its remote test ran on, for -v lines
         self._ran_on: dict[str, str] = {}
         self._session: pytest.Session | None = None
+        self._session_ended = False
         self.infra_errors = 0
         # The process that owns the instances deletes them, whatever ends the session.
         self._interrupts = None if handoff else Interrupts(self._shutdown)
@@ -290,11 +291,8 @@ class Controller:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> bool | None:
-        """--gpu-plan: the plan is made; no test runs, local or remote. (xdist's controller
-        runs its loop: its workers, which own the items, run none.)"""
-        if self.settings.plan and not self.config.pluginmanager.hasplugin("dsession"):
-            return True
-        return None
+        """--gpu-plan: the plan is made; no test runs, local or remote."""
+        return True if self.settings.plan else None
 
     @pytest.hookimpl(trylast=True)  # after the terminal has finished the test's line
     def pytest_runtest_logfinish(self) -> None:
@@ -319,10 +317,13 @@ class Controller:
     def pytest_report_teststatus(
         self, report: pytest.TestReport | pytest.CollectReport, config: pytest.Config
     ) -> Generator[None, Any, Any]:
-        """In -v lines, a remote test's word names where it ran: ``PASSED [T4 i-3f2a]``."""
+        """In -v lines, a remote test's word names where it ran: ``PASSED [T4 i-3f2a]``
+        (not in the summary at the end, which tools read)."""
         status = yield
         where = getattr(report, "gpu_instance", None)
-        if not where or config.get_verbosity() <= 0 or not status or not status[2]:
+        if not where or self._session_ended or config.get_verbosity() <= 0 or not status:
+            return status
+        if not status[2]:
             return status
         category, letter, word = status
         if isinstance(word, tuple):
@@ -330,6 +331,7 @@ class Controller:
         return category, letter, f"{word} [{where}]"
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self._session_ended = True
         self._shutdown()
         self._write_progress()
         if self.fleet is not None and not self.in_xdist_worker:
@@ -365,7 +367,7 @@ class Controller:
         planned = self.fleet.planned
         if self.settings.plan and planned is not None:
             verbose = self.config.get_verbosity() > 0
-            for line in planned.lines(verbose=verbose):
+            for line in planned.lines(verbose=verbose, budget=self.settings.budget):
                 terminalreporter.write_line(line)
             terminalreporter.write_line("--gpu-plan: no instance was created and no test ran")
             return
@@ -435,9 +437,8 @@ class Controller:
 
 
 def _xdist_workers(config: pytest.Config) -> int:
-    """How many xdist workers run tests at once (1 without xdist)."""
-    if getattr(config.option, "dist", "no") == "no":
-        return 1
+    """How many xdist workers run tests at once (1 without xdist); --gpu-plan, which turns
+    xdist off, plans for the workers asked for."""
     return max(1, int(getattr(config.option, "numprocesses", None) or 1))
 
 

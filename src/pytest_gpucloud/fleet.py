@@ -217,6 +217,8 @@ class Fleet:
             self._after_change()
         if machine.tests_run == 0:
             machine.phases.first_test = run.seconds
+        self.read_ahead.pop(nodeid, None)
+        self._specs.pop(nodeid, None)
         machine.tests_run += 1
         machine.state = MachineState.READY
         use.promise = nextid

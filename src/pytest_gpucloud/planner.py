@@ -86,7 +86,7 @@ class Plan:
     def seconds(self) -> float:
         return sum(m.seconds for m in self.machines)
 
-    def lines(self, *, verbose: bool = False) -> list[str]:
+    def lines(self, *, verbose: bool = False, budget: float | None = None) -> list[str]:
         """The plan for the terminal; ``verbose`` lists every test."""
         lines = [
             f"plan: {len(self.machines)} instance(s), {self.seconds:.0f} s expected, "
@@ -104,6 +104,11 @@ class Plan:
                 lines.append(f"    ... {len(machine.tests) - len(shown)} more (-v lists all)")
         lines += [f"  no instance: {nodeid}: {why}" for nodeid, why in self.unplaceable.items()]
         lines.append(f"local tests: {self.local_tests}")
+        if budget is not None and self.cost > budget:
+            lines.append(
+                f"the expected ${self.cost:.4f} is more than --gpu-budget ${budget:.4f}: the "
+                "tests that would pass it will end as errors"
+            )
         return lines
 
     def to_json(self) -> dict[str, Any]:
@@ -162,10 +167,13 @@ def make_plan(
             lead = leads[pools[pool][0]]
             machines[pool] = [PlannedMachine(pool, offer, boot, lead) for _ in range(count)]
             plan.machines += machines[pool]
+    placed: dict[GpuRequest, int] = {}  # host pool -> tests placed on its machines so far
     for pool in own:
-        targets = machines[hosted.get(pool, pool)]
-        for index, nodeid in enumerate(pools[pool]):
-            target = targets[index % len(targets)]
+        host = hosted.get(pool, pool)
+        targets = machines[host]
+        for nodeid in pools[pool]:
+            target = targets[placed.get(host, 0) % len(targets)]
+            placed[host] = placed.get(host, 0) + 1
             target.tests.append(nodeid)
             target.work_s += costs.durations.test_s(nodeid)
             target.lead_s = min(target.lead_s, leads[nodeid])

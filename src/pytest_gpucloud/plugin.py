@@ -97,6 +97,9 @@ def pytest_configure(config: pytest.Config) -> None:
     controller = Controller(config, settings, provider, handoff)
     config.stash[CONTROLLER_KEY] = controller
     config.pluginmanager.register(controller, "gpucloud-controller")
+    if settings.plan and workerinput is None:
+        # --gpu-plan runs no test, so it starts no xdist worker (xdist configures after us)
+        config.option.dist = "no"
     if workerinput is None and config.pluginmanager.hasplugin("xdist"):
         xdist_hooks = XdistControllerHooks(controller)
         config.stash[XDIST_HOOKS_KEY] = xdist_hooks

@@ -160,6 +160,15 @@ class _Shared:
         self._item = item
         self._keywords: dict[str, Any] | None = None
 
+    def adopt(self, report: pytest.TestReport) -> None:
+        """Give the report its item's parsed nodeid (pytest >= 9 keeps one per node and
+        parses a string into a new one for each report)."""
+        parsed = getattr(self._item, "_id", None)
+        if isinstance(parsed, str) or not hasattr(report, "_id"):
+            return
+        if parsed is not None and report.nodeid == self._item.nodeid:
+            report._id = parsed
+
     def apply(self, data: dict[str, Any]) -> None:
         item = self._item
         if data.get("nodeid") == item.nodeid:
@@ -220,6 +229,11 @@ def _replay(
     if "teardown" not in outcomes:
         log(_local_report(item, "teardown", "passed", None))
     ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    # What pytest's runner does after a test (runtestprotocol): the item's fixture request
+    # is not needed again, and 20,000 items would each keep theirs.
+    if hasattr(item, "_request"):
+        item._request = False
+        item.funcargs = None  # type: ignore[attr-defined]
 
 
 def replay_test(
@@ -251,6 +265,7 @@ def replay_test(
         report = _load_report(item.config, _unwrap(frame, "report"), paths, shared)
         if not isinstance(report, pytest.TestReport):
             raise ValueError(f"{item.nodeid}: expected a test report, got {type(report)}")
+        shared.adopt(report)
         reports.append(report)
     _replay(item, reports, lost, properties)
     for frame in warning_frames:

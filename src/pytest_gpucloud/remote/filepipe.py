@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     FileEntry = tuple[str, str, int, int, float]  # name in the stream, path, size, mode, mtime
 
 _CHUNK = 1 << 20
+_BAD_PARTS = frozenset(("", ".", ".."))
 _BATCH_FILES = 1000
 _LINE_MAX = 64 << 20  # one batch line: 1000 names of up to 4096 bytes, JSON-escaped
 # Never through a link, never over an existing file.
@@ -148,20 +149,23 @@ class _Dest:
         self.root = root
         self.real = os.path.realpath(root)
         self._checked: set[str] = set()
+        # Files are read into this and written from it: no copy of their content between.
+        self._buffer = memoryview(bytearray(_CHUNK))
 
     def path(self, name: str) -> str:
         """Where ``name`` goes; ``ValueError`` with the reason if it may not."""
         parts = name.split("/")
-        if name.startswith("/") or "\0" in name or any(p in ("", ".", "..") for p in parts):
+        if "\0" in name or not _BAD_PARTS.isdisjoint(parts):  # also refuses "/abs"
             raise ValueError("absolute, empty or with '..'")
-        parent = os.path.join(self.root, *parts[:-1])
+        folder, _, base = name.rpartition("/")
+        parent = f"{self.root}/{folder}" if folder else self.root
         if parent not in self._checked:
             os.makedirs(parent, exist_ok=True)
             real = os.path.realpath(parent)
             if real != self.real and not real.startswith(self.real.rstrip("/") + "/"):
                 raise ValueError("it goes through a link out of the folder")
             self._checked.add(parent)
-        return os.path.join(parent, parts[-1])
+        return f"{parent}/{base}"
 
     def write(self, path: str, body: _Body, mode: int, mtime: float) -> None:
         """Write a new file, or replace one through a temporary name and a rename."""
@@ -173,25 +177,24 @@ class _Dest:
             tmp = os.path.join(folder, f".{base}.gpucloud~")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)  # left by an interrupted extraction
-            _fill(os.open(tmp, _NEW, mode), body, mtime)
+            self._fill(os.open(tmp, _NEW, mode), body, mtime)
             try:
                 os.replace(tmp, path)
             except OSError:
                 os.unlink(tmp)
                 raise
         else:
-            _fill(fd, body, mtime)
+            self._fill(fd, body, mtime)
 
-
-def _fill(fd: int, body: _Body, mtime: float) -> None:
-    try:
-        while chunk := body.read(_CHUNK):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
-        os.utime(fd, (mtime, mtime))
-    finally:
-        os.close(fd)
+    def _fill(self, fd: int, body: _Body, mtime: float) -> None:
+        try:
+            while size := body.readinto(self._buffer):
+                view = self._buffer[:size]
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.utime(fd, (mtime, mtime))
+        finally:
+            os.close(fd)
 
 
 class _Body:
@@ -199,16 +202,25 @@ class _Body:
 
     def __init__(self, stream: IO[bytes], size: int) -> None:
         self._stream = stream
-        self._left = size
+        self.left = size
 
     def read(self, size: int) -> bytes:
-        if not self._left:
+        if not self.left:
             return b""
-        data = self._stream.read(min(size, self._left))
+        data = self._stream.read(min(size, self.left))
         if not data:
             raise Refused("the stream ended in the middle of a file")
-        self._left -= len(data)
+        self.left -= len(data)
         return data
+
+    def readinto(self, buffer: memoryview) -> int:
+        if not self.left:
+            return 0
+        size = self._stream.readinto(buffer[: min(len(buffer), self.left)])  # type: ignore[attr-defined]
+        if not size:
+            raise Refused("the stream ended in the middle of a file")
+        self.left -= size
+        return int(size)
 
     def skip(self) -> None:
         while self.read(_CHUNK):
@@ -252,7 +264,8 @@ def _tar_entries(stream: IO[bytes]) -> Iterator[tuple[str, int, int, float, bool
             return
         if len(block) != _BLOCK:
             raise Refused("the stream was cut short")
-        if _number(block[148:156]) != sum(block[:148]) + 256 + sum(block[156:]):
+        checksum = block[148:156]  # counted as spaces in the sum
+        if _number(checksum) != sum(block) - sum(checksum) + 256:
             raise Refused("a tar header with a bad checksum")
         kind, size = block[156:157], _number(block[124:136])
         if kind in (b"x", b"g", b"L", b"K"):

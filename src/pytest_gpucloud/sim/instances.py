@@ -203,9 +203,12 @@ async def run_exec(
     # Output too: under backpressure, asyncssh's redirect from a pipe can start a second
     # reader of it, which drops the whole connection. No EOF when stdout ends: it would
     # end stderr too; the exit status closes all.
-    outputs: list[asyncio.Future[None]] = []
+    outputs = [
+        asyncio.ensure_future(_pump_out(stdout, process.stdout)),
+        asyncio.ensure_future(_pump_out(stderr, process.stderr)),
+    ]
     try:
-        await process.redirect(stdout=stdout, stderr=stderr, send_eof=False)
+        await asyncio.gather(*outputs)
         status = await proc.wait()
         if on_exit is not None:
             on_exit(status)

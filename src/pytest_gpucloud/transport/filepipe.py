@@ -133,7 +133,9 @@ async def _receive(
     except (OSError, asyncssh.Error) as exc:
         raise InstanceError(f"{failed}: {exc}") from None
     loop = asyncio.get_running_loop()
-    reader = io.BufferedReader(_ChannelReader(proc.stdout, loop), _CHUNK)
+    # Reads of a whole buffer or more bypass the reader's own buffer: file content is
+    # copied once, from the channel into the buffer the file is written from.
+    reader = io.BufferedReader(_ChannelReader(proc.stdout, loop), _CHUNK // 4)
     try:
         proc.stdin.write(stdin)
         proc.stdin.write_eof()
@@ -244,14 +246,12 @@ class _ChannelReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        future = asyncio.run_coroutine_threadsafe(self._fill(len(buffer)), self._loop)
-        data = future.result()
-        buffer[: len(data)] = data
-        return len(data)
+        view = memoryview(buffer).cast("B")
+        return asyncio.run_coroutine_threadsafe(self._fill(view), self._loop).result()
 
-    async def _fill(self, size: int) -> bytes:
-        parts: list[bytes] = []
-        while size > 0 and (data := await self._stream.read(size)):
-            parts.append(data)
-            size -= len(data)
-        return b"".join(parts)
+    async def _fill(self, view: memoryview) -> int:
+        filled = 0
+        while filled < len(view) and (data := await self._stream.read(len(view) - filled)):
+            view[filled : filled + len(data)] = data
+            filled += len(data)
+        return filled
