@@ -5,12 +5,50 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Generic, Protocol, TypeVar
 
-from pytest_gpucloud.errors import OutOfCapacity
+from pytest_gpucloud.errors import NotFound, OutOfCapacity
+from pytest_gpucloud.providers.base import Instance
 
 T = TypeVar("T")
 POLL_S = 0.2
+
+
+class HoldsInstance(Protocol):
+    @property
+    def instance(self) -> Instance: ...
+
+
+L = TypeVar("L", bound=HoldsInstance)
+
+
+class LeaseBook(Generic[L]):
+    """The leases a leasing provider holds, by instance id; ``delete`` ends one."""
+
+    where = "here"
+
+    def __init__(self) -> None:
+        self._leases: dict[str, L] = {}
+
+    async def delete(self, instance_id: str) -> None:
+        raise NotImplementedError
+
+    async def get(self, instance_id: str) -> Instance:
+        held = self._leases.get(instance_id)
+        if held is None:
+            raise NotFound(f"no lease {instance_id} {self.where}")
+        return held.instance
+
+    async def list_instances(self, labels: dict[str, str]) -> list[Instance]:
+        return [
+            held.instance
+            for held in self._leases.values()
+            if labels.items() <= held.instance.labels.items()
+        ]
+
+    async def aclose(self) -> None:
+        for instance_id in list(self._leases):
+            await self.delete(instance_id)
 
 
 async def lease(

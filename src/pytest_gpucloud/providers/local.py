@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING
 import asyncssh
 
 from pytest_gpucloud.catalog import GpuType, Offer
-from pytest_gpucloud.errors import ConfigError, NotFound, OutOfCapacity
+from pytest_gpucloud.errors import ConfigError, OutOfCapacity
 from pytest_gpucloud.gpus import SMI_FORMAT, csv_rows, type_name
 from pytest_gpucloud.providers.base import Instance
-from pytest_gpucloud.providers.leasing import lease
+from pytest_gpucloud.providers.leasing import LeaseBook, lease
 from pytest_gpucloud.sim.instances import kill_group, run_exec
 from pytest_gpucloud.transport import ssh
 
@@ -173,17 +173,18 @@ class _Lease:
     host: _Host
 
 
-class LocalProvider:
+class LocalProvider(LeaseBook[_Lease]):
     """This machine's GPUs as instances; see the module docstring."""
 
     name = "local"
     simulated = False
+    where = "on this machine"
 
     def __init__(self, gpus: list[LocalGpu], *, lease_timeout: float, lock_dir: Path) -> None:
         self.gpus = gpus
         self._lease_timeout = lease_timeout
         self._lock_dir = lock_dir
-        self._leases: dict[str, _Lease] = {}
+        super().__init__()
 
     @classmethod
     async def start(cls, settings: Settings) -> LocalProvider:
@@ -296,23 +297,6 @@ class LocalProvider:
             held.host.stop()
             for lock in held.locks:
                 lock.release()
-
-    async def get(self, instance_id: str) -> Instance:
-        held = self._leases.get(instance_id)
-        if held is None:
-            raise NotFound(f"no lease {instance_id} on this machine")
-        return held.instance
-
-    async def list_instances(self, labels: dict[str, str]) -> list[Instance]:
-        return [
-            held.instance
-            for held in self._leases.values()
-            if labels.items() <= held.instance.labels.items()
-        ]
-
-    async def aclose(self) -> None:
-        for instance_id in list(self._leases):
-            await self.delete(instance_id)
 
     def _lock_path(self, gpu: LocalGpu) -> Path:
         return self._lock_dir / f"gpu-{gpu.uuid or gpu.index}.lock"

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from pytest_gpucloud.catalog import GpuType, Offer
-from pytest_gpucloud.errors import ConfigError, InstanceError, NotFound, OutOfCapacity
+from pytest_gpucloud.errors import ConfigError, InstanceError, OutOfCapacity
 from pytest_gpucloud.providers.base import Instance
-from pytest_gpucloud.providers.leasing import lease
+from pytest_gpucloud.providers.leasing import LeaseBook, lease
 
 if TYPE_CHECKING:
     from pytest_gpucloud.settings import Settings
@@ -99,11 +99,12 @@ class _Lease:
     holder: asyncssh.SSHClientProcess[str]
 
 
-class SshProvider:
+class SshProvider(LeaseBook[_Lease]):
     """Static hosts as instances; see the module docstring."""
 
     name = "ssh"
     simulated = False
+    where = "of a static host"
 
     def __init__(
         self,
@@ -117,7 +118,7 @@ class SshProvider:
         self._known_hosts = known_hosts
         self._client_key = client_key
         self._lease_timeout = lease_timeout
-        self._leases: dict[str, _Lease] = {}
+        super().__init__()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SshProvider:
@@ -276,20 +277,3 @@ class SshProvider:
         if held is not None:
             held.holder.close()
             held.conn.close()
-
-    async def get(self, instance_id: str) -> Instance:
-        held = self._leases.get(instance_id)
-        if held is None:
-            raise NotFound(f"no lease of host {instance_id}")
-        return held.instance
-
-    async def list_instances(self, labels: dict[str, str]) -> list[Instance]:
-        return [
-            held.instance
-            for held in self._leases.values()
-            if labels.items() <= held.instance.labels.items()
-        ]
-
-    async def aclose(self) -> None:
-        for instance_id in list(self._leases):
-            await self.delete(instance_id)
