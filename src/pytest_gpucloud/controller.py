@@ -17,7 +17,6 @@ from pytest_gpucloud.errors import PREFIX, GpuCloudError
 from pytest_gpucloud.fleet import Fleet
 from pytest_gpucloud.interrupts import Interrupts
 from pytest_gpucloud.ipc import Handoff, IpcClient, IpcServer
-from pytest_gpucloud.providers import ProviderRegistry
 from pytest_gpucloud.replay import (
     remote_pytest_args,
     replay_collectreport,
@@ -34,6 +33,7 @@ from pytest_gpucloud.service import (
     RunResult,
 )
 from pytest_gpucloud.settings import OPTIONS
+from pytest_gpucloud.stash import PROVIDERS_KEY, REQUEST_KEY
 
 if TYPE_CHECKING:
     from collections.abc import Generator
@@ -42,12 +42,9 @@ if TYPE_CHECKING:
     from pytest_gpucloud.providers.base import Provider
     from pytest_gpucloud.settings import Settings
 
-REQUEST_KEY = pytest.StashKey[GpuRequest]()
-PROVIDERS_KEY = pytest.StashKey[ProviderRegistry]()
 # The nodeid the remote session knows an item by: xdist's --dist loadgroup appends
 # "@group" to the local one.
 REMOTE_NODEID_KEY = pytest.StashKey[str]()
-SKIP_REASON = "needs a GPU: run with --gpu-cloud"
 SHUTDOWN_TIMEOUT = 120.0
 SIMULATED_NOTE = (
     "the simulated GPU cloud: instances are processes on this machine and "
@@ -451,4 +448,3 @@ def _renamed(frames: list[dict[str, Any]], remote: str, local: str) -> list[dict
     if remote == local:
         return frames
     return [{**f, "nodeid": local} if f.get("nodeid") == remote else f for f in frames]
-

@@ -164,6 +164,7 @@ def report(
                 "ready_at": b.ready_at,
                 "deleted_at": b.deleted_at,
                 "seconds": round(b.seconds, 3),
+                "billed_seconds": math.ceil(max(0.0, b.seconds)),
                 "cost": round(b.cost, 6),
                 "tests": b.tests,
                 "phases": phases[b.instance_id],

@@ -7,26 +7,27 @@ of gpu tests in controller.py.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_gpucloud import hooks
-from pytest_gpucloud.controller import (
-    PROVIDERS_KEY,
-    REQUEST_KEY,
-    SKIP_REASON,
-    Controller,
-    GpuCloudHandle,
-)
 from pytest_gpucloud.errors import PREFIX, ConfigError, MarkerError
-from pytest_gpucloud.ipc import WORKERINPUT_KEY, Handoff
 from pytest_gpucloud.providers import BUILTIN, ProviderFactory, ProviderRegistry
 from pytest_gpucloud.request import request_for_item
-from pytest_gpucloud.settings import API_KEY_ENV, OPTIONS, Settings, from_config
+from pytest_gpucloud.settings import API_KEY_ENV, OPTIONS, from_config
+from pytest_gpucloud.stash import (
+    CONTROLLER_KEY,
+    PROVIDERS_KEY,
+    REQUEST_KEY,
+    SETTINGS_KEY,
+    SKIP_REASON,
+    WORKERINPUT_KEY,
+)
 
-SETTINGS_KEY = pytest.StashKey[Settings]()
-CONTROLLER_KEY = pytest.StashKey[Controller]()
+if TYPE_CHECKING:
+    from pytest_gpucloud.controller import Controller, GpuCloudHandle
+    from pytest_gpucloud.ipc import Handoff
 MARKER_DOC = (
     "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None): "
     "run this test on a cloud GPU instance with pytest --gpu-cloud (skipped without it)"
@@ -94,6 +95,9 @@ def pytest_configure(config: pytest.Config) -> None:
             f"{PREFIX}this xdist worker got no fleet from its controller: run the controller "
             "with the same --gpu-cloud options"
         )
+    # Imported here: a session without --gpu-cloud never loads SSH, HTTP or the fleet.
+    from pytest_gpucloud.controller import Controller
+
     controller = Controller(config, settings, provider, handoff)
     config.stash[CONTROLLER_KEY] = controller
     config.pluginmanager.register(controller, "gpucloud-controller")

@@ -1,0 +1,26 @@
+"""What this plugin keeps in pytest's stashes and hands to xdist workers.
+
+A module of its own so that ``plugin.py`` can name these without importing the machinery
+(the controller, SSH, HTTP) that only a ``--gpu-cloud`` session needs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from pytest_gpucloud.providers import ProviderRegistry
+from pytest_gpucloud.request import GpuRequest
+from pytest_gpucloud.settings import Settings
+
+if TYPE_CHECKING:
+    from pytest_gpucloud.controller import Controller
+
+REQUEST_KEY = pytest.StashKey[GpuRequest]()
+PROVIDERS_KEY = pytest.StashKey[ProviderRegistry]()
+SETTINGS_KEY = pytest.StashKey[Settings]()
+CONTROLLER_KEY: pytest.StashKey[Controller] = pytest.StashKey()
+#: The key of the fleet's socket and token in an xdist worker's ``workerinput``.
+WORKERINPUT_KEY = "gpucloud_fleet"
+SKIP_REASON = "needs a GPU: run with --gpu-cloud"
