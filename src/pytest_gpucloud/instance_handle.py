@@ -22,6 +22,7 @@ import posixpath
 import shlex
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -225,7 +226,10 @@ def _dumps(value: Any, fn: Callable[..., Any], rootdir: Path) -> bytes:
     if by_value:
         cloudpickle.register_pickle_by_value(module)
     try:
-        return bytes(cloudpickle.dumps(value))
+        # A thread of its own: pickling recurses deeply, and a test may already run deep in
+        # the stack (pytester inside xdist, say); a fresh thread starts at depth zero.
+        with ThreadPoolExecutor(1) as pool:
+            return bytes(pool.submit(cloudpickle.dumps, value).result())
     finally:
         if by_value:
             cloudpickle.unregister_pickle_by_value(module)
