@@ -108,7 +108,16 @@ def _summary(lines: list[str]) -> list[str]:
     return sorted(line for line in lines[start + 1 :] if not line.startswith("="))
 
 
-def test_remote_outcomes_match_a_local_run(gpu_run: GpuRun, pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize("on_ci", [False, True], ids=["laptop", "ci"])
+def test_remote_outcomes_match_a_local_run(
+    gpu_run: GpuRun, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, on_ci: bool
+) -> None:
+    # pytest shows full assertion diffs on CI: the remote session must do as the local one
+    monkeypatch.delenv("BUILD_NUMBER", raising=False)
+    if on_ci:
+        monkeypatch.setenv("CI", "true")
+    else:
+        monkeypatch.delenv("CI", raising=False)
     pytester.makeini(INI)
     pytester.makepyfile(test_outcomes=OUTCOMES)
     remote = gpu_run("-rA", "--junitxml=remote.xml")

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 # "@group" to the local one.
 REMOTE_NODEID_KEY = pytest.StashKey[str]()
 SHUTDOWN_TIMEOUT = 120.0
+#: The variables by which pytest knows it runs on CI (see _pytest.assertion.util).
+CI_MARKERS = ("CI", "BUILD_NUMBER")
 SIMULATED_NOTE = (
     "the simulated GPU cloud: instances are processes on this machine and "
     '"GPU" tests run on its CPU'
@@ -221,6 +223,8 @@ class Controller:
             "args": remote_pytest_args(self.config),
             "options": [{"name": o.flag, "takes_value": not o.is_switch} for o in OPTIONS],
             "ini": [o.ini for o in OPTIONS],
+            # pytest shows full assertion diffs on CI; the remote session must too.
+            "environ": {name: os.environ[name] for name in CI_MARKERS if name in os.environ},
         }
 
     def _plan(self, runnable: list[tuple[pytest.Item, GpuRequest]]) -> None:

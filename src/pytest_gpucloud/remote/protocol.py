@@ -3,7 +3,8 @@
 Every frame is a JSON object with a ``"type"`` key naming it (``encode``/``decode``).
 
 Local -> remote:
-  start     {"args": [...], "options": [{"name": str, "takes_value": bool}], "ini": [str]}
+  start     {"args": [...], "options": [{"name": str, "takes_value": bool}], "ini": [str],
+             "environ": {"CI": ...}}   environ: only the variables telling pytest it runs on CI
             sent once, first. ``args``: pytest arguments, relative to the workspace; they must
             not block cacheprovider or junitxml (the worker gives the session a throwaway
             cache and turns junitxml off itself, and blocks this plugin). ``options`` and

@@ -348,6 +348,7 @@ def serve(channel: Channel) -> int:
     if start["type"] != "start":
         channel.send("crashed", message=f"expected a start frame, got {start['type']!r}")
         return 1
+    os.environ.update(start.get("environ", {}))
     plugin = WorkerPlugin(channel, start)
     # A private cache: an ini's --lf/--sw stay valid options yet see no remote history,
     # and nothing is written into the workspace.
