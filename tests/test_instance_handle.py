@@ -95,7 +95,9 @@ def test_a_local_test_drives_its_own_instance(
     pytester.makepyfile(test_local=LOCAL_TEST)
     (pytester.path / "data.txt").write_text("synced\n")
     before = {i["id"] for i in sim.instances()}
-    result = gpu_run()
+    # A process of its own: cloudpickle must not see the state that earlier in-process
+    # sessions of this suite leave behind (it hit the recursion limit there).
+    result = gpu_run.subprocess()
     result.assert_outcomes(passed=1)
     [instance] = [i for i in sim.instances() if i["id"] not in before]
     assert instance["status"] == "terminated"

@@ -22,7 +22,6 @@ import posixpath
 import shlex
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -226,10 +225,7 @@ def _dumps(value: Any, fn: Callable[..., Any], rootdir: Path) -> bytes:
     if by_value:
         cloudpickle.register_pickle_by_value(module)
     try:
-        # A thread of its own: pickling recurses deeply, and a test may already run deep in
-        # the stack (pytester inside xdist, say); a fresh thread starts at depth zero.
-        with ThreadPoolExecutor(1) as pool:
-            return bytes(pool.submit(cloudpickle.dumps, value).result())
+        return bytes(cloudpickle.dumps(value))
     finally:
         if by_value:
             cloudpickle.unregister_pickle_by_value(module)
