@@ -34,7 +34,7 @@ from pytest_gpucloud.errors import ConfigError, OutOfCapacity
 from pytest_gpucloud.gpus import SMI_FORMAT, csv_rows, type_name
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.leasing import LeaseBook, lease
-from pytest_gpucloud.sim.instances import kill_group, run_exec
+from pytest_gpucloud.sim.instances import kill_group, listen_exec, run_exec
 from pytest_gpucloud.transport import ssh
 
 if TYPE_CHECKING:
@@ -136,17 +136,7 @@ class _Host:
     acceptor: asyncssh.SSHAcceptor | None = None
 
     async def listen(self) -> int:
-        self.acceptor = await asyncssh.listen(
-            "127.0.0.1",
-            0,
-            server_factory=lambda: _SessionKeyOnly(self),
-            server_host_keys=[self.host_key],
-            process_factory=self._serve,
-            encoding=None,
-            allow_scp=False,
-            agent_forwarding=False,
-            x11_forwarding=False,
-        )
+        self.acceptor = await listen_exec(lambda: _SessionKeyOnly(self), self.host_key, self._serve)
         return self.acceptor.get_port()
 
     async def _serve(self, process: asyncssh.SSHServerProcess[bytes]) -> None:

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -95,17 +95,7 @@ class Machine:
 
     async def listen(self) -> int:
         """Start the SSH server; return its port."""
-        self._acceptor = await asyncssh.listen(
-            SSH_HOST,
-            0,
-            server_factory=lambda: _SshServer(self),
-            server_host_keys=[self.host_key],
-            process_factory=self._serve,
-            encoding=None,
-            allow_scp=False,
-            agent_forwarding=False,
-            x11_forwarding=False,
-        )
+        self._acceptor = await listen_exec(lambda: _SshServer(self), self.host_key, self._serve)
         return self._acceptor.get_port()
 
     def refuse(self) -> int:
@@ -166,6 +156,26 @@ class Machine:
         await run_exec(
             process, cwd=self.home, env=self.env, group_ids=self._group_ids, on_exit=ended
         )
+
+
+async def listen_exec(
+    server_factory: Callable[[], asyncssh.SSHServer],
+    host_key: asyncssh.SSHKey,
+    serve: Callable[[asyncssh.SSHServerProcess[bytes]], Awaitable[None]],
+) -> asyncssh.SSHAcceptor:
+    """An SSH server on 127.0.0.1 (a free port) that only runs exec requests with ``serve``:
+    binary streams, no scp, no agent or X11 forwarding."""
+    return await asyncssh.listen(
+        SSH_HOST,
+        0,
+        server_factory=server_factory,
+        server_host_keys=[host_key],
+        process_factory=serve,
+        encoding=None,
+        allow_scp=False,
+        agent_forwarding=False,
+        x11_forwarding=False,
+    )
 
 
 async def run_exec(
