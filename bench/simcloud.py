@@ -36,8 +36,9 @@ _URL = re.compile(rb"on (http://\S+)")
 class SimProcess:
     """``python -m pytest_gpucloud.sim`` on a free port of 127.0.0.1, no boot delay."""
 
-    def __init__(self) -> None:
+    def __init__(self, tmpdir: str | None = None) -> None:
         self.api_key = secrets.token_urlsafe(16)
+        self.tmpdir = tmpdir  # where its instances' home folders go (default: the system's)
         self.url = ""
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -48,7 +49,10 @@ class SimProcess:
                 *("--port", "0", "--boot-delay", "0", "--api-key", self.api_key),
             ],
             stdout=subprocess.PIPE,
-            env={k: v for k, v in os.environ.items() if not k.startswith("GPUCLOUD_")},
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("GPUCLOUD_")},
+                **({"TMPDIR": self.tmpdir} if self.tmpdir else {}),
+            },
         )
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()

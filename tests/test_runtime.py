@@ -245,7 +245,8 @@ def test_session_runs_through_each_runtime(
     assert inner[0].endswith('test -f "$marker"')
     assert f"sh -c '{SETUP}' 2>&1" in inner[1]
     assert "nvidia-smi --query-gpu=name,memory.total" in inner[2]
-    assert inner[3].endswith("exec python3 -m gpucloud_remote")
+    assert "exec python3 -c " in inner[3]  # the worker's bootstrap (remote/boot.py)
+    assert 'run_module("gpucloud_remote"' in inner[3]
     # the container goes before the instance does, and no secret is on any command line
     commands = instance["commands"]
     if runtime != "apptainer":

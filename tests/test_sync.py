@@ -441,3 +441,19 @@ def test_receiver_rejects_a_stream_cut_short(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert b"ended early" in done.stderr
     assert not Path(str(mirror) + ".manifest.json").exists()
+
+
+def test_receiver_rejects_a_garbled_header(tmp_path: Path) -> None:
+    stream = bytearray(hostile_tar((member("a.py"), b"x")))
+    stream[1024 + 100] ^= 0x01  # the mode field of the second member's pax header
+    done = receive_stream(bytes(stream), tmp_path / "mirror")
+    assert done.returncode == 1
+    assert b"checksum" in done.stderr
+    assert not Path(str(tmp_path / "mirror") + ".manifest.json").exists()
+
+
+def test_receiver_rejects_a_stream_that_ends_inside_a_member(tmp_path: Path) -> None:
+    stream = hostile_tar((member("big.bin"), bytes(5000)))
+    done = receive_stream(stream[:3000], tmp_path / "mirror")
+    assert done.returncode == 1
+    assert b"ends inside a member" in done.stderr

@@ -8,7 +8,9 @@ A :class:`Machine` moves through :class:`MachineState`::
 Bring-up is a pipeline of steps (create with failover, boot, SSH, code sync, the image
 and its container, the setup command, the GPU health check, worker; see
 :mod:`~pytest_gpucloud.preparation`); each step raises a
-:class:`~pytest_gpucloud.errors.GpuCloudError` naming the instance and cause.
+:class:`~pytest_gpucloud.errors.GpuCloudError` naming the instance and cause. Without a
+setup command, the steps after the sync start as soon as the workspace folder exists, and
+only the worker's collection waits for the last file.
 """
 
 from __future__ import annotations
@@ -63,22 +65,25 @@ class MachineState(str, enum.Enum):
 class Phases:
     """Seconds each step of a machine's bring-up took, and its first test (``--gpu-report``:
     ``instances[].phases``). ``boot``: from the create's answer to running and reachable;
-    the rest add up to the time from there to the first remote result."""
+    ``ready``: from there to ready for tests, wall clock. Without a setup command,
+    ``prepare`` and ``worker_start`` run during the ``sync``, so the steps add up to more
+    than ``ready``. ``ready_to_first_result``: ``ready`` plus ``first_test``."""
 
     boot: float | None = None
     connect: float | None = None
     sync: float | None = None
     prepare: float | None = None  # container, setup command, GPU check
-    worker_start: float | None = None  # the worker's exec to its hello
-    collect: float | None = None
+    worker_start: float | None = None  # the worker's exec to pytest imported
+    collect: float | None = None  # the worker let go (sync done) to collected
     first_test: float | None = None  # the first run frame to the test's last report
+    ready: float | None = None
 
     def to_json(self) -> dict[str, float | None]:
-        """The phases, and their sum after boot as ``ready_to_first_result``."""
         phases: dict[str, float | None] = dict(vars(self))
-        after_boot = [v for k, v in phases.items() if k != "boot" and v is not None]
-        complete = len(after_boot) == len(phases) - 1
-        phases["ready_to_first_result"] = sum(after_boot) if complete else None
+        if self.ready is not None and self.first_test is not None:
+            phases["ready_to_first_result"] = self.ready + self.first_test
+        else:
+            phases["ready_to_first_result"] = None
         return {k: None if v is None else round(v, 4) for k, v in phases.items()}
 
 
@@ -202,6 +207,7 @@ class Launcher:
         machine.state = MachineState.BOOTING
         machine.instance = await self.provider.wait_ready(machine.instance, boot_timeout)
         phases.boot = lap()
+        reachable = time.perf_counter()
         machine.state = MachineState.CONNECTING
         connect_timeout = max(1.0, deadline - time.monotonic())
         if isinstance(self.provider, LeasingProvider):
@@ -209,29 +215,63 @@ class Launcher:
         else:
             machine.conn = await ssh.connect(machine.instance, self.key, timeout=connect_timeout)
         phases.connect = lap()
+        # With no setup command to run between them, the container, the GPU check and the
+        # worker's start (its pytest import) go on while the code is still syncing.
+        early = self.settings.setup is None
+        root_known: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        syncing = asyncio.ensure_future(self._sync(machine, root_known))
+        try:
+            if early:
+                first: set[asyncio.Future[Any]] = {root_known, syncing}
+                await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+                if not root_known.done():
+                    await syncing  # failed before the folder was made: raises why
+                machine.remote_root = root_known.result()
+                await self._prepare_and_launch(machine, files, deadline)
+            await syncing
+            if not early:
+                await self._prepare_and_launch(machine, files, deadline)
+        finally:
+            if not syncing.done():
+                syncing.cancel()
+                await asyncio.wait({syncing})
+        if machine.link is not None:
+            machine.collection = await machine.link.begin(
+                machine.worker_start, timeout=_left(deadline)
+            )
+            phases.collect = machine.collection.collect_s
+        phases.ready = time.perf_counter() - reachable
+        machine.ready_at = time.time()
+        machine.state = MachineState.READY
+
+    async def _sync(self, machine: Machine, root_known: asyncio.Future[str]) -> None:
+        assert machine.conn is not None
         result = await sync(
             machine.conn,
             self.rootdir,
             f"gpucloud/{self.rootdir.name}",
             extra=_remote_package_files(),
+            root_known=root_known,
         )
         machine.remote_root = result.remote_root
-        phases.sync = lap()
+        machine.phases.sync = result.seconds
+
+    async def _prepare_and_launch(
+        self, machine: Machine, files: list[str] | None, deadline: float
+    ) -> None:
+        """Prepare the instance, then launch the worker (unless ``files`` is None)."""
+        started = time.perf_counter()
         await self._prepare(machine)
-        phases.prepare = lap()
+        machine.phases.prepare = time.perf_counter() - started
         if files is not None:
             machine.worker_start = dict(self.start)
             machine.worker_start["args"] = [*self.start["args"], *files]
-            await self._start_worker(machine, timeout=max(30.0, deadline - time.monotonic()))
-            assert machine.collection is not None
-            phases.worker_start = machine.collection.start_s
-            phases.collect = machine.collection.collect_s
-        machine.ready_at = time.time()
-        machine.state = MachineState.READY
+            machine.link = await self._launch_worker(machine, timeout=_left(deadline))
+            machine.phases.worker_start = machine.link.start_s
 
     async def _prepare(self, machine: Machine) -> None:
-        """The steps between the code sync and the worker: the image and its container, the
-        setup command, the GPU health check (a mismatch raises GpuMismatch)."""
+        """The steps before the worker: the image and its container, the setup command, the
+        GPU health check (a mismatch raises GpuMismatch)."""
         assert machine.conn is not None
         settings = self.settings
         runtime = machine.runtime = runtime_for(
@@ -266,14 +306,13 @@ class Launcher:
             )
         )
 
-    async def _start_worker(self, machine: Machine, timeout: float) -> None:
+    async def _launch_worker(self, machine: Machine, timeout: float) -> WorkerLink:
         assert machine.conn is not None
-        machine.link, machine.collection = await WorkerLink.start(
+        return await WorkerLink.launch(
             machine.conn,
             machine.id,
             workspace=machine.remote_root,
             package_dir=f"{machine.remote_root}/.gpucloud/pkg",
-            start=machine.worker_start,
             timeout=timeout,
             wrap=machine.runtime.wrap if machine.runtime else None,
         )
@@ -288,7 +327,9 @@ class Launcher:
         try:
             if (await self.provider.get(machine.id)).status != "running":
                 return False
-            await self._start_worker(machine, timeout=self.settings.boot_timeout)
+            timeout = self.settings.boot_timeout
+            machine.link = await self._launch_worker(machine, timeout)
+            machine.collection = await machine.link.begin(machine.worker_start, timeout)
         except GpuCloudError as exc:
             machine.error = f"{machine.error}; restarting its worker failed: {exc}"
             return False
@@ -347,6 +388,11 @@ class _Lap:
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
         return seconds
+
+
+def _left(deadline: float) -> float:
+    """Seconds a worker step may take: what is left of the bring-up's, at least 30 s."""
+    return max(30.0, deadline - time.monotonic())
 
 
 def _remote_package_files() -> dict[str, Path]:

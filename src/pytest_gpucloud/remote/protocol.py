@@ -25,6 +25,10 @@ Local -> remote:
             ``skip_waiting``: the ``run`` frames sent before it and not started yet are
             skipped (the local side sent them ahead and no longer wants them)
 
+Before the frames: the worker starts as a bootstrap (boot.py) that writes one frame,
+``loaded`` ``{}`` (pytest imported), and waits for the single byte ``g`` on stdin, sent once
+the workspace is complete; then the worker proper starts with ``hello``.
+
 Remote -> local:
   hello     {"python", "pytest", "protocol", "rootdir"}   first frame, before pytest starts;
             ``rootdir`` is the remote workspace (the cwd), the prefix to rewrite in paths

@@ -32,14 +32,20 @@ import sys
 import zlib
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing, tarfile and shutil stay out of the startup, before the head line
-    import tarfile
+if TYPE_CHECKING:  # typing and shutil stay out of the startup, before the head line
+    from collections.abc import Iterable, Iterator
     from typing import IO, Any
+
+    Chunk = bytes | memoryview
 
 PACK_HEADER = "GPUCLOUD.pack"
 DIGESTS_HEADER = "GPUCLOUD.digests"
 ZLIB_HEADER = "GPUCLOUD.zlib"
 _CHUNK = 1 << 20
+_BLOCK = 512
+_REGULAR = (b"0", b"\0")
+_SYMLINK = b"2"
+_PAX = b"x"
 
 
 class Refused(Exception):
@@ -89,22 +95,37 @@ class Tree:
             self._made_dirs.discard(parent)
             parent = os.path.dirname(parent)
 
-    def write(self, path: str, content: bytes | IO[bytes], entry: list[Any]) -> list[int]:
-        """Write a file under a temporary name, then rename it; return its stat key."""
-        tmp = self._temporary(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with open(fd, "wb") as out:
-            if isinstance(content, bytes):
-                out.write(content)
-            else:
-                for chunk in iter(lambda: content.read(_CHUNK), b""):
-                    out.write(chunk)
-            out.flush()
+    def write(self, path: str, content: Iterable[Chunk], entry: list[Any]) -> list[int]:
+        """Write a file; return its stat key. A new file is written in place; one that
+        exists is written under a temporary name, then renamed over it."""
+        fresh = self._fresh(path)
+        if fresh is None:
+            target = self._temporary(path)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        else:
+            target, fd = path, fresh
+        try:
+            for chunk in content:
+                _write_all(fd, chunk)
             os.fchmod(fd, entry[1] & 0o7777)
             os.utime(fd, ns=(entry[3], entry[3]))
             st = os.fstat(fd)
-        _replace(tmp, path)
+        finally:
+            os.close(fd)
+        if target != path:
+            _replace(target, path)
         return [st.st_size, st.st_mtime_ns, st.st_mode]
+
+    def _fresh(self, path: str) -> int | None:
+        """An fd of ``path`` made now, or None when something is there already."""
+        parent = os.path.dirname(path)
+        if parent not in self._made_dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._made_dirs.add(parent)
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return None
 
     def link(self, path: str, target: str) -> list[int]:
         if target.startswith("/") or not self.inside(_realpath_via(path, target)):
@@ -125,6 +146,12 @@ class Tree:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # left behind by an interrupted sync
         return tmp
+
+
+def _write_all(fd: int, data: Chunk) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _rmtree(path: str) -> None:
@@ -188,29 +215,28 @@ class Receiver:
             os.chmod(path, self.manifest[name][1] & 0o7777)
             self.stats[name] = _stat_key(path)
 
-    def member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
-        data = tar.extractfile(member) if member.isreg() else None
-        headers = member.pax_headers
+    def member(self, tar: TarStream, member: Member) -> None:
+        headers = member.pax
         if DIGESTS_HEADER in headers:
             self.digests = json.loads(headers[DIGESTS_HEADER])
-        elif data is not None and PACK_HEADER in headers:
-            payload = data.read()
+        elif member.kind in _REGULAR and PACK_HEADER in headers:
+            payload = tar.read(member)
             if ZLIB_HEADER in headers:
                 payload = zlib.decompress(payload)
-            offset = 0
+            view, offset = memoryview(payload), 0
             for name, size in json.loads(headers[PACK_HEADER]):
-                self.put(name, payload[offset : offset + size])
+                self.put(name, [view[offset : offset + size]])
                 offset += size
             if offset != len(payload):
                 raise Refused("a pack does not match its index")
-        elif data is not None:
-            self.put(member.name, data)
-        elif member.issym():
+        elif member.kind in _REGULAR:
+            self.put(member.name, tar.chunks(member))
+        elif member.kind == _SYMLINK:
             self.put(member.name, None, member.linkname)
         else:
             raise Refused(f"refused member {member.name!r}: not a regular file or symlink")
 
-    def put(self, name: str, content: bytes | IO[bytes] | None, link: str = "") -> None:
+    def put(self, name: str, content: Iterable[Chunk] | None, link: str = "") -> None:
         path = self.tree.path(name)
         if name not in self.manifest:
             raise Refused(f"member {name!r} is not in the manifest")
@@ -235,22 +261,113 @@ class Receiver:
         return {"manifest": {k: self.manifest[k] for k in stats}, "stat": stats}
 
 
+class Member:
+    """One tar member: ``kind`` is its typeflag; ``pax`` its extended header."""
+
+    def __init__(self, name: str, kind: bytes, size: int, linkname: str, pax: dict[str, str]):
+        self.name, self.kind, self.size, self.linkname, self.pax = name, kind, size, linkname, pax
+
+
+class TarStream:
+    """The members of a POSIX.1-2001 (pax) tar, read once, in order, from a stream: ustar
+    headers, ``x`` extended headers and the end-of-archive block, as sync.py writes them.
+
+    A member's payload is read with :meth:`read` or :meth:`chunks` before the next member;
+    what is left of it is skipped. (tarfile's stream mode copies each payload three times
+    on the way; here it goes from the pipe's buffer to the file.)
+    """
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self._left = 0  # bytes of the current member not read yet, padding included
+        self._buffer = memoryview(bytearray(_CHUNK))
+
+    def __iter__(self) -> Iterator[Member]:
+        pax: dict[str, str] = {}
+        while True:
+            self._exact(self._left)
+            block = self._exact(_BLOCK)
+            if block == bytes(_BLOCK):
+                return
+            kind, name, size, linkname = _ustar(block)
+            size = int(pax.get("size", size))
+            self._left = size + -size % _BLOCK
+            if kind == _PAX:
+                pax = _pax_records(self._exact(size))
+                self._left -= size
+                continue
+            yield Member(pax.get("path", name), kind, size, pax.get("linkpath", linkname), pax)
+            pax = {}
+
+    def read(self, member: Member) -> bytes:
+        data = self._exact(member.size)
+        self._left -= member.size
+        return data
+
+    def chunks(self, member: Member) -> Iterator[memoryview]:
+        """The payload in pieces of up to ``_CHUNK`` bytes, each valid until the next."""
+        size = member.size
+        while size:
+            want = min(size, _CHUNK)
+            got = self._stream.readinto(self._buffer[:want])  # type: ignore[attr-defined]
+            if not got:
+                raise Refused("bad sync stream: it ends inside a member")
+            size -= got
+            self._left -= got
+            yield self._buffer[:got]
+
+    def _exact(self, size: int) -> bytes:
+        data = self._stream.read(size) if size else b""
+        if len(data) != size:
+            raise Refused("bad sync stream: it ends inside a member")
+        return data
+
+
+def _ustar(block: bytes) -> tuple[bytes, str, int, str]:
+    """(typeflag, name, size, link name) of a ustar header block, its checksum checked."""
+    try:
+        checksum = int(block[148:156].split(b"\0")[0].strip() or b"0", 8)
+        size = int(block[124:136].split(b"\0")[0].strip() or b"0", 8)
+    except ValueError:
+        raise Refused("bad sync stream: a header is garbled") from None
+    if checksum != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+        raise Refused("bad sync stream: a header's checksum is wrong")
+    name, prefix = _text(block[:100]), _text(block[345:500])
+    return block[156:157], f"{prefix}/{name}" if prefix else name, size, _text(block[157:257])
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """The ``length key=value\\n`` records of an extended header."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise Refused("bad sync stream: an extended header is garbled") from None
+        key, sep, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if not sep or length <= 0:
+            raise Refused("bad sync stream: an extended header is garbled")
+        records[key.decode()] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
 def apply(tree: Tree, stream: IO[bytes], stored: dict[str, Any]) -> dict[str, Any]:
     """Apply one sync tar read from ``stream``; return the manifest and stats to store."""
-    import tarfile
-
-    try:
-        with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tar:
-            members = iter(tar)
-            first = next(members, None)
-            data = tar.extractfile(first) if first is not None and first.isreg() else None
-            if data is None:
-                raise Refused("the first member must be the control JSON")
-            receiver = Receiver(tree, stored, json.loads(data.read()))
-            for member in members:
-                receiver.member(tar, member)
-    except tarfile.TarError as exc:
-        raise Refused(f"bad sync stream: {exc}") from None
+    tar = TarStream(stream)
+    members = iter(tar)
+    first = next(members, None)
+    if first is None or first.kind not in _REGULAR:
+        raise Refused("the first member must be the control JSON")
+    receiver = Receiver(tree, stored, json.loads(tar.read(first)))
+    for member in members:
+        receiver.member(tar, member)
     return receiver.finish()
 
 

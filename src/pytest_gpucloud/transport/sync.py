@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.resources
 import json
 import os
 import posixpath
@@ -39,13 +38,13 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple
 
 import asyncssh
 
 from pytest_gpucloud.errors import InstanceError
+from pytest_gpucloud.remote import source
 from pytest_gpucloud.remote.receive import DIGESTS_HEADER, PACK_HEADER, ZLIB_HEADER
 
 if TYPE_CHECKING:
@@ -220,12 +219,16 @@ async def sync(
     *,
     extra: Mapping[str, Path] | None = None,
     previous: Manifest | None = None,
+    root_known: asyncio.Future[str] | None = None,
 ) -> SyncResult:
     """Make ``remote_dir`` (absolute, or relative to the remote login directory) mirror the
     files :func:`list_files` selects under ``root``, plus ``extra`` (path in the mirror ->
-    local file), in one exec. Raises :class:`InstanceError` when the sync fails."""
+    local file), in one exec. Raises :class:`InstanceError` when the sync fails.
+
+    ``root_known`` gets the absolute ``remote_dir`` as soon as it exists on the instance,
+    long before the files are there: what needs only the folder can start then."""
     started = time.perf_counter()
-    command = f"python3 -S -c {shlex.quote(_receiver_source())} {shlex.quote(remote_dir)}"
+    command = f"python3 -S -c {shlex.quote(source('receive'))} {shlex.quote(remote_dir)}"
     failed = f"code sync to {remote_dir} failed"
     try:
         proc = await conn.create_process(command, encoding=None)
@@ -237,6 +240,8 @@ async def sync(
         if not head:
             raise InstanceError(f"{failed}: {_reason(await proc.wait())}")
         answer = json.loads(head)
+        if root_known is not None and not root_known.done():
+            root_known.set_result(answer["root"])
         remote = {name: Entry.from_json(value) for name, value in answer["manifest"].items()}
         known = {**remote, **(previous or {})}
         manifest = await asyncio.to_thread(_digest_all, files, known, remote)
@@ -265,11 +270,6 @@ async def sync(
         seconds=time.perf_counter() - started,
         manifest={**manifest, **{n: manifest[n]._replace(digest=d) for n, d in digests.items()}},
     )
-
-
-@cache
-def _receiver_source() -> str:
-    return (importlib.resources.files("pytest_gpucloud.remote") / "receive.py").read_text()
 
 
 def _mode_only(old: Entry | None, new: Entry) -> bool:

@@ -16,14 +16,15 @@ import asyncio
 import collections
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 import pytest
 
 from pytest_gpucloud.errors import RemoteError
+from pytest_gpucloud.remote import source
 from pytest_gpucloud.remote.protocol import (
     PROTOCOL_VERSION,
     TIMEOUT_EXIT,
@@ -38,6 +39,8 @@ _CHUNK = 256 * 1024
 TIMEOUT_GRACE_S = 5.0
 READ_AHEAD = 8
 READ_AHEAD_BELOW_S = 0.05
+GO = b"g"  # lets a launched worker go on (remote/boot.py)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,8 @@ class Collection:
     errors: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[Message] = field(default_factory=list)
     count: int = 0
-    start_s: float = 0.0  # from the exec to the worker's hello
-    collect_s: float = 0.0  # from the start frame to ``collected``
+    start_s: float = 0.0  # from the exec to pytest imported (``loaded``)
+    collect_s: float = 0.0  # from the go to ``collected``
 
 
 class _Frames:
@@ -116,6 +119,7 @@ class WorkerLink:
         # Runs sent whose results were not taken yet, in the worker's order.
         self._in_flight: collections.deque[RunSpec] = collections.deque()
         self._quick = False  # the last test ran quickly enough to read ahead of the next
+        self.start_s = 0.0  # from the exec to pytest imported (``loaded``)
 
     @classmethod
     async def start(
@@ -129,40 +133,79 @@ class WorkerLink:
         timeout: float,
         wrap: Callable[[str], str] | None = None,
     ) -> tuple[WorkerLink, Collection]:
-        """Start the worker in ``workspace`` and wait until it has collected.
+        """Start the worker in ``workspace`` and wait until it has collected: :meth:`launch`
+        then :meth:`begin`."""
+        link = await cls.launch(
+            conn,
+            instance_id,
+            workspace=workspace,
+            package_dir=package_dir,
+            timeout=timeout,
+            wrap=wrap,
+        )
+        return link, await link.begin(start, timeout)
+
+    @classmethod
+    async def launch(
+        cls,
+        conn: asyncssh.SSHClientConnection,
+        instance_id: str,
+        *,
+        workspace: str,
+        package_dir: str,
+        timeout: float,
+        wrap: Callable[[str], str] | None = None,
+    ) -> WorkerLink:
+        """Start the worker's bootstrap (``remote/boot.py``) in ``workspace`` and wait until
+        it has imported pytest; the code sync may still be running. :meth:`begin` it once
+        the workspace is complete.
 
         ``wrap``: turns the worker's shell command line into the one to run (a container
         runtime's, see :meth:`pytest_gpucloud.runtime.Runtime.wrap`).
         """
         command = (
             f"cd {shlex.quote(workspace)} && PYTHONPATH={shlex.quote(package_dir)} "
-            f"exec python3 -m {REMOTE_PACKAGE}"
+            f"exec python3 -c {shlex.quote(source('boot'))}"
         )
         if wrap is not None:
             command = wrap(command)
         started = time.perf_counter()
         process = await conn.create_process(command, encoding=None)
         link = cls(instance_id, process)
+        await link._within(link._loaded(), timeout, "did not start")
+        link.start_s = time.perf_counter() - started
+        return link
+
+    async def begin(self, start: Message, timeout: float) -> Collection:
+        """Let the launched worker run from the complete workspace, send it ``start`` and
+        wait until it has collected."""
+        return await self._within(self._handshake(start), timeout, "did not finish collecting")
+
+    async def _within(self, step: Awaitable[_T], timeout: float, failed: str) -> _T:
         try:
-            collection = await asyncio.wait_for(link._handshake(start, started), timeout)
+            return await asyncio.wait_for(step, timeout)
         except asyncio.TimeoutError:
-            link.kill()
+            self.kill()
             raise RemoteError(
-                f"the remote worker on instance {instance_id} did not finish collecting "
-                f"within {timeout:g} s"
+                f"the remote worker on instance {self.instance_id} {failed} within {timeout:g} s"
             ) from None
         except BaseException:
-            link.kill()
+            self.kill()
             raise
-        return link, collection
 
-    async def _handshake(self, start: Message, started: float) -> Collection:
+    async def _loaded(self) -> None:
+        frame = await self._expect_frame("starting")
+        if frame.get("type") != "loaded":
+            raise self._lost("starting", f"first frame was {frame.get('type')!r}")
+
+    async def _handshake(self, start: Message) -> Collection:
+        started = time.perf_counter()
+        await self._send(GO)
         hello = await self._expect_frame("starting")
         if hello.get("type") != "hello":
             raise self._lost("starting", f"first frame was {hello.get('type')!r}")
         _check_versions(hello, self.instance_id)
-        collection = Collection(hello=hello, start_s=time.perf_counter() - started)
-        started = time.perf_counter()
+        collection = Collection(hello=hello, start_s=self.start_s)
         await self._send(encode("start", **start))
         while True:
             frame = await self._expect_frame("collecting")

@@ -1,0 +1,39 @@
+"""The worker's bootstrap; runs on the instance as ``python3 -c <source>`` in the workspace.
+
+It lets the worker start while the code sync is still running. It imports pytest, the
+slow part of a worker's start, says ``{"type": "loaded"}`` on stdout, then waits for one
+byte on stdin. On ``g`` (the sync is done) it imports the worker from the now complete
+workspace (``PYTHONPATH`` names the synced package folder) and runs it, which says
+``hello``. Anything else, or EOF: the local side gave up; exit 0.
+
+The workspace is still arriving while pytest is imported, so the current folder is left
+out of ``sys.path`` until then: nothing half-written is ever imported. Plugins are not
+imported early: pytest would no longer rewrite their asserts, and would warn so. Standard
+library and pytest only.
+"""
+
+import importlib
+import os
+import runpy
+import sys
+
+GO = b"g"
+
+
+def main() -> int:
+    cwd = sys.path.pop(0)
+    import pytest  # noqa: F401  (the slow part of a start, done while the sync runs)
+
+    os.write(1, b'{"type":"loaded"}\n')
+    if os.read(0, 1) != GO:
+        return 0
+    sys.path.insert(0, cwd)
+    # Folders that did not exist or were half-filled when pytest was imported.
+    sys.path_importer_cache.clear()
+    importlib.invalidate_caches()
+    runpy.run_module("gpucloud_remote", run_name="__main__", alter_sys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
