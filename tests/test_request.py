@@ -508,3 +508,24 @@ def test_request_for_item_in_process(pytester: pytest.Pytester) -> None:
         f"gpu-cloud: {second.nodeid}: gpu(count=0): count must be a whole number from 1 to 16;"
         " got int 0"
     )
+
+
+def test_items_of_one_parametrized_test_share_one_request(pytester: pytest.Pytester) -> None:
+    items = pytester.getitems(
+        """
+        import pytest
+
+        @pytest.mark.gpu("T4")
+        @pytest.mark.parametrize("i", range(3))
+        def test_a(i):
+            pass
+
+        @pytest.mark.gpu("T4")
+        def test_b():
+            pass
+        """
+    )
+    known: dict[int, tuple[pytest.Mark, R]] = {}
+    a0, a1, a2, b = (request_for_item(item, known) for item in items)
+    assert a0 is a1 is a2
+    assert b == a0 and b is not a0  # another marker, parsed on its own

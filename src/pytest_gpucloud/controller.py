@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -249,7 +250,7 @@ class Controller:
 
     def _nextid(self, item: pytest.Item, nextitem: pytest.Item | None) -> str | None:
         if not self.in_xdist_worker:
-            return self._next.get(item.nodeid)
+            return self._next.pop(item.nodeid, None)
         following = nextitem.stash.get(REQUEST_KEY, None) if nextitem else None
         if nextitem is None or following is None:
             return None
@@ -271,7 +272,7 @@ class Controller:
         if result.error is not None:
             replay_infra_error(item, result.error, result.properties)
             return
-        self._ran_on[item.nodeid] = result.machine_label
+        self._ran_on[item.nodeid] = sys.intern(result.machine_label)  # one string a machine
         paths = {"remote_root": result.remote_root, "local_root": str(self.config.rootpath)}
         for report in result.collection_errors:
             replay_collectreport(item.session, report, **paths)
@@ -351,6 +352,8 @@ class Controller:
     @pytest.hookimpl(tryfirst=True)  # before the terminal's (and xdist's) use of it
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         ran_on = self._ran_on.get(report.nodeid)
+        if report.when == "teardown":
+            self._ran_on.pop(report.nodeid, None)
         if ran_on:
             report.gpu_instance = ran_on  # type: ignore[attr-defined]  # travels with xdist
         if not self.in_xdist_worker:

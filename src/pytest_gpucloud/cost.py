@@ -60,7 +60,7 @@ class CostModel:
         return self.on_running(price_per_hour, nodeid) <= self.new(cheapest, count, nodeid)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per remote test, kept to the end
 class Placement:
     """Where one remote test ran, when it started there and its seconds (lease to result)."""
 

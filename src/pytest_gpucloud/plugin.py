@@ -14,7 +14,7 @@ import pytest
 from pytest_gpucloud import hooks
 from pytest_gpucloud.errors import PREFIX, ConfigError, MarkerError
 from pytest_gpucloud.providers import BUILTIN, ProviderFactory, ProviderRegistry
-from pytest_gpucloud.request import request_for_item
+from pytest_gpucloud.request import GpuRequest, request_for_item
 from pytest_gpucloud.settings import API_KEY_ENV, OPTIONS, from_config
 from pytest_gpucloud.stash import (
     CONTROLLER_KEY,
@@ -153,9 +153,10 @@ def pytest_collection_modifyitems(
     """Parse every gpu marker; a bad one becomes a collection error naming test and argument."""
     enabled = CONTROLLER_KEY in config.stash
     kept: list[pytest.Item] = []
+    known: dict[int, tuple[pytest.Mark, GpuRequest]] = {}  # a parametrized test's items share
     for item in items:
         try:
-            request = request_for_item(item)
+            request = request_for_item(item, known)
         except MarkerError as exc:
             report = pytest.CollectReport(item.nodeid, "failed", str(exc), [])
             session.ihook.pytest_collectreport(report=report)

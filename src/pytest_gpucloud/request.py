@@ -138,15 +138,26 @@ def parse_marker(args: Sequence[object], kwargs: Mapping[str, object]) -> GpuReq
         raise MarkerError(f"{_call(args, kwargs)}: {bad}") from None
 
 
-def request_for_item(item: pytest.Item) -> GpuRequest | None:
-    """The request of the closest ``gpu`` marker (function, class, then module), if any."""
+def request_for_item(
+    item: pytest.Item, known: dict[int, tuple[pytest.Mark, GpuRequest]] | None = None
+) -> GpuRequest | None:
+    """The request of the closest ``gpu`` marker (function, class, then module), if any.
+
+    ``known``: requests already parsed, by marker; items of one parametrized test carry the
+    same marker, and then share one request (20,000 items, one object).
+    """
     marker = item.get_closest_marker("gpu")
     if marker is None:
         return None
+    if known is not None and id(marker) in known:
+        return known[id(marker)][1]
     try:
-        return parse_marker(marker.args, marker.kwargs)
+        request = parse_marker(marker.args, marker.kwargs)
     except MarkerError as exc:
         raise MarkerError(f"{item.nodeid}: {exc.args[0]}") from None
+    if known is not None:
+        known[id(marker)] = (marker, request)  # the marker kept alive: its id stays unique
+    return request
 
 
 class _Bad(Exception):
