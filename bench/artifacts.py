@@ -23,7 +23,6 @@ Target: each at most 1.2x its baseline. Run: ``python bench/artifacts.py``.
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import json
 import os
 import shlex
@@ -41,11 +40,12 @@ import asyncssh
 import boto3
 
 from pytest_gpucloud.data import DataSource
+from pytest_gpucloud.remote import source
 from pytest_gpucloud.transport import ssh
 from pytest_gpucloud.transport.filepipe import pull_listed
 from simcloud import SimProcess, instance
 
-REPEATS = 5
+REPEATS = 7
 SMALL_FILES = 1_000
 BIG = 200 << 20
 TARGET = 1.2
@@ -126,7 +126,7 @@ async def _measure(sim: SimProcess, moto_url: str, scratch: Path) -> dict[str, l
                 (scratch / "up").mkdir()
                 with open(scratch / "up" / "blob.bin", "wb") as f:
                     f.write(os.urandom(BIG))
-                source = _datacache_source()
+                fetcher = source("datacache")
                 listings = {small: await _listing(conn, small), big: await _listing(conn, big)}
                 for n in range(REPEATS):
                     for name, remote in (("small", small), ("big", big)):
@@ -138,7 +138,7 @@ async def _measure(sim: SimProcess, moto_url: str, scratch: Path) -> dict[str, l
                         times.setdefault(f"{name} tar", []).append(tar)
                         shutil.rmtree(here)
                     cache = f"{scratch}/cache-{n}"  # the instance writes to tmpfs too
-                    fetch = f"python3 -S -c {shlex.quote(source)} {shlex.quote(cache)}"
+                    fetch = f"python3 -S -c {shlex.quote(fetcher)} {shlex.quote(cache)}"
                     ours = await _timed(_run(conn, fetch, json.dumps(spec)))
                     times.setdefault("dataset", []).append(ours)
                     tar = await _timed(_tar_up(conn, scratch / "up", cache + "-tar"))
@@ -166,9 +166,8 @@ print(json.dumps({"seconds": best, "files": [[f[0], f[2]] for f in files]}))
 async def _listing(conn: asyncssh.SSHClientConnection, folder: str) -> tuple[float, Any]:
     """What the worker's ``artifacts`` frame lists of ``folder``, and how long the worker
     takes to list it (best of 3, in one process: the worker is running already)."""
-    source = (importlib.resources.files("pytest_gpucloud.remote") / "filepipe.py").read_text()
     command = f"python3 -c {shlex.quote(_LISTING)} {shlex.quote(folder)}"
-    answer = json.loads(await _run(conn, command, source))
+    answer = json.loads(await _run(conn, command, source("filepipe")))
     return answer["seconds"], [(name, size) for name, size in answer["files"]]
 
 
@@ -186,10 +185,6 @@ with open(os.path.join(big, "checkpoint.bin"), "wb") as f:
     for _ in range(size >> 20):
         f.write(os.urandom(1 << 20))
 """
-
-
-def _datacache_source() -> str:
-    return (importlib.resources.files("pytest_gpucloud.remote") / "datacache.py").read_text()
 
 
 async def _dataset_spec(moto_url: str, scratch: Path) -> dict[str, Any]:

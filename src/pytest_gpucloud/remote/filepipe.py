@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import IO, Any
 
+    from .receive import TarStream
+
     FileEntry = tuple[str, str, int, int, float]  # name in the stream, path, size, mode, mtime
 
 _CHUNK = 1 << 20
@@ -247,85 +249,17 @@ def _entries(stream: IO[bytes]) -> Iterator[tuple[str, int, int, float, bool]]:
             yield name, size, int(mode), float(mtime), True
 
 
-_BLOCK = 512
-_ZERO_BLOCK = bytes(_BLOCK)
 _TAR_FILE_TYPES = (b"0", b"\0", b"7")
 
 
-def _tar_entries(stream: IO[bytes]) -> Iterator[tuple[str, int, int, float, bool]]:
-    """The same of a tar stream (ustar, GNU or pax, as ``tar c`` writes them): member names
-    less ``./``, long names and pax ``path``/``size``/``mtime`` applied. Never trusted: a
-    member that is not a regular file comes as one that is not, to be refused."""
-    pax: dict[str, str] = {}
-    long_name: str | None = None
-    while True:
-        block = stream.read(_BLOCK)
-        if block == _ZERO_BLOCK:
-            return
-        if len(block) != _BLOCK:
-            raise Refused("the stream was cut short")
-        checksum = block[148:156]  # counted as spaces in the sum
-        if _number(checksum) != sum(block) - sum(checksum) + 256:
-            raise Refused("a tar header with a bad checksum")
-        kind, size = block[156:157], _number(block[124:136])
-        if kind in (b"x", b"g", b"L", b"K"):
-            data = _read_padded(stream, size)
-            if kind == b"x":
-                pax = _pax_records(data)
-            elif kind == b"L":
-                long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-            continue
-        name = block[:100].split(b"\0", 1)[0]
-        if block[257:263] == b"ustar\0" and block[345] != 0:  # POSIX ustar: a name prefix
-            name = block[345:500].split(b"\0", 1)[0] + b"/" + name
-        path = pax.get("path") or long_name or name.decode("utf-8", "surrogateescape")
-        size = int(pax.get("size", size))
-        mtime = float(pax.get("mtime", _number(block[136:148])))
-        regular = kind in _TAR_FILE_TYPES
-        yield (
-            path.removeprefix("./"),
-            size if regular else 0,
-            _number(block[100:108]),
-            mtime,
-            regular,
-        )
-        if not regular:
-            _read_padded(stream, size)
-        elif size % _BLOCK and len(stream.read(-size % _BLOCK)) != -size % _BLOCK:
-            raise Refused("the stream was cut short")
-        pax, long_name = {}, None
-
-
-def _number(field: bytes) -> int:
-    """A tar header's number: octal text, or base-256 when its first bit is set."""
-    if field[:1] and field[0] & 0x80:
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _read_padded(stream: IO[bytes], size: int) -> bytes:
-    if size > _LINE_MAX:
-        raise Refused("a tar header too long")
-    data = stream.read(size + (-size % _BLOCK))
-    if len(data) != size + (-size % _BLOCK):
-        raise Refused("the stream was cut short")
-    return data[:size]
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """``key=value`` of a pax header's ``"<length> <key>=<value>\\n"`` records."""
-    records = {}
-    pos = 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        end = pos + int(data[pos:space])
-        if end <= space:
-            raise ValueError("a bad pax record")
-        key, _, value = data[space + 1 : end - 1].partition(b"=")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos = end
-    return records
+def _tar_entries(tar: TarStream) -> Iterator[tuple[str, int, int, float, bool]]:
+    """The same of a tar stream (read by receive.py's :class:`TarStream`): member names less
+    ``./``. Never trusted: a member that is not a regular file comes as one that is not, to
+    be refused."""
+    for member in tar:
+        regular = member.kind in _TAR_FILE_TYPES
+        size = member.size if regular else 0
+        yield member.name.removeprefix("./"), size, member.mode, member.mtime, regular
 
 
 def extract(
@@ -345,7 +279,12 @@ def extract(
         control = {} if tar else _read_line(stream)
         if not isinstance(control, dict):
             raise Refused("the stream does not start with its control line")
-        for name, size, mode, mtime, regular in (_tar_entries if tar else _entries)(stream):
+        if tar:  # only here, never on the instance, where this module runs alone
+            from .receive import TarStream
+
+            stream = TarStream(stream)  # type: ignore[assignment]  # it reads like one
+        entries = _tar_entries(stream) if tar else _entries(stream)  # type: ignore[arg-type]
+        for name, size, mode, mtime, regular in entries:
             if not regular:
                 refused.append([name, "not a regular file"])
                 continue

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.resources
 import io
 import shlex
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
 from pytest_gpucloud.errors import InstanceError
-from pytest_gpucloud.remote import filepipe
+from pytest_gpucloud.remote import filepipe, source
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -48,13 +46,8 @@ class Pulled:
     refused: list[tuple[str, str]] = field(default_factory=list)
 
 
-@cache
-def _source() -> str:
-    return (importlib.resources.files("pytest_gpucloud.remote") / "filepipe.py").read_text()
-
-
 def _command(*args: str) -> str:
-    return shlex.join(["python3", "-S", "-c", _source(), *args])
+    return shlex.join(["python3", "-S", "-c", source("filepipe"), *args])
 
 
 async def pull(
