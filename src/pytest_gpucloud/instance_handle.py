@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
-import cloudpickle
 
 from pytest_gpucloud.errors import GpuCloudError, InstanceError
 from pytest_gpucloud.transport.filepipe import pull, push
@@ -219,6 +218,8 @@ def lease(engine: Engine, fleet: Fleet, request: GpuRequest) -> Iterator[Instanc
 def _dumps(value: Any, fn: Callable[..., Any], rootdir: Path) -> bytes:
     """Pickle with cloudpickle; ``fn``'s own module by value when it is the project's (a
     test module, a conftest: the instance may not import it under the same name)."""
+    import cloudpickle  # here: a session that never calls pays nothing for it
+
     module = sys.modules.get(getattr(fn, "__module__", "") or "")
     path = getattr(module, "__file__", None)
     by_value = module is not None and path is not None and Path(path).is_relative_to(rootdir)

@@ -48,6 +48,7 @@ _SYMLINK = b"2"
 _PAX = b"x"
 _HEADER_MAX = 64 << 20
 _ZERO_BLOCK = bytes(_BLOCK)
+_EXTENSIONS = (_PAX, b"g", b"L", b"K")  # headers that describe the member after them
 
 
 class Refused(Exception):
@@ -268,14 +269,26 @@ class BadTar(ValueError):
 
 
 class Member:
-    """One tar member: ``kind`` is its typeflag; ``pax`` its extended header's records."""
+    """One tar member: ``kind`` is its typeflag; ``pax`` its extended header's records.
+    ``mode``, ``mtime`` and ``linkname`` are read from the header when asked for."""
 
     def __init__(
-        self, name: str, kind: bytes, size: int, linkname: str, mode: int, mtime: float
+        self, name: str, kind: bytes, size: int, header: bytes, pax: dict[str, str], link: str
     ) -> None:
-        self.name, self.kind, self.size, self.linkname = name, kind, size, linkname
-        self.mode, self.mtime = mode, mtime
-        self.pax: dict[str, str] = {}
+        self.name, self.kind, self.size, self.pax = name, kind, size, pax
+        self._header, self._link = header, link
+
+    @property
+    def mode(self) -> int:
+        return _number(self._header[100:108])
+
+    @property
+    def mtime(self) -> float:
+        return float(self.pax.get("mtime", _number(self._header[136:148])))
+
+    @property
+    def linkname(self) -> str:
+        return self.pax.get("linkpath") or self._link or _text(self._header[157:257])
 
 
 class TarStream:
@@ -299,10 +312,12 @@ class TarStream:
     def __iter__(self) -> Iterator[Member]:
         pax: dict[str, str] = {}
         long_name = long_link = ""
+        read = self._stream.read
         while True:
-            self._exact(self._payload + self._padding)
+            if self._payload or self._padding:
+                self._exact(self._payload + self._padding)
             self._payload = self._padding = 0
-            block = self._stream.read(_BLOCK)
+            block = read(_BLOCK)
             if block == _ZERO_BLOCK:
                 return
             if len(block) != _BLOCK:
@@ -314,7 +329,7 @@ class TarStream:
             if (_number(checksum) - total) % 65521:
                 raise BadTar("a tar header with a bad checksum")
             kind, size = block[156:157], _number(block[124:136])
-            if kind in (_PAX, b"g", b"L", b"K"):
+            if kind in _EXTENSIONS:
                 if size > _HEADER_MAX:
                     raise BadTar("a tar header too long")
                 data = self._exact(size + -size % _BLOCK)[:size]
@@ -325,21 +340,17 @@ class TarStream:
                 elif kind == b"K":
                     long_link = _text(data)
                 continue
-            name = _text(block[:100])
-            if block[257:263] == b"ustar\0" and block[345]:  # POSIX ustar: a name prefix
-                name = _text(block[345:500]) + "/" + name
-            member = Member(
-                pax.get("path") or long_name or name,
-                kind,
-                int(pax.get("size", size)),
-                pax.get("linkpath") or long_link or _text(block[157:257]),
-                _number(block[100:108]),
-                float(pax.get("mtime", _number(block[136:148]))),
-            )
-            member.pax = pax
-            self._payload, self._padding = member.size, -member.size % _BLOCK
-            yield member
-            pax, long_name, long_link = {}, "", ""
+            name = pax.get("path") or long_name if pax or long_name else ""
+            if not name:
+                name = _text(block[:100])
+                if block[345] and block[257:263] == b"ustar\0":  # POSIX ustar: a prefix
+                    name = _text(block[345:500]) + "/" + name
+            if "size" in pax:
+                size = int(pax["size"])
+            self._payload, self._padding = size, -size % _BLOCK
+            yield Member(name, kind, size, block, pax, long_link)
+            if pax or long_name or long_link:
+                pax, long_name, long_link = {}, "", ""
 
     def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes of the current member's payload (all of it: -1)."""
