@@ -356,9 +356,9 @@ RAM = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 CREATE_COST = """Why the session start is judged with the instance's home on tmpfs: the sync writes
 2,000 files, and creating a file costs {disk:.0f} us in this machine's temporary folder
 against {ram:.0f} us on tmpfs (best of 3 rounds of 2,000 4 KB files, this run), mostly
-kernel time of this virtual machine's disk; the local NVMe disk of a cloud GPU instance
-creates a file in tens of microseconds, which tmpfs stands in for better. Both figures are
-in the table."""
+kernel time of this virtual machine's disk (it varies from run to run); a cloud GPU
+instance's local NVMe disk is expected to be far closer to tmpfs than to this. Both
+figures are in the table."""
 
 
 def _create_costs(scratch: Path) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""``python3 -m gpucloud_remote``: the remote worker (see :mod:`.worker`)."""
+"""The remote worker (see :mod:`.worker`), run by the bootstrap (``boot.py``) or as
+``python3 -m gpucloud_remote``."""
 
 from __future__ import annotations
 

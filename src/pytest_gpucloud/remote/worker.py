@@ -1,9 +1,10 @@
 """The long-lived remote pytest session.
 
-Started on the instance as ``python3 -m gpucloud_remote`` (cwd: the synced workspace). It
-speaks the frames of :mod:`.protocol` over its original stdin/stdout, collects once, then
-runs the tests the local side asks for, one ``run`` frame at a time, keeping module and
-session fixtures alive between consecutive tests exactly as the local ``nextitem`` would.
+Started on the instance by the bootstrap (``boot.py``) as the package's ``__main__`` (cwd:
+the synced workspace), once the code sync is complete. It speaks the frames of
+:mod:`.protocol` over its original stdin/stdout, collects once, then runs the tests the
+local side asks for, one ``run`` frame at a time, keeping module and session fixtures alive
+between consecutive tests exactly as the local ``nextitem`` would.
 """
 
 from __future__ import annotations
