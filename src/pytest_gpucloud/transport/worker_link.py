@@ -122,30 +122,6 @@ class WorkerLink:
         self.start_s = 0.0  # from the exec to pytest imported (``loaded``)
 
     @classmethod
-    async def start(
-        cls,
-        conn: asyncssh.SSHClientConnection,
-        instance_id: str,
-        *,
-        workspace: str,
-        package_dir: str,
-        start: Message,
-        timeout: float,
-        wrap: Callable[[str], str] | None = None,
-    ) -> tuple[WorkerLink, Collection]:
-        """Start the worker in ``workspace`` and wait until it has collected: :meth:`launch`
-        then :meth:`begin`."""
-        link = await cls.launch(
-            conn,
-            instance_id,
-            workspace=workspace,
-            package_dir=package_dir,
-            timeout=timeout,
-            wrap=wrap,
-        )
-        return link, await link.begin(start, timeout)
-
-    @classmethod
     async def launch(
         cls,
         conn: asyncssh.SSHClientConnection,
