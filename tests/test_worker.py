@@ -498,3 +498,31 @@ def test_shutdown_skip_waiting_skips_the_runs_sent_ahead(
     assert status == 0, w.stderr
     assert [f for f in frames if f["type"] in ("report", "done")] == []
     assert not log.exists(), "no run sent ahead of the shutdown started"
+
+
+def test_bootstrap_imports_pytest_then_waits_for_go(shipped: Path, tmp_path: Path) -> None:
+    """remote/boot.py: pytest is imported before the workspace is complete, never from it;
+    the worker proper starts on the go byte, and EOF instead ends it quietly."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    # A half-synced workspace must not be imported from before the go.
+    (workspace / "pytest.py").write_text("raise SystemExit('imported from the workspace')\n")
+    boot = [sys.executable, "-c", pytest_gpucloud.remote.source("boot")]
+    env = worker_env(shipped, autoload=False)
+    given_up = subprocess.run(
+        boot, cwd=workspace, env=env, input=b"", capture_output=True, timeout=TIMEOUT
+    )
+    assert (given_up.returncode, given_up.stdout) == (0, b'{"type":"loaded"}\n'), given_up.stderr
+    proc = subprocess.Popen(
+        boot, cwd=workspace, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    assert decode(proc.stdout.readline()) == {"type": "loaded"}
+    proc.stdin.write(b"g")
+    proc.stdin.flush()
+    hello = decode(proc.stdout.readline())
+    assert (hello["type"], hello["rootdir"]) == ("hello", str(workspace))
+    assert hello["pytest"] == pytest.__version__
+    proc.stdin.close()  # EOF before start: the worker ends without a session
+    assert proc.wait(TIMEOUT) == 0
