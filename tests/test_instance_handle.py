@@ -105,6 +105,30 @@ def test_a_local_test_drives_its_own_instance(
     result.stdout.fnmatch_lines([f"{instance['id']}   T4 *", "total: 1 instance(s)*"])
 
 
+def test_xdist_workers_drive_instances_of_their_own(
+    gpu_run: GpuRun, pytester: pytest.Pytester, sim: Sim
+) -> None:
+    # The same test in a worker, and another beside it: the controller leases, runs and
+    # copies for them over the fleet's socket; the worker's test sees no difference.
+    pytester.makepyfile(
+        test_local=LOCAL_TEST,
+        test_other="""
+        def test_other(gpu_cloud):
+            with gpu_cloud.instance("T4") as gpu:
+                assert gpu.run("echo beside").stdout == "beside\\n"
+                assert gpu.call(len, "four") == 4
+        """,
+    )
+    (pytester.path / "data.txt").write_text("synced\n")
+    before = {i["id"] for i in sim.instances()}
+    result = gpu_run.subprocess("-n", "2")
+    result.assert_outcomes(passed=2)
+    leased = [i for i in sim.instances() if i["id"] not in before]
+    assert len(leased) == 2
+    assert {i["status"] for i in leased} == {"terminated"}
+    result.stdout.fnmatch_lines(["total: 2 instance(s)*"])
+
+
 def test_spec_errors_are_errors_of_the_test(gpu_run: GpuRun, pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_gpucloud import cost, instance_handle
+from pytest_gpucloud import cost
 from pytest_gpucloud.artifacts import ArtifactStore, new_run_id
 from pytest_gpucloud.durations import Durations
 from pytest_gpucloud.engine import Engine
@@ -130,13 +130,7 @@ class Controller:
     def lease_instance(
         self, request: GpuRequest
     ) -> contextlib.AbstractContextManager[InstanceHandle]:
-        if self.in_xdist_worker:
-            raise GpuCloudError(
-                "gpu_cloud.instance() works in the process that owns the instances, not in "
-                "an xdist worker: run that test without xdist (-p no:xdist or -n 0)"
-            )
-        fleet = self.engine.run(self.service.fleet())
-        return instance_handle.lease(self.engine, fleet, request)
+        return self.access.lease(request)
 
     def handoff(self) -> Handoff:
         """What an xdist worker needs to reach this process's fleet; serves it from now on."""

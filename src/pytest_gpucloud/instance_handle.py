@@ -4,7 +4,9 @@ The instance is leased whole from the fleet (:meth:`~pytest_gpucloud.fleet.Fleet
 lease_exclusive`): created, booted and synced like any, billed and reported with the others,
 deleted when the ``with`` block ends (or with the fleet, whatever ends the session). Commands
 run over the fleet's SSH connection to it, in the synced workspace, inside the container of
-``--gpu-runtime`` if there is one.
+``--gpu-runtime`` if there is one. An :class:`InstanceHandle` drives an
+:class:`InstanceLink`: the machine in this process (:class:`MachineLink`), or, in an xdist
+worker, in the controller's (``ipc.IpcInstanceLink``, over the fleet's socket).
 
 :meth:`InstanceHandle.call` ships a callable with cloudpickle: the image needs python3 and
 cloudpickle (install it with ``--gpu-setup`` if it has none), at the Python minor version of
@@ -15,16 +17,19 @@ with a pinned host key, and of no one else.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import os
 import pickle
 import posixpath
 import shlex
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import asyncssh
 
@@ -32,13 +37,14 @@ from pytest_gpucloud.errors import GpuCloudError, InstanceError
 from pytest_gpucloud.transport.filepipe import pull, push
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Awaitable, Callable, Iterator
 
     from pytest_gpucloud.engine import Engine
     from pytest_gpucloud.fleet import Fleet
     from pytest_gpucloud.machine import Machine
     from pytest_gpucloud.request import GpuRequest
 
+T = TypeVar("T")
 LEASE_MARGIN_S = 120.0
 RELEASE_TIMEOUT_S = 120.0
 NO_CLOUDPICKLE = 3  # the loader's exit status when the image has no cloudpickle
@@ -91,6 +97,56 @@ class RemoteTraceback(Exception):
         return "\n" + str(self.args[0])
 
 
+@dataclass(frozen=True)
+class Completed:
+    """How a command ended on the instance: its output and exit status or signal."""
+
+    stdout: bytes
+    stderr: bytes
+    exit_status: int | None
+    exit_signal: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stdout": base64.b64encode(self.stdout).decode(),
+            "stderr": base64.b64encode(self.stderr).decode(),
+            "exit_status": self.exit_status,
+            "exit_signal": self.exit_signal,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Completed:
+        status, signal = data["exit_status"], data["exit_signal"]
+        return cls(
+            base64.b64decode(data["stdout"]),
+            base64.b64decode(data["stderr"]),
+            None if status is None else int(status),
+            None if signal is None else str(signal),
+        )
+
+
+class InstanceLink(Protocol):
+    """What an :class:`InstanceHandle` drives: one leased machine. Remote paths are absolute
+    (the handle joins them to ``workspace``); each call ends within ``timeout`` or raises
+    :class:`InstanceError`."""
+
+    id: str
+    label: str
+    workspace: str
+
+    def exec(self, command: str, stdin: bytes | None, timeout: float) -> Completed:
+        """Run a shell command line in the workspace (in the container, if any)."""
+
+    def push(self, local: Path, remote: str, timeout: float) -> None:
+        """Copy a local file or folder to ``remote``."""
+
+    def pull(self, remote: str, local_dir: Path, timeout: float) -> str:
+        """Copy ``remote`` into ``local_dir``; what it was: ``file``, ``dir`` or ``missing``."""
+
+    def release(self) -> None:
+        """Delete the machine (errors are the fleet's to report)."""
+
+
 class InstanceHandle:
     """One leased instance: run commands, copy files both ways, call Python there.
 
@@ -98,35 +154,37 @@ class InstanceHandle:
     machine). ``timeout``: the default limit of each call, ``--gpu-timeout``.
     """
 
-    def __init__(self, engine: Engine, machine: Machine, timeout: float, rootdir: Path) -> None:
-        self._engine = engine
-        self._machine = machine
+    def __init__(self, link: InstanceLink, timeout: float, rootdir: Path) -> None:
+        self._link = link
         self._rootdir = rootdir
         self.timeout = timeout
 
     @property
     def id(self) -> str:
-        return self._machine.id
+        return self._link.id
 
     @property
     def gpu(self) -> str:
-        return self._machine.label
+        return self._link.label
 
     @property
     def workspace(self) -> str:
         """The synced workspace's absolute path on the instance."""
-        return self._machine.remote_root
+        return self._link.workspace
 
     def run(self, command: str, *, timeout: float | None = None) -> CommandResult:
         """Run a shell command line in the workspace; a non-zero exit is no error here."""
-        done = self._do(self._exec(command, None), timeout)
-        code = done.returncode if done.returncode is not None else -1
+        done = self._link.exec(command, None, self._limit(timeout))
+        if done.exit_status is not None:
+            code = done.exit_status
+        else:
+            code = -_signal_number(done.exit_signal)
         return CommandResult(_text(done.stdout), _text(done.stderr), code)
 
     def put(self, local: str | os.PathLike[str], remote: str) -> None:
         """Copy a local file to the file ``remote``, or a local folder's files into the
         folder ``remote``."""
-        self._do(push(self._conn, Path(local), self._path(remote)), None)
+        self._link.push(Path(local), self._path(remote), self.timeout)
 
     def get(self, remote: str, local: str | os.PathLike[str]) -> None:
         """Copy the file ``remote`` to the local file ``local``, or the folder ``remote``'s
@@ -134,10 +192,10 @@ class InstanceHandle:
         cannot leave ``local``."""
         target = Path(local)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gpucloud-get-") as tmp:
-            pulled = self._do(pull(self._conn, self._path(remote), Path(tmp)), None)
-            if pulled.kind == "missing":
+            kind = self._link.pull(self._path(remote), Path(tmp), self.timeout)
+            if kind == "missing":
                 raise FileNotFoundError(f"{remote}: no such file or folder on instance {self.id}")
-            if pulled.kind == "file":
+            if kind == "file":
                 os.replace(next(Path(tmp).iterdir()), target)
                 return
             target.mkdir(exist_ok=True)
@@ -151,68 +209,124 @@ class InstanceHandle:
         """``fn(*args, **kwargs)`` run on the instance; its value, or its exception raised
         again here with the remote traceback in its message."""
         payload = _dumps((fn, args, kwargs), fn, self._rootdir)
-        done = self._do(self._exec(f"python3 -c {shlex.quote(_LOADER)}", payload), None)
+        done = self._link.exec(f"python3 -c {shlex.quote(_LOADER)}", payload, self.timeout)
         if done.exit_status == NO_CLOUDPICKLE:
             raise InstanceError(
                 f"instance {self.id}: python3 there has no cloudpickle, which call() needs; "
                 "add it to the image or install it with --gpu-setup"
             )
-        output = done.stdout if isinstance(done.stdout, bytes) else b""
-        if done.exit_status != 0 or not output:
+        if done.exit_status != 0 or not done.stdout:
             tail = _text(done.stderr).strip().splitlines()[-8:]
             raise InstanceError(
                 f"instance {self.id}: call() of {_name(fn)} ended with {_exit_text(done)}"
                 + ("; its last output:\n" + "\n".join(tail) if tail else "")
             )
-        answer = pickle.loads(output)
+        answer = pickle.loads(done.stdout)
         if answer[0] == "ok":
             return answer[1]
         raise _reraised(answer[1], answer[2], self.id)
 
-    @property
-    def _conn(self) -> asyncssh.SSHClientConnection:
-        if self._machine.conn is None:
-            raise InstanceError(f"instance {self.id} has no SSH connection")
-        return self._machine.conn
-
     def _path(self, remote: str) -> str:
         return posixpath.join(self.workspace, remote)
 
-    async def _exec(self, command: str, stdin: bytes | None) -> asyncssh.SSHCompletedProcess:
-        line = f"cd {shlex.quote(self.workspace)} && {command}"
-        runtime = self._machine.runtime
-        if runtime is not None:
-            line = runtime.wrap(line)
-        try:
-            return await self._conn.run(line, input=stdin, encoding=None, check=False)
-        except (OSError, asyncssh.Error) as exc:
-            raise InstanceError(f"instance {self.id}: {exc}") from None
-
-    def _do(self, coro: Any, timeout: float | None) -> Any:
-        limit = self.timeout if timeout is None else timeout
-        try:
-            return self._engine.run(coro, timeout=limit)
-        except TimeoutError:
-            raise InstanceError(
-                f"instance {self.id}: no answer within {limit:g} s (pass timeout= or raise "
-                "--gpu-timeout)"
-            ) from None
+    def _limit(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
 
 
-@contextlib.contextmanager
-def lease(engine: Engine, fleet: Fleet, request: GpuRequest) -> Iterator[InstanceHandle]:
-    """An instance for ``request`` while the ``with`` block runs; deleted after it."""
+class MachineLink:
+    """A leased machine of this process's fleet, driven through its engine."""
+
+    def __init__(self, engine: Engine, fleet: Fleet, machine: Machine) -> None:
+        self._engine = engine
+        self._fleet = fleet
+        self._machine = machine
+        self.id = machine.id
+        self.label = machine.label
+        self.workspace = machine.remote_root
+
+    def exec(self, command: str, stdin: bytes | None, timeout: float) -> Completed:
+        return self._engine.run(within(run_on(self._machine, command, stdin), timeout, self.id))
+
+    def push(self, local: Path, remote: str, timeout: float) -> None:
+        self._engine.run(within(push_to(self._machine, local, remote), timeout, self.id))
+
+    def pull(self, remote: str, local_dir: Path, timeout: float) -> str:
+        return self._engine.run(
+            within(pull_from(self._machine, remote, local_dir), timeout, self.id)
+        )
+
+    def release(self) -> None:
+        with contextlib.suppress(TimeoutError, GpuCloudError):
+            self._engine.run(self._fleet.release_lease(self._machine), timeout=RELEASE_TIMEOUT_S)
+
+
+async def lease_machine(fleet: Fleet, request: GpuRequest) -> Machine:
+    """A machine of ``fleet`` for ``request``, leased whole; InstanceError past the limit."""
     # Bring-up has limits of its own; this one covers them all: boot, --gpu-setup, the rest.
     limit = fleet.settings.boot_timeout + fleet.settings.timeout + LEASE_MARGIN_S
     try:
-        machine = engine.run(fleet.lease_exclusive(request), timeout=limit)
-    except TimeoutError:
+        return await asyncio.wait_for(fleet.lease_exclusive(request), limit)
+    except asyncio.TimeoutError:
         raise InstanceError(f"no instance for {request.spec} within {limit:g} s") from None
+
+
+async def run_on(machine: Machine, command: str, stdin: bytes | None) -> Completed:
+    """Run ``command`` on ``machine`` in its workspace, inside its container if any."""
+    line = f"cd {shlex.quote(machine.remote_root)} && {command}"
+    if machine.runtime is not None:
+        line = machine.runtime.wrap(line)
     try:
-        yield InstanceHandle(engine, machine, fleet.settings.timeout, fleet.launcher.rootdir)
+        done = await machine_conn(machine).run(line, input=stdin, encoding=None, check=False)
+    except (OSError, asyncssh.Error) as exc:
+        raise InstanceError(f"instance {machine.id}: {exc}") from None
+    signal = done.exit_signal[0] if done.exit_signal is not None else None
+    return Completed(_bytes(done.stdout), _bytes(done.stderr), done.exit_status, signal)
+
+
+async def push_to(machine: Machine, local: Path, remote: str) -> None:
+    await push(machine_conn(machine), local, remote)
+
+
+async def pull_from(machine: Machine, remote: str, local_dir: Path) -> str:
+    """Copy ``remote`` into ``local_dir``; what it was (``file``, ``dir``, ``missing``)."""
+    return (await pull(machine_conn(machine), remote, local_dir)).kind
+
+
+async def within(step: Awaitable[T], timeout: float, instance_id: str) -> T:
+    """``step``'s result, or InstanceError once ``timeout`` has passed."""
+    try:
+        return await asyncio.wait_for(step, timeout)
+    except asyncio.TimeoutError:
+        raise InstanceError(
+            f"instance {instance_id}: no answer within {timeout:g} s (pass timeout= or raise "
+            "--gpu-timeout)"
+        ) from None
+
+
+@contextlib.contextmanager
+def leased(link: InstanceLink, timeout: float, rootdir: Path) -> Iterator[InstanceHandle]:
+    """A handle on ``link`` while the ``with`` block runs; the machine is released after."""
+    try:
+        yield InstanceHandle(link, timeout, rootdir)
     finally:
-        with contextlib.suppress(TimeoutError, GpuCloudError):
-            engine.run(fleet.release_lease(machine), timeout=RELEASE_TIMEOUT_S)
+        link.release()
+
+
+def lease(
+    engine: Engine, fleet: Fleet, request: GpuRequest
+) -> contextlib.AbstractContextManager[InstanceHandle]:
+    """An instance of this process's ``fleet`` for ``request`` while the ``with`` block
+    runs; deleted after it."""
+    machine = engine.run(lease_machine(fleet, request))
+    link = MachineLink(engine, fleet, machine)
+    return leased(link, fleet.settings.timeout, fleet.launcher.rootdir)
+
+
+def machine_conn(machine: Machine) -> asyncssh.SSHClientConnection:
+    """The machine's SSH connection; InstanceError if it has none."""
+    if machine.conn is None:
+        raise InstanceError(f"instance {machine.id} has no SSH connection")
+    return machine.conn
 
 
 def _dumps(value: Any, fn: Callable[..., Any], rootdir: Path) -> bytes:
@@ -247,13 +361,23 @@ def _name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-def _text(data: bytes | str | None) -> str:
-    if isinstance(data, bytes):
-        return data.decode(errors="replace")
-    return data or ""
+def _text(data: bytes) -> str:
+    return data.decode(errors="replace")
 
 
-def _exit_text(done: asyncssh.SSHCompletedProcess) -> str:
+def _bytes(data: bytes | str | None) -> bytes:
+    return data if isinstance(data, bytes) else (data or "").encode()
+
+
+def _exit_text(done: Completed) -> str:
     if done.exit_signal is not None:
-        return f"signal {done.exit_signal[0]}"
+        return f"signal {done.exit_signal}"
     return f"exit status {done.exit_status}"
+
+
+def _signal_number(name: str | None) -> int:
+    """The number of signal ``name`` (``KILL`` or ``SIGKILL``); 1 if unknown."""
+    try:
+        return int(signal.Signals["SIG" + (name or "").removeprefix("SIG")])
+    except KeyError:
+        return 1

@@ -13,13 +13,22 @@ worker -> controller:
   plan   {"tests": [[nodeid, canonical request or null (a local test)], ...]}
   run    {"nodeid": str, "request": canonical request, "nextid": str|None}
   instances {}
+  lease  {"request": canonical request}  ``gpu_cloud.instance()``: a machine of its own
+  exec   {"id", "command": str, "stdin": base64|None, "timeout": float}
+  push   {"id", "local": path, "remote": path, "timeout": float}
+  pull   {"id", "remote": path, "local": folder, "timeout": float}
+  release {"id"}
 controller -> worker:
   planned {"errors": {nodeid: message}}
   result  {"result": RunResult as a dict}
   instances {"instances": [InstanceView as a dict]}
+  leased  {"id", "label", "workspace", "timeout", "rootdir"}
+  done    {Completed as a dict} for exec; {"what": file|dir|missing} for pull; {} else
   error   {"message": str}              the request failed (a ``gpu-cloud:`` message)
 
-A worker that goes away while its test runs (a crash, a kill) has that run cancelled.
+A worker that goes away while its test runs (a crash, a kill) has that run cancelled, and
+the machines it leased released. Paths in ``push`` and ``pull`` are this machine's: the
+controller reads and writes them for the worker (same machine, same user).
 """
 
 from __future__ import annotations
@@ -34,16 +43,21 @@ import secrets
 import shutil
 import socket
 import tempfile
+from base64 import b64decode, b64encode
 from collections.abc import Coroutine
+from pathlib import Path
 from traceback import format_exc
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from pytest_gpucloud.errors import PREFIX, GpuCloudError
+from pytest_gpucloud import instance_handle
+from pytest_gpucloud.errors import PREFIX, GpuCloudError, InstanceError
+from pytest_gpucloud.instance_handle import Completed, InstanceHandle, leased, within
 from pytest_gpucloud.remote.protocol import Message, decode, encode
 from pytest_gpucloud.request import GpuRequest
 from pytest_gpucloud.service import InstanceView, RunResult
 
 if TYPE_CHECKING:
+    from pytest_gpucloud.machine import Machine
     from pytest_gpucloud.service import FleetService, Tests
 
 # The key under which a worker's ``workerinput`` carries its :class:`Handoff`.
@@ -72,6 +86,7 @@ class IpcServer:
         )
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        self._releases: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         # The directory is 0700 already, so the socket is private before its chmod too.
@@ -81,12 +96,15 @@ class IpcServer:
         os.chmod(self.handoff["socket"], 0o600)
 
     async def close(self) -> None:
-        """Stop listening, cancel the requests in flight, remove the socket."""
+        """Stop listening, cancel the requests in flight, finish releasing the leases of
+        workers that went away, remove the socket."""
         if self._server is not None:
             self._server.close()
         for task in self._clients:
             task.cancel()
         await asyncio.gather(*self._clients, return_exceptions=True)
+        # The leases of workers gone meanwhile (the fleet deletes whatever is left anyway).
+        await asyncio.gather(*self._releases, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -95,13 +113,14 @@ class IpcServer:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
+        leases: dict[str, Machine] = {}
         try:
             hello = await _read(reader)
             if hello is None or not self._admits(hello):
                 return
             owner = str(hello.get("owner", "?"))
             while (request := await _read(reader)) is not None:
-                answer = await _unless_gone(reader, self._answer(request, owner))
+                answer = await _unless_gone(reader, self._answer(request, owner, leases))
                 if answer is None:
                     return
                 writer.write(answer)
@@ -111,6 +130,8 @@ class IpcServer:
         finally:
             self._clients.discard(task)
             writer.close()
+            for machine in leases.values():  # the worker is gone: so are its leases
+                self._release_later(machine)
 
     def _admits(self, hello: Message) -> bool:
         token = hello.get("token")
@@ -120,10 +141,10 @@ class IpcServer:
             and hmac.compare_digest(token.encode(), self.handoff["token"].encode())
         )
 
-    async def _answer(self, request: Message, owner: str) -> bytes:
+    async def _answer(self, request: Message, owner: str, leases: dict[str, Machine]) -> bytes:
         kind = request["type"]
         try:
-            work = self._work(kind, request, owner)
+            work = self._work(kind, request, owner, leases)
         except (KeyError, TypeError, ValueError) as exc:
             return encode("error", message=f"{PREFIX}malformed {kind} request ({exc!r})")
         try:
@@ -135,7 +156,9 @@ class IpcServer:
                 "error", message=f"{PREFIX}the fleet failed on a {kind} request:\n{format_exc()}"
             )
 
-    def _work(self, kind: str, request: Message, owner: str) -> Coroutine[Any, Any, bytes]:
+    def _work(
+        self, kind: str, request: Message, owner: str, leases: dict[str, Machine]
+    ) -> Coroutine[Any, Any, bytes]:
         """The answer to ``request``, to be awaited; a malformed one raises here."""
         if kind == "plan":
             tests = [
@@ -151,6 +174,10 @@ class IpcServer:
             return self._result(*args, owner)
         if kind == "instances":
             return self._instances()
+        if kind == "lease":
+            return self._lease(GpuRequest.parse(request["request"]), leases)
+        if kind in ("exec", "push", "pull", "release"):
+            return self._on_lease(kind, request, leases[str(request["id"])], leases)
         raise ValueError(f"unknown request {kind!r}")
 
     async def _planned(self, tests: Tests) -> bytes:
@@ -165,6 +192,53 @@ class IpcServer:
     async def _instances(self) -> bytes:
         views = await self._service.instances()
         return encode("instances", instances=[dataclasses.asdict(v) for v in views])
+
+    async def _lease(self, request: GpuRequest, leases: dict[str, Machine]) -> bytes:
+        fleet = await self._service.fleet()
+        machine = await instance_handle.lease_machine(fleet, request)
+        leases[machine.id] = machine
+        return encode(
+            "leased",
+            id=machine.id,
+            label=machine.label,
+            workspace=machine.remote_root,
+            timeout=fleet.settings.timeout,
+            rootdir=str(fleet.launcher.rootdir),
+        )
+
+    async def _on_lease(
+        self, kind: str, request: Message, machine: Machine, leases: dict[str, Machine]
+    ) -> bytes:
+        """exec, push, pull or release on a machine this worker leased."""
+        if kind == "release":
+            leases.pop(machine.id, None)
+            await (await self._service.fleet()).release_lease(machine)
+            return encode("done")
+        timeout = float(request["timeout"])
+        if kind == "exec":
+            stdin = request["stdin"]
+            ran = instance_handle.run_on(
+                machine, str(request["command"]), None if stdin is None else b64decode(stdin)
+            )
+            return encode("done", **(await within(ran, timeout, machine.id)).to_json())
+        if kind == "push":
+            pushed = instance_handle.push_to(
+                machine, Path(request["local"]), str(request["remote"])
+            )
+            await within(pushed, timeout, machine.id)
+            return encode("done")
+        pulled = instance_handle.pull_from(machine, str(request["remote"]), Path(request["local"]))
+        return encode("done", what=await within(pulled, timeout, machine.id))
+
+    def _release_later(self, machine: Machine) -> None:
+        async def release() -> None:
+            fleet = await self._service.fleet()
+            with contextlib.suppress(GpuCloudError):
+                await fleet.release_lease(machine)
+
+        task = asyncio.ensure_future(release())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
 
 async def _read(reader: asyncio.StreamReader) -> Message | None:
@@ -224,6 +298,18 @@ class IpcClient:
             raise GpuCloudError(str(answer.get("message")))
         return [InstanceView(**view) for view in answer["instances"]]
 
+    def lease(self, request: GpuRequest) -> contextlib.AbstractContextManager[InstanceHandle]:
+        answer = self.ask("leased", encode("lease", request=request.canonical()))
+        link = IpcInstanceLink(self, str(answer["id"]), str(answer["label"]), answer["workspace"])
+        return leased(link, float(answer["timeout"]), Path(answer["rootdir"]))
+
+    def ask(self, expected: str, request: bytes) -> Message:
+        """The answer to ``request``, of type ``expected``; an error answer raises it."""
+        answer = self._ask(request)
+        if answer["type"] != expected:
+            raise InstanceError(str(answer.get("message")))
+        return answer
+
     def close(self) -> None:
         if self._stream is not None:
             with contextlib.suppress(OSError):  # its unsent bytes may find no one to read them
@@ -262,3 +348,33 @@ class IpcClient:
             stream.write(encode("hello", token=self._handoff["token"], owner=self._owner))
             self._stream = stream
         return self._stream
+
+
+class IpcInstanceLink:
+    """An :class:`~pytest_gpucloud.instance_handle.InstanceLink` to a machine leased by the
+    xdist controller for this worker: each call goes over the fleet's socket."""
+
+    def __init__(self, client: IpcClient, instance_id: str, label: str, workspace: str) -> None:
+        self._client = client
+        self.id = instance_id
+        self.label = label
+        self.workspace = workspace
+
+    def exec(self, command: str, stdin: bytes | None, timeout: float) -> Completed:
+        data = None if stdin is None else b64encode(stdin).decode()
+        request = encode("exec", id=self.id, command=command, stdin=data, timeout=timeout)
+        return Completed.from_json(self._client.ask("done", request))
+
+    def push(self, local: Path, remote: str, timeout: float) -> None:
+        local_path = str(local.absolute())
+        request = encode("push", id=self.id, local=local_path, remote=remote, timeout=timeout)
+        self._client.ask("done", request)
+
+    def pull(self, remote: str, local_dir: Path, timeout: float) -> str:
+        folder = str(local_dir.absolute())
+        request = encode("pull", id=self.id, remote=remote, local=folder, timeout=timeout)
+        return str(self._client.ask("done", request)["what"])
+
+    def release(self) -> None:
+        with contextlib.suppress(GpuCloudError):
+            self._client.ask("done", encode("release", id=self.id))

@@ -10,18 +10,20 @@ the same :class:`RunResult`, which that process replays; one code path, two tran
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pytest_gpucloud import cost
+from pytest_gpucloud import cost, instance_handle
 from pytest_gpucloud.catalog import check_known
 from pytest_gpucloud.errors import PREFIX, GpuCloudError, MarkerError
 
 if TYPE_CHECKING:
     from pytest_gpucloud.engine import Engine
     from pytest_gpucloud.fleet import Fleet
+    from pytest_gpucloud.instance_handle import InstanceHandle
     from pytest_gpucloud.machine import Machine
     from pytest_gpucloud.remote.protocol import Message
     from pytest_gpucloud.request import GpuRequest
@@ -94,6 +96,10 @@ class FleetAccess(Protocol):
 
     def instances(self) -> list[InstanceView]:
         """The session's instances so far."""
+
+    def lease(self, request: GpuRequest) -> contextlib.AbstractContextManager[InstanceHandle]:
+        """An instance of its own for ``request`` (``gpu_cloud.instance()``), deleted when
+        the ``with`` block ends."""
 
     def close(self) -> None:
         """Let go of the fleet (not the fleet itself: its owner shuts it down)."""
@@ -203,6 +209,9 @@ class LocalAccess:
 
     def instances(self) -> list[InstanceView]:
         return self._engine.run(self._service.instances())
+
+    def lease(self, request: GpuRequest) -> contextlib.AbstractContextManager[InstanceHandle]:
+        return instance_handle.lease(self._engine, self._engine.run(self._service.fleet()), request)
 
     def close(self) -> None:
         pass
