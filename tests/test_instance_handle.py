@@ -129,6 +129,37 @@ def test_xdist_workers_drive_instances_of_their_own(
     result.stdout.fnmatch_lines(["total: 2 instance(s)*"])
 
 
+def test_a_crashed_workers_lease_is_released_at_once(
+    gpu_run: GpuRun, pytester: pytest.Pytester
+) -> None:
+    # The replacement worker's test sees the crashed one's instance go, long before the
+    # session ends (when the fleet would delete it anyway).
+    pytester.makepyfile(
+        """
+        import os
+        import pathlib
+        import time
+
+        def test_a_crash(gpu_cloud):
+            with gpu_cloud.instance("T4") as gpu:
+                pathlib.Path("leased.txt").write_text(gpu.id)
+                os._exit(3)
+
+        def test_b_sees_it_released(gpu_cloud):
+            leased = pathlib.Path("leased.txt").read_text()
+            deadline = time.monotonic() + 30
+            while (states := [v.state for v in gpu_cloud.instances if v.id == leased]) != [
+                "released"
+            ]:
+                assert time.monotonic() < deadline, states
+                time.sleep(0.1)
+        """
+    )
+    result = gpu_run.subprocess("-n", "1")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*crashed while running*test_a_crash*"])
+
+
 def test_spec_errors_are_errors_of_the_test(gpu_run: GpuRun, pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
