@@ -372,8 +372,10 @@ class TarStream:
     def chunks(self) -> Iterator[memoryview]:
         """The rest of the current member's payload, in pieces of up to ``_CHUNK`` bytes,
         each valid until the next."""
-        while got := self.readinto(self._buffer):
+        got = self.readinto(self._buffer)
+        while got:  # (no walrus: this module runs on Python 3.7 too)
             yield self._buffer[:got]
+            got = self.readinto(self._buffer)
 
     def _exact(self, size: int) -> bytes:
         data = self._stream.read(size) if size else b""
