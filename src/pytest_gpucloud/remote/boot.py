@@ -17,7 +17,7 @@ import os
 import runpy
 import sys
 
-GO = b"g"
+GO = b"g"  # the byte the local side sends once the sync is complete
 
 
 def main() -> int:

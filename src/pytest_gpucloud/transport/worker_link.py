@@ -25,6 +25,7 @@ import pytest
 
 from pytest_gpucloud.errors import RemoteError
 from pytest_gpucloud.remote import source
+from pytest_gpucloud.remote.boot import GO
 from pytest_gpucloud.remote.protocol import (
     PROTOCOL_VERSION,
     TIMEOUT_EXIT,
@@ -39,7 +40,6 @@ _CHUNK = 256 * 1024
 TIMEOUT_GRACE_S = 5.0
 READ_AHEAD = 8
 READ_AHEAD_BELOW_S = 0.05
-GO = b"g"  # lets a launched worker go on (remote/boot.py)
 _T = TypeVar("_T")
 
 
@@ -87,7 +87,6 @@ class Collection:
     errors: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[Message] = field(default_factory=list)
     count: int = 0
-    start_s: float = 0.0  # from the exec to pytest imported (``loaded``)
     collect_s: float = 0.0  # from the go to ``collected``
 
 
@@ -181,7 +180,7 @@ class WorkerLink:
         if hello.get("type") != "hello":
             raise self._lost("starting", f"first frame was {hello.get('type')!r}")
         _check_versions(hello, self.instance_id)
-        collection = Collection(hello=hello, start_s=self.start_s)
+        collection = Collection(hello=hello)
         await self._send(encode("start", **start))
         while True:
             frame = await self._expect_frame("collecting")
