@@ -200,6 +200,74 @@ def test_local_fans_out_over_the_gpus_one_test_per_slot_at_a_time(
     result.stdout.fnmatch_lines(["*T4 local-gpu* ready in *s; GPUs: 1 x Tesla T4 (15 GB)*"])
 
 
+def test_local_with_more_workers_than_gpus_queues_tests_for_the_gpu(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, smi_path: str
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.gpu()
+        @pytest.mark.parametrize("n", range(6))
+        def test_t(n):
+            pass
+        """
+    )
+    monkeypatch.setenv("PATH", smi_path)
+    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", _gpus("NVIDIA H200"))
+    result = pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "local", "-n", "3")
+    result.assert_outcomes(passed=6)
+    # The workers asking while the one GPU is leased wait for it, rather than erroring.
+    result.stdout.fnmatch_lines(
+        [
+            "*H200 (not created) dropped (no capacity for one more instance); tests wait for H200 "
+            "local-gpu0*"
+        ]
+    )
+    assert "infrastructure error" not in result.stdout.str()
+    assert "(not created): gpu-cloud" not in result.stdout.str()  # not an error either
+
+
+LINGERING_CHILD = """
+import atexit
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _leave_a_child():
+    # a process in a session of its own, holding the worker's output open after it ends
+    subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(1.5)"], start_new_session=True
+    )
+
+
+if "CUDA_VISIBLE_DEVICES" in os.environ:  # on the worker only
+    atexit.register(_leave_a_child)
+
+
+@pytest.mark.gpu()
+def test_a():
+    pass
+"""
+
+
+def test_local_release_waits_for_the_output_of_what_the_lease_ran(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, smi_path: str
+) -> None:
+    """Like a worker killed with a GPU context, which holds its pipes open a while."""
+    pytester.makepyfile(LINGERING_CHILD)
+    monkeypatch.setenv("PATH", smi_path)
+    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", _gpus("NVIDIA H200"))
+    result = pytester.runpytest_subprocess("--gpu-cloud", "--gpu-provider", "local")
+    result.assert_outcomes(passed=1)
+    output = result.stdout.str() + result.stderr.str()
+    for noise in ("Task was destroyed", "Event loop is closed", "Traceback"):
+        assert noise not in output
+
+
 # -- ssh: the sim's SSH servers as static hosts --------------------------------------------
 
 

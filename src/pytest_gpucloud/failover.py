@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pytest_gpucloud.errors import ProviderError
+from pytest_gpucloud.errors import OutOfCapacity, ProviderError
 
 if TYPE_CHECKING:
     from pytest_gpucloud.catalog import Offer
@@ -39,7 +39,7 @@ class Failover:
             )
         self.creates += 1
 
-    def exhausted(self, spec: str, offers: Iterable[Offer], tried: list[str]) -> ProviderError:
+    def exhausted(self, spec: str, offers: Iterable[Offer], tried: list[str]) -> OutOfCapacity:
         """The error when no offer for ``spec`` has capacity; names every offer tried."""
         earlier = [_name(o.key) for o in offers if o.key in self.avoided]
         earlier = [name for name in earlier if name not in tried]
@@ -48,7 +48,7 @@ class Failover:
             parts.append(f"out of capacity: {', '.join(tried)}")
         if earlier:
             parts.append(f"out of capacity earlier in this session: {', '.join(earlier)}")
-        return ProviderError(f"no instance for {spec}: {'; '.join(parts) or 'no offer'}")
+        return OutOfCapacity(f"no instance for {spec}: {'; '.join(parts) or 'no offer'}")
 
 
 def offer_name(offer: Offer) -> str:

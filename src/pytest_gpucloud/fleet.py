@@ -41,6 +41,7 @@ from pytest_gpucloud.errors import (
     GpuCloudError,
     GpuMismatch,
     InstanceError,
+    OutOfCapacity,
     ProviderError,
     RemoteError,
 )
@@ -529,15 +530,44 @@ class Fleet:
             raise
         except GpuMismatch as exc:
             await self._mismatched(machine, exc)
+        except OutOfCapacity as exc:
+            await self._no_capacity(machine, exc)
         except Exception as exc:
             failure = exc if isinstance(exc, GpuCloudError) else InstanceError(_described(exc))
-            use.failure = failure
-            machine.error = str(failure)
-            self._pool_errors.setdefault(machine.pool, str(failure))
-            self.progress.emit(machine.label, "failed", str(failure).splitlines()[0])
-            await asyncio.shield(self._release(machine, failed=True))
+            await self._failed(machine, failure)
         finally:
             self._after_change()
+
+    async def _failed(self, machine: Machine, failure: GpuCloudError) -> None:
+        """``machine`` could not be brought up: its tests (the pool's) error with why."""
+        self._uses[machine].failure = failure
+        machine.error = str(failure)
+        self._pool_errors.setdefault(machine.pool, str(failure))
+        self.progress.emit(machine.label, "failed", str(failure).splitlines()[0])
+        await asyncio.shield(self._release(machine, failed=True))
+
+    async def _no_capacity(self, machine: Machine, exc: OutOfCapacity) -> None:
+        """No capacity for one more instance: while another machine that can run the pool's
+        tests is up or coming (this machine's only GPU, say, with more xdist workers than
+        GPUs), they wait for it; else they error with why."""
+        use = self._uses[machine]
+        others = [
+            m
+            for m, u in self._uses.items()
+            if m is not machine
+            and m.state not in _GONE
+            and not u.releasing
+            and self._can_host(m, machine.pool, use.asked_by or "")
+        ]
+        if not others:
+            await self._failed(machine, exc)
+            return
+        use.claimed_by = None
+        names = ", ".join(m.label for m in others)
+        self.progress.emit(
+            machine.label, "dropped", f"(no capacity for one more instance); tests wait for {names}"
+        )
+        await asyncio.shield(self._release(machine, failed=True))
 
     async def _mismatched(self, machine: Machine, exc: GpuMismatch) -> None:
         """Not the GPUs asked for (the health check): one fresh instance, then give up."""

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 REGION = "local"
 SSH_USER = "local"
+STOP_GRACE_S = 5.0
 _NO_GPU = "--gpu-provider local found no GPU on this machine"
 
 
@@ -133,6 +134,7 @@ class _Host:
     host_key: asyncssh.SSHKey = field(default_factory=ssh.new_client_key)
     connections: set[asyncssh.SSHServerConnection] = field(default_factory=set)
     group_ids: list[int] = field(default_factory=list)
+    serving: set[asyncio.Task[None]] = field(default_factory=set)
     acceptor: asyncssh.SSHAcceptor | None = None
 
     async def listen(self) -> int:
@@ -144,15 +146,30 @@ class _Host:
             process.stderr.write(b"commands only (no shell)\n")
             process.exit(1)
             return
-        await run_exec(process, cwd=self.home, env=self.env, group_ids=self.group_ids)
+        task = asyncio.current_task()
+        assert task is not None
+        self.serving.add(task)
+        try:
+            await run_exec(process, cwd=self.home, env=self.env, group_ids=self.group_ids)
+        finally:
+            self.serving.discard(task)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """End the lease's connections and kill its processes, then wait (a bounded while)
+        until their output has ended: a process killed with a GPU context, or a child it
+        left, can hold its pipes open for a while, and nothing of it may outlive the loop."""
         if self.acceptor is not None:
             self.acceptor.close()
         for conn in list(self.connections):
             conn.abort()
         for group_id in self.group_ids:
             kill_group(group_id)
+        if self.serving:
+            _, left = await asyncio.wait(self.serving, timeout=STOP_GRACE_S)
+            for task in left:
+                task.cancel()
+            if left:
+                await asyncio.wait(left, timeout=STOP_GRACE_S)
 
 
 @dataclass(eq=False)
@@ -284,7 +301,7 @@ class LocalProvider(LeaseBook[_Lease]):
     async def delete(self, instance_id: str) -> None:
         held = self._leases.pop(instance_id, None)
         if held is not None:
-            held.host.stop()
+            await held.host.stop()
             for lock in held.locks:
                 lock.release()
 

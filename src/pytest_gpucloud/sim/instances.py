@@ -190,32 +190,42 @@ async def run_exec(
     in a process group of its own (its id added to ``group_ids``), killed when the client
     goes; ``on_exit`` gets the exit status before the client does."""
     assert process.command is not None
-    proc = await asyncio.create_subprocess_exec(
-        "/bin/sh",
-        "-c",
-        process.command,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=cwd,
-        env=env,
-        start_new_session=True,
-    )
+    # The output pipes are this function's own, not the subprocess transport's: a child the
+    # process left behind can hold them open after it ends, and they must still be closed
+    # when serving the request is given up (cancelled).
+    readers, write_ends = [], []
+    for _ in range(2):
+        read_end, write_end = os.pipe()
+        readers.append(read_end)
+        write_ends.append(write_end)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh",
+            "-c",
+            process.command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=write_ends[0],
+            stderr=write_ends[1],
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+    finally:
+        for write_end in write_ends:
+            os.close(write_end)
     group_ids.append(proc.pid)
-    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
-    assert stdin is not None
-    assert stdout is not None
-    assert stderr is not None
+    assert proc.stdin is not None
     watcher = asyncio.ensure_future(_kill_when_closed(process, proc))
     # Input is copied by hand: asyncssh's redirect to a pipe can lose data when the
     # client's EOF arrives first (asyncio's write pipe transport, Python 3.11).
-    pump = asyncio.ensure_future(_pump(process.stdin, stdin))
+    pump = asyncio.ensure_future(_pump(process.stdin, proc.stdin))
     # Output too: under backpressure, asyncssh's redirect from a pipe can start a second
     # reader of it, which drops the whole connection. No EOF when stdout ends: it would
     # end stderr too; the exit status closes all.
+    pipes = [await _read_pipe(fd) for fd in readers]
     outputs = [
-        asyncio.ensure_future(_pump_out(stdout, process.stdout)),
-        asyncio.ensure_future(_pump_out(stderr, process.stderr)),
+        asyncio.ensure_future(_pump_out(reader, sink))
+        for (reader, _), sink in zip(pipes, (process.stdout, process.stderr), strict=True)
     ]
     try:
         await asyncio.gather(*outputs)
@@ -227,8 +237,20 @@ async def run_exec(
         pump.cancel()
         for output in outputs:
             output.cancel()
+        for _, transport in pipes:
+            transport.close()
         process.close()  # a no-op once the exit status closed it
         await watcher
+
+
+async def _read_pipe(fd: int) -> tuple[asyncio.StreamReader, asyncio.ReadTransport]:
+    """A stream reading the pipe ``fd`` (which it owns from now on), with its transport."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=_CHUNK, loop=loop)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader, loop=loop), os.fdopen(fd, "rb", 0)
+    )
+    return reader, transport
 
 
 async def _pump(source: asyncssh.SSHReader[bytes], stdin: asyncio.StreamWriter) -> None:
