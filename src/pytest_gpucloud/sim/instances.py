@@ -193,12 +193,13 @@ async def run_exec(
     # The output pipes are this function's own, not the subprocess transport's: a child the
     # process left behind can hold them open after it ends, and they must still be closed
     # when serving the request is given up (cancelled).
-    readers, write_ends = [], []
-    for _ in range(2):
-        read_end, write_end = os.pipe()
-        readers.append(read_end)
-        write_ends.append(write_end)
+    pipes: list[tuple[asyncio.StreamReader, asyncio.ReadTransport]] = []
+    write_ends: list[int] = []
     try:
+        for _ in range(2):
+            read_end, write_end = os.pipe()
+            write_ends.append(write_end)
+            pipes.append(await _read_pipe(read_end))
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh",
             "-c",
@@ -210,6 +211,10 @@ async def run_exec(
             env=env,
             start_new_session=True,
         )
+    except BaseException:
+        for _, transport in pipes:
+            transport.close()
+        raise
     finally:
         for write_end in write_ends:
             os.close(write_end)
@@ -222,7 +227,6 @@ async def run_exec(
     # Output too: under backpressure, asyncssh's redirect from a pipe can start a second
     # reader of it, which drops the whole connection. No EOF when stdout ends: it would
     # end stderr too; the exit status closes all.
-    pipes = [await _read_pipe(fd) for fd in readers]
     outputs = [
         asyncio.ensure_future(_pump_out(reader, sink))
         for (reader, _), sink in zip(pipes, (process.stdout, process.stderr), strict=True)
