@@ -43,7 +43,7 @@ from pytest_gpucloud.data import DataSource
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.transport import ssh
 from pytest_gpucloud.transport.filepipe import pull_listed
-from simcloud import SimProcess, instance
+from simcloud import TMPFS, SimProcess, instance
 
 REPEATS = 7
 SMALL_FILES = 1_000
@@ -208,10 +208,9 @@ def main() -> list[dict[str, Any]]:
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     # Destinations on tmpfs, on both sides: this machine's disk is shared and its noise
     # would swamp the transfers being compared (the sim's instances live on this machine).
-    ram = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    scratch = Path(tempfile.mkdtemp(prefix="gpucloud-bench-artifacts-", dir=ram))
+    scratch = Path(tempfile.mkdtemp(prefix="gpucloud-bench-artifacts-", dir=TMPFS))
     NOTES.append(
-        f"Files are written to {ram or 'the temporary folder'} on both sides (the sim's "
+        f"Files are written to {TMPFS or 'the temporary folder'} on both sides (the sim's "
         "instance is on this machine); sources are read from the page cache."
     )
     moto = subprocess.Popen(

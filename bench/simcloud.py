@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from pytest_gpucloud.providers.base import Instance
 
 _URL = re.compile(rb"on (http://\S+)")
+# A RAM-backed folder for files the benchmarks write, where this machine has one.
+TMPFS = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 class SimProcess:

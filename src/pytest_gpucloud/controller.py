@@ -317,9 +317,8 @@ class Controller:
         (not in the summary at the end, which tools read)."""
         status = yield
         where = getattr(report, "gpu_instance", None)
-        if not where or self._session_ended or config.get_verbosity() <= 0 or not status:
-            return status
-        if not status[2]:
+        shown = status and status[2] and config.get_verbosity() > 0 and not self._session_ended
+        if not where or not shown:
             return status
         category, letter, word = status
         if isinstance(word, tuple):

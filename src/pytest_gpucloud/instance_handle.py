@@ -116,12 +116,12 @@ class Completed:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Completed:
-        status, signal = data["exit_status"], data["exit_signal"]
+        status, exit_signal = data["exit_status"], data["exit_signal"]
         return cls(
             base64.b64decode(data["stdout"]),
             base64.b64decode(data["stderr"]),
             None if status is None else int(status),
-            None if signal is None else str(signal),
+            None if exit_signal is None else str(exit_signal),
         )
 
 
@@ -279,8 +279,8 @@ async def run_on(machine: Machine, command: str, stdin: bytes | None) -> Complet
         done = await machine_conn(machine).run(line, input=stdin, encoding=None, check=False)
     except (OSError, asyncssh.Error) as exc:
         raise InstanceError(f"instance {machine.id}: {exc}") from None
-    signal = done.exit_signal[0] if done.exit_signal is not None else None
-    return Completed(_bytes(done.stdout), _bytes(done.stderr), done.exit_status, signal)
+    exit_signal = done.exit_signal[0] if done.exit_signal is not None else None
+    return Completed(_bytes(done.stdout), _bytes(done.stderr), done.exit_status, exit_signal)
 
 
 async def push_to(machine: Machine, local: Path, remote: str) -> None:

@@ -60,7 +60,6 @@ if TYPE_CHECKING:
     from pytest_gpucloud.machine import Machine
     from pytest_gpucloud.service import FleetService, Tests
 
-# The key under which a worker's ``workerinput`` carries its :class:`Handoff`.
 # Requests are small; a plan of a very large suite is the largest.
 REQUEST_LIMIT = 64 * 1024 * 1024
 
