@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from pytest_gpucloud.machine.gpus import SeenGpu, Sighting, is_type, read_probe, type_name
+from pytest_gpucloud.core.gpus import SeenGpu, Sighting, is_type, read_probe, type_name
 from pytest_gpucloud.machine.preparation import setup_key
 from pytest_gpucloud.machine.runtime import Apptainer, Docker, Podman, Runtime, runtime_for
-from tests.conftest import GpuRun, Sim, Standins
+from tests.cloud import GpuRun, Sim, Standins
 
 WS = "/home/gpu/gpucloud/my proj"
 IMAGE = "python:3.12-slim"

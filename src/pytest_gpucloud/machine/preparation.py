@@ -23,7 +23,7 @@ from pathlib import Path
 import asyncssh
 
 from pytest_gpucloud.core.errors import GpuMismatch, InstanceError
-from pytest_gpucloud.machine.gpus import PROBE, read_probe
+from pytest_gpucloud.core.gpus import PROBE, read_probe
 from pytest_gpucloud.machine.runtime import Runtime
 
 STEP_TIMEOUT_S = 60.0
