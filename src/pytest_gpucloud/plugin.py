@@ -1,7 +1,7 @@
 """pytest hooks: options, the ``gpu`` marker, and the controller when ``--gpu-cloud`` is on.
 
-Thin by design: settings live in settings.py, the grammar in request.py, and the running
-of gpu tests in controller.py.
+Thin by design: settings live in config/settings.py, the grammar in core/request.py, and the
+running of gpu tests in session/controller.py.
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 
 A :class:`Machine` moves through :class:`MachineState`::
 
-    requested -> booting -> connecting -> ready <-> busy -> releasing -> released
-    any state before released -> failed -> released
+    requested -> booting -> connecting -> ready <-> busy
+    any of these -> releasing (or failed: it could not be brought up or kept) -> released
+
+The state lives here only: the fleet marks a machine ``releasing`` when it decides to let
+it go, however far its bring-up got.
 
 Bring-up is a pipeline of steps (create with failover, boot, SSH, code sync, the image
 and its container, the setup command, the GPU health check, worker; see

@@ -58,7 +58,7 @@ class WorkerStart(TypedDict):
 @dataclass(frozen=True)
 class RunSpec:
     """One ``run`` frame: the test, the test after it on this worker, its limit and env,
-    and its datasets (presigned, see data.py)."""
+    and its datasets (presigned, see features/data.py)."""
 
     nodeid: str
     nextid: str | None
