@@ -249,10 +249,20 @@ class Fleet:
         if self.artifacts is not None:
             await self.artifacts.collect(machine, nodeid, frame, lost=lost)
 
-    async def lease_exclusive(self, request: GpuRequest) -> Machine:
-        """A machine of its own for ``request`` (``gpu_cloud.instance()``): brought up like
-        any but without a worker, and never given a test. It is billed, reported and torn
-        down with the others; :meth:`release_lease` deletes it."""
+    async def lease(self, request: GpuRequest) -> Lease:
+        """A machine of its own for ``request`` (``gpu_cloud.instance()``), with what a
+        handle on it needs: brought up like any but without a worker, never given a test,
+        billed, reported and torn down with the others; InstanceError past the bring-up's
+        limits (boot, --gpu-setup, the rest). :meth:`release_lease` deletes it."""
+        limit = self.settings.boot_timeout + self.settings.timeout + LEASE_MARGIN_S
+        try:
+            machine = await asyncio.wait_for(self._lease_whole(request), limit)
+        except asyncio.TimeoutError:
+            raise InstanceError(f"no instance for {request.spec} within {limit:g} s") from None
+        return Lease(machine, self.settings.timeout, self.launcher.rootdir)
+
+    async def _lease_whole(self, request: GpuRequest) -> Machine:
+        """The machine of :meth:`lease`, without its time limit."""
         pool = request.pool_key
         check_known(pool, await self.catalog())
         offers = self._new_offers(pool)
@@ -276,18 +286,8 @@ class Fleet:
         machine.state = MachineState.BUSY
         return machine
 
-    async def lease(self, request: GpuRequest) -> Lease:
-        """:meth:`lease_exclusive` within the bring-up's limits (boot, --gpu-setup, the
-        rest), with what a handle on the machine needs; InstanceError past them."""
-        limit = self.settings.boot_timeout + self.settings.timeout + LEASE_MARGIN_S
-        try:
-            machine = await asyncio.wait_for(self.lease_exclusive(request), limit)
-        except asyncio.TimeoutError:
-            raise InstanceError(f"no instance for {request.spec} within {limit:g} s") from None
-        return Lease(machine, self.settings.timeout, self.launcher.rootdir)
-
     async def release_lease(self, machine: Machine) -> None:
-        """Delete a machine of :meth:`lease_exclusive`."""
+        """Delete a machine of :meth:`lease`."""
         await self._release(machine)
 
     def _ahead(self, nodeid: str | None) -> list[RunSpec]:
