@@ -24,7 +24,6 @@ seconds billed for nothing), and every machine at the end.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from pytest_gpucloud.core.errors import (
 from pytest_gpucloud.core.labels import SESSION, session_labels
 from pytest_gpucloud.features.data import DataSource
 from pytest_gpucloud.features.instance_handle import Lease
-from pytest_gpucloud.machine.deletion import delete_verified
+from pytest_gpucloud.machine.deletion import sweep
 from pytest_gpucloud.machine.failover import Failover
 from pytest_gpucloud.machine.machine import Launcher, Machine, MachineState
 from pytest_gpucloud.scheduling import cost, policy
@@ -52,7 +51,7 @@ from pytest_gpucloud.scheduling.cost import CostModel, Placement
 from pytest_gpucloud.scheduling.durations import Durations
 from pytest_gpucloud.scheduling.planner import Plan, make_plan
 from pytest_gpucloud.scheduling.progress import Progress
-from pytest_gpucloud.transport.worker_link import READ_AHEAD, RunSpec
+from pytest_gpucloud.scheduling.read_ahead import ReadAhead, allowed_env
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -134,11 +133,7 @@ class Fleet:
             session_labels(self.session_id, project, settings.lifetime_s),
             start,
         )
-        # nodeid -> (its request, the test after it on its machine): the order in which
-        # this process will ask for tests, where it knows it. Quick tests are then read
-        # ahead (see transport/worker_link.py).
-        self.read_ahead: dict[str, tuple[GpuRequest, str | None]] = {}
-        self._specs: dict[str, RunSpec] = {}
+        self.read_ahead = ReadAhead(settings.timeout, settings.env)
         self._catalog: list[GpuType] | None = None
         self._feasible: dict[GpuRequest, list[Offer]] = {}
         self._pool_errors: dict[GpuRequest, str] = {}
@@ -199,9 +194,10 @@ class Fleet:
         use = self._uses[machine]
         assert machine.link is not None
         timeout = request.timeout_s or self.settings.timeout
-        env = _allowed_env((*self.settings.env, *request.env))
+        env = allowed_env((*self.settings.env, *request.env))
+        ahead = self.read_ahead.runs_from(nextid)
         try:
-            run = await machine.link.run(nodeid, nextid, timeout, env, self._ahead(nextid), data)
+            run = await machine.link.run(nodeid, nextid, timeout, env, ahead, data)
             await self._bring_home(machine, nodeid, run.artifacts)
         except RemoteError as exc:
             machine.error = str(exc)
@@ -219,8 +215,7 @@ class Fleet:
             self._after_change()
         if machine.tests_run == 0:
             machine.phases.first_test = run.seconds
-        self.read_ahead.pop(nodeid, None)
-        self._specs.pop(nodeid, None)
+        self.read_ahead.done(nodeid)
         machine.tests_run += 1
         machine.state = MachineState.READY
         use.promise = nextid
@@ -231,7 +226,7 @@ class Fleet:
     def expect(self, order: dict[str, tuple[GpuRequest, str | None]]) -> None:
         """The order in which this process will ask for tests: nodeid -> (its request, the
         test after it on its machine). Quick tests are then read ahead."""
-        self.read_ahead.update(order)
+        self.read_ahead.expect(order)
 
     def hurry(self) -> None:
         """The session was interrupted: releases stop workers without goodbyes."""
@@ -289,23 +284,6 @@ class Fleet:
     async def release_lease(self, machine: Machine) -> None:
         """Delete a machine of :meth:`lease`."""
         await self._release(machine)
-
-    def _ahead(self, nodeid: str | None) -> list[RunSpec]:
-        """The planned runs from ``nodeid`` on, as many as a link reads ahead, up to one
-        with datasets (their URLs are presigned when it runs)."""
-        specs: list[RunSpec] = []
-        while nodeid in self.read_ahead and len(specs) < READ_AHEAD:
-            if self.read_ahead[nodeid][0].data:
-                break
-            spec = self._specs.get(nodeid)
-            if spec is None:
-                request, following = self.read_ahead[nodeid]
-                timeout = request.timeout_s or self.settings.timeout
-                env = _allowed_env((*self.settings.env, *request.env))
-                spec = self._specs[nodeid] = RunSpec(nodeid, following, timeout, env)
-            specs.append(spec)
-            nodeid = spec.nextid
-        return specs
 
     def forget(self, nodeids: Tests | None = None) -> None:
         """These queued tests will not run (None: none of them will): machines only they
@@ -678,20 +656,10 @@ class Fleet:
     async def _sweep(self) -> None:
         if not await self.launcher.settle_creates():
             return
-        try:
-            found = await self.provider.list_instances({SESSION: self.session_id})
-        except ProviderError as exc:
-            self.notes.append(f"could not look for stray instances of this session: {exc}")
-            return
         held = {m.id for m in self.machines}
-        strays = [i.id for i in found if i.id not in held and i.status != "terminated"]
-        results = await asyncio.gather(
-            *(delete_verified(self.provider, i) for i in strays), return_exceptions=True
-        )
-        for instance_id, result in zip(strays, results, strict=True):
-            if isinstance(result, BaseException):
-                self.notes.append(f"{instance_id}: delete failed: {result}")
-                self.orphans.append(instance_id)
+        failed, notes = await sweep(self.provider, {SESSION: self.session_id}, held)
+        self.orphans += failed
+        self.notes += notes
 
     # -- choices and limits -----------------------------------------------------------------
 
@@ -793,8 +761,3 @@ class Fleet:
 
 def _described(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _allowed_env(names: tuple[str, ...]) -> dict[str, str]:
-    """The allow-listed variables that are set here, for one remote test."""
-    return {name: os.environ[name] for name in sorted(set(names)) if name in os.environ}
