@@ -1,8 +1,10 @@
 """The real container engines of the container tests: podman, set up on this machine by
 ``tests/podman/setup`` (``make podman``), and docker where a daemon answers.
 
-When podman cannot run here, the run stops and says why: a container test never passes or
-skips for want of its engine. docker is optional: without a daemon its tests skip, saying so.
+When podman cannot run here, the run stops and says why: the first container test errors
+with the reason and the session ends there (also under xdist), so a container test never
+passes or skips for want of its engine. docker is optional: without a daemon, its tests
+skip, saying so.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ class Engine:
         return image
 
 
-def podman(folder: Path) -> Engine:
-    """podman, set up by ``tests/podman/setup``; stops the run when that fails."""
+def podman(folder: Path, session: pytest.Session) -> Engine:
+    """podman, set up by ``tests/podman/setup``; stops the ``session`` when that fails."""
     try:
         done = subprocess.run(
             [str(PODMAN_DIR / "setup")],
@@ -75,10 +77,10 @@ def podman(folder: Path) -> Engine:
             timeout=SETUP_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired:
-        _stop(f"tests/podman/setup did not finish within {SETUP_TIMEOUT_S} s")
+        _stop(session, f"tests/podman/setup did not finish within {SETUP_TIMEOUT_S} s")
     said = done.stderr.strip().splitlines()
     if done.returncode != 0:
-        _stop(said[-1] if said else f"tests/podman/setup: exit status {done.returncode}")
+        _stop(session, said[-1] if said else f"tests/podman/setup: exit {done.returncode}")
     real = shutil.which("podman")
     assert real is not None, "tests/podman/setup succeeded without podman"
     conf = str(PODMAN_DIR / "containers.conf")
@@ -115,9 +117,10 @@ def docker(folder: Path, podman_engine: Engine) -> Engine:
     return engine
 
 
-def _stop(reason: str) -> NoReturn:
-    pytest.exit(
-        f"gpu-cloud tests: the container engine cannot run here: {reason}\n"
-        "The container tests need it (make podman sets it up; -k 'not podman' leaves them out).",
-        returncode=pytest.ExitCode.INTERNAL_ERROR,
+def _stop(session: pytest.Session, reason: str) -> NoReturn:
+    message = (
+        f"the container engine cannot run here: {reason}; the container tests need it "
+        "(make podman sets it up; -k 'not podman' leaves them out)"
     )
+    session.shouldstop = message
+    pytest.fail(message, pytrace=False)

@@ -61,8 +61,10 @@ def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="session")
-def podman_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return engines.podman(tmp_path_factory.mktemp("podman-cli"))
+def podman_engine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Engine:
+    return engines.podman(tmp_path_factory.mktemp("podman-cli"), request.session)
 
 
 @pytest.fixture(scope="session", params=["podman", "docker"])
