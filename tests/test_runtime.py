@@ -1,8 +1,9 @@
 """Container runtimes, the setup command and the GPU health check.
 
-Unit tests pin the exact command lines of each runtime. End-to-end, no container engine can
-run here: recording stand-ins of the docker, podman and apptainer CLIs (tests/standins) go
-first on the sim instances' PATH; they log every call and run ``exec`` commands directly.
+Unit tests pin the exact command lines of each runtime. End-to-end, recording stand-ins of
+the docker, podman and apptainer CLIs (tests/standins) go first on the sim instances' PATH;
+they log every call and run ``exec`` commands directly. The real engine's sessions are in
+test_container_engines.py.
 """
 
 from __future__ import annotations
