@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
+from pytest_gpucloud.machine.runtime import runtime_for
 from pytest_gpucloud.remote.fixtures import artifacts_dir_name
-from pytest_gpucloud.runtime import runtime_for
 from tests import engines
 from tests.conftest import STANDINS, GpuRun, Sim
 from tests.engines import INSIDE, Engine
