@@ -173,6 +173,58 @@ def test_each_image_gets_a_container_of_its_own(
     assert len(hosts) == 2
 
 
+@pytest.fixture
+def local_gpus(
+    engine: Engine, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[list[str]]:
+    """This machine as the ``local`` provider sees it: two GPUs (T4 and L4) of the stand-in
+    nvidia-smi, and the engine's CLI first on the PATH. Yields the session's options: the
+    engine, and a setup that installs the stand-in into the container too. The test fails
+    if a container of a GPU slot is left behind."""
+    smi = tmp_path / "smi-bin"
+    smi.mkdir()
+    shutil.copy2(STANDINS / "nvidia-smi", smi / "nvidia-smi")
+    gpus = "GPU-podman-0|Tesla T4|15360;GPU-podman-1|NVIDIA L4|23034"
+    monkeypatch.setenv("PATH", os.pathsep.join([str(engine.path), str(smi), os.environ["PATH"]]))
+    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", gpus)
+    monkeypatch.setenv("GPUCLOUD_API_KEY", "not-for-the-tests")
+    shutil.copy2(STANDINS / "nvidia-smi", pytester.path / "nvidia-smi")
+    (pytester.path / "nvidia-smi.gpus").write_text(gpus)
+    setup = f"cp nvidia-smi nvidia-smi.gpus /usr/local/bin/ && {SETUP}"
+    yield [
+        *("--gpu-cloud", "--gpu-provider", "local"),
+        *("--gpu-runtime", engine.name, "--gpu-image", engine.image, "--gpu-setup", setup),
+    ]
+    left = engine.containers("gpucloud-local-gpu")
+    for name in left:
+        engine("rm", "-f", name, check=False)
+    assert not left, f"containers left behind: {left}"
+
+
+def test_local_provider_runs_tests_in_a_container_of_its_gpu_slot(
+    engine: Engine, local_gpus: list[str], pytester: pytest.Pytester
+) -> None:
+    pytester.makepyfile(
+        test_inside=INSIDE_TESTS.format(gpu="L4", inside=INSIDE[engine.name])
+        + "\n\ndef test_sees_its_gpu_slot():\n"
+        + "    assert os.environ['CUDA_VISIBLE_DEVICES'] == '1'\n"
+    )
+    result = pytester.runpytest_inprocess(
+        *local_gpus, "--gpu-artifacts-dir", "arts", "-p", "no:randomly"
+    )
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(
+        [
+            f"gpu-cloud: L4 local-gpu1 ready in *s; image {engine.image} present; "
+            f"{engine.name} container gpucloud-local-gpu1; setup ran in *s *; "
+            "GPUs: 1 x NVIDIA L4 (*"
+        ]
+    )
+    host = pytester.path / "arts" / artifacts_dir_name("test_inside.py::test_runs_in_the_container")
+    assert re.fullmatch(r"[0-9a-f]{12}", (host / "host.txt").read_text())
+    assert engine.containers("gpucloud-local-gpu1") == []
+
+
 SLOW = """
 import time
 
@@ -186,30 +238,34 @@ def test_slow():
 """
 
 
-def _started(sim: Sim, before: set[str], project: str) -> dict[str, Any] | None:
-    """The new instance whose test marked its start in the workspace, if there is one."""
-    for instance in _new(sim, before):
-        if instance["home"] and Path(instance["home"], "gpucloud", project, "started").exists():
-            return instance
-    return None
-
-
+@pytest.mark.parametrize("provider", ["sim", "local"])
 def test_sigterm_of_the_session_removes_the_container(
-    engine: Engine, engine_sim: Sim, gpu_run: GpuRun, pytester: pytest.Pytester
+    provider: str, engine: Engine, pytester: pytest.Pytester, request: pytest.FixtureRequest
 ) -> None:
     pytester.makepyfile(test_slow=SLOW)
-    before = {i["id"] for i in engine_sim.instances()}
-    command = [sys.executable, "-m", "pytest", *gpu_run.args()]
-    command += ["--gpu-runtime", engine.name, "--gpu-image", engine.image]
+    sim: Sim | None = None
+    if provider == "sim":
+        sim = request.getfixturevalue("engine_sim")
+        args = [*request.getfixturevalue("gpu_run").args()]
+        args += ["--gpu-runtime", engine.name, "--gpu-image", engine.image]
+    else:
+        args = request.getfixturevalue("local_gpus")
+    before = {i["id"] for i in sim.instances()} if sim else set()
+
+    def started() -> str | None:
+        """The container whose test marked its start in its workspace (the working
+        directory of ``exec``), if there is one."""
+        ids = [i["id"] for i in _new(sim, before)] if sim else ["local-gpu0"]
+        for name in (f"gpucloud-{id_}" for id_ in ids):
+            if engine("exec", name, "test", "-f", "started", check=False).returncode == 0:
+                return name
+        return None
+
+    command = [sys.executable, "-m", "pytest", *args]
     with (pytester.path / "out.txt").open("wb") as out:
         session = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=pytester.path)
     try:
-        instance = _wait_until(
-            lambda: _started(engine_sim, before, pytester.path.name),
-            "the test to start in its container",
-        )
-        name = f"gpucloud-{instance['id']}"
-        assert engine.containers(name) == [name]
+        name = _wait_until(started, "the test to start in its container")
         session.send_signal(signal.SIGTERM)
         assert session.wait(60) == pytest.ExitCode.INTERRUPTED
     finally:
@@ -217,47 +273,8 @@ def test_sigterm_of_the_session_removes_the_container(
     output = (pytester.path / "out.txt").read_text()
     assert "Traceback" not in output
     assert engine.containers(name) == []
-    assert instance["id"] not in [i["id"] for i in engine_sim.live()]
-
-
-def test_local_provider_runs_tests_in_a_container_of_its_gpu_slot(
-    engine: Engine,
-    pytester: pytest.Pytester,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:
-    smi = tmp_path / "smi-bin"
-    smi.mkdir()
-    shutil.copy2(STANDINS / "nvidia-smi", smi / "nvidia-smi")
-    gpus = "GPU-podman-0|Tesla T4|15360;GPU-podman-1|NVIDIA L4|23034"
-    monkeypatch.setenv("PATH", os.pathsep.join([str(engine.path), str(smi), os.environ["PATH"]]))
-    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", gpus)
-    monkeypatch.setenv("GPUCLOUD_API_KEY", "not-for-the-tests")
-    # The container's nvidia-smi: the stand-in and its GPUs, installed by the setup.
-    shutil.copy2(STANDINS / "nvidia-smi", pytester.path / "nvidia-smi")
-    (pytester.path / "nvidia-smi.gpus").write_text(gpus)
-    setup = f"cp nvidia-smi nvidia-smi.gpus /usr/local/bin/ && {SETUP}"
-    pytester.makepyfile(
-        test_inside=INSIDE_TESTS.format(gpu="L4", inside=INSIDE[engine.name])
-        + "\n\ndef test_sees_its_gpu_slot():\n"
-        + "    assert os.environ['CUDA_VISIBLE_DEVICES'] == '1'\n"
-    )
-    result = pytester.runpytest_inprocess(
-        *("--gpu-cloud", "--gpu-provider", "local", "-p", "no:randomly"),
-        *("--gpu-runtime", engine.name, "--gpu-image", engine.image, "--gpu-setup", setup),
-        *("--gpu-artifacts-dir", "arts"),
-    )
-    result.assert_outcomes(passed=3)
-    result.stdout.fnmatch_lines(
-        [
-            f"gpu-cloud: L4 local-gpu1 ready in *s; image {engine.image} present; "
-            f"{engine.name} container gpucloud-local-gpu1; setup ran in *s *; "
-            "GPUs: 1 x NVIDIA L4 (*"
-        ]
-    )
-    host = pytester.path / "arts" / artifacts_dir_name("test_inside.py::test_runs_in_the_container")
-    assert re.fullmatch(r"[0-9a-f]{12}", (host / "host.txt").read_text())
-    assert engine.containers("gpucloud-local-gpu1") == []
+    if sim is not None:
+        assert not [i for i in sim.live() if i["id"] not in before], "the instance outlived it"
 
 
 def test_gpus_without_their_engine_support_are_explained(engine: Engine) -> None:
