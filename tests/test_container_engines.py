@@ -173,29 +173,33 @@ def test_each_image_gets_a_container_of_its_own(
     assert len(hosts) == 2
 
 
+GPUS = "GPU-podman-0|Tesla T4|15360;GPU-podman-1|NVIDIA L4|23034"
+
+
 @pytest.fixture
 def local_gpus(
     engine: Engine, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> Iterator[list[str]]:
-    """This machine as the ``local`` provider sees it: two GPUs (T4 and L4) of the stand-in
-    nvidia-smi, and the engine's CLI first on the PATH. Yields the session's options: the
-    engine, and a setup that installs the stand-in into the container too. The test fails
-    if a container of a GPU slot is left behind."""
+    """This machine as the ``local`` provider sees it: two GPUs (a T4, slot 0, and an L4,
+    slot 1) of the stand-in nvidia-smi, and the engine's CLI first on the PATH. Yields the
+    session's options: the engine, and a setup that installs the stand-in into the container
+    too. The test fails if its container is left behind (a test leases one slot: that of
+    its module's name, ``test_slot<N>``)."""
     smi = tmp_path / "smi-bin"
     smi.mkdir()
     shutil.copy2(STANDINS / "nvidia-smi", smi / "nvidia-smi")
-    gpus = "GPU-podman-0|Tesla T4|15360;GPU-podman-1|NVIDIA L4|23034"
     monkeypatch.setenv("PATH", os.pathsep.join([str(engine.path), str(smi), os.environ["PATH"]]))
-    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", gpus)
+    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", GPUS)
     monkeypatch.setenv("GPUCLOUD_API_KEY", "not-for-the-tests")
     shutil.copy2(STANDINS / "nvidia-smi", pytester.path / "nvidia-smi")
-    (pytester.path / "nvidia-smi.gpus").write_text(gpus)
+    (pytester.path / "nvidia-smi.gpus").write_text(GPUS)
     setup = f"cp nvidia-smi nvidia-smi.gpus /usr/local/bin/ && {SETUP}"
     yield [
         *("--gpu-cloud", "--gpu-provider", "local"),
         *("--gpu-runtime", engine.name, "--gpu-image", engine.image, "--gpu-setup", setup),
     ]
-    left = engine.containers("gpucloud-local-gpu")
+    (module,) = pytester.path.glob("test_slot*.py")
+    left = engine.containers(f"gpucloud-local-gpu{module.stem.removeprefix('test_slot')}")
     for name in left:
         engine("rm", "-f", name, check=False)
     assert not left, f"containers left behind: {left}"
@@ -205,7 +209,7 @@ def test_local_provider_runs_tests_in_a_container_of_its_gpu_slot(
     engine: Engine, local_gpus: list[str], pytester: pytest.Pytester
 ) -> None:
     pytester.makepyfile(
-        test_inside=INSIDE_TESTS.format(gpu="L4", inside=INSIDE[engine.name])
+        test_slot1=INSIDE_TESTS.format(gpu="L4", inside=INSIDE[engine.name])
         + "\n\ndef test_sees_its_gpu_slot():\n"
         + "    assert os.environ['CUDA_VISIBLE_DEVICES'] == '1'\n"
     )
@@ -220,7 +224,7 @@ def test_local_provider_runs_tests_in_a_container_of_its_gpu_slot(
             "GPUs: 1 x NVIDIA L4 (*"
         ]
     )
-    host = pytester.path / "arts" / artifacts_dir_name("test_inside.py::test_runs_in_the_container")
+    host = pytester.path / "arts" / artifacts_dir_name("test_slot1.py::test_runs_in_the_container")
     assert re.fullmatch(r"[0-9a-f]{12}", (host / "host.txt").read_text())
     assert engine.containers("gpucloud-local-gpu1") == []
 
@@ -242,7 +246,7 @@ def test_slow():
 def test_sigterm_of_the_session_removes_the_container(
     provider: str, engine: Engine, pytester: pytest.Pytester, request: pytest.FixtureRequest
 ) -> None:
-    pytester.makepyfile(test_slow=SLOW)
+    pytester.makepyfile(test_slot0=SLOW)  # a T4: slot 0 on local
     sim: Sim | None = None
     if provider == "sim":
         sim = request.getfixturevalue("engine_sim")
