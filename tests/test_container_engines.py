@@ -293,3 +293,17 @@ def test_gpus_without_their_engine_support_are_explained(engine: Engine) -> None
     said = refused.stderr.strip().splitlines()[-1]
     assert runtime.explain(said) != said
     assert "nvidia-ctk" in runtime.explain(said)
+
+
+def test_podman_takes_gpus_as_cdi_devices_because_it_ignores_the_gpus_flag(
+    podman_engine: Engine,
+) -> None:
+    """podman 4 accepts docker's ``--gpus`` with any value and gives no GPU: the podman
+    runtime asks for the CDI device instead (README, "Containers")."""
+    ignored = podman_engine("run", "--rm", "--gpus", "no-such-gpu", podman_engine.image, "true")
+    assert ignored.returncode == 0
+    cdi = podman_engine(
+        *("run", "--rm", "--device", "nvidia.com/gpu=no-such-gpu", podman_engine.image, "true"),
+        check=False,
+    )
+    assert "unresolvable CDI devices nvidia.com/gpu=no-such-gpu" in cdi.stderr
