@@ -24,7 +24,8 @@ import pytest
 from pytest_gpucloud.machine.runtime import runtime_for
 from pytest_gpucloud.remote.fixtures import artifacts_dir_name
 from tests import engines
-from tests.conftest import STANDINS, GpuRun, Sim
+from tests.cloud import GpuRun, Sim
+from tests.conftest import STANDINS
 from tests.engines import INSIDE, Engine
 
 SETUP = "echo ok > /opt/made-by-setup && echo ran >> setup-runs.txt"

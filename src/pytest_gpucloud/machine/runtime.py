@@ -32,7 +32,7 @@ import shlex
 from dataclasses import dataclass
 from typing import ClassVar
 
-from pytest_gpucloud.machine.gpus import SIM_ENV
+from pytest_gpucloud.core.gpus import SIM_ENV
 
 RUNTIMES = ("none", "docker", "podman", "apptainer")
 # Where the NVIDIA driver is loaded, this device exists.
