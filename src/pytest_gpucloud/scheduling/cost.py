@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pytest_gpucloud.core.units import format_dollars
+
 if TYPE_CHECKING:
     from pytest_gpucloud.core.catalog import Offer
     from pytest_gpucloud.machine.machine import Machine
@@ -125,7 +127,8 @@ def summary_lines(entries: list[Bill], budget: float | None = None) -> list[str]
     if not entries:
         return ["no instance was created"]
     lines = [
-        f"{b.instance_id:<12} {_gpu(b):<12} {b.region:<14} {b.tests:>5} tests "
+        f"{b.instance_id:<12} {_gpu(b):<12} {b.region:<14} {b.tests:>5} "
+        f"{'test ' if b.tests == 1 else 'tests'} "
         f"{b.seconds:>8.1f} s  ${b.cost:.4f}"
         for b in entries
     ]
@@ -137,7 +140,7 @@ def summary_lines(entries: list[Bill], budget: float | None = None) -> list[str]
         f"(${hourly:.2f} if billed by the started hour)"
     )
     if budget is not None:
-        lines.append(f"budget: ${budget:.4f}, ${total:.4f} spent")
+        lines.append(f"budget: {format_dollars(budget)}, {format_dollars(total)} spent")
     return lines
 
 

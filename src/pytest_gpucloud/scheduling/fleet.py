@@ -41,6 +41,7 @@ from pytest_gpucloud.core.errors import (
     RemoteError,
 )
 from pytest_gpucloud.core.labels import SESSION, session_labels
+from pytest_gpucloud.core.units import format_dollars
 from pytest_gpucloud.features.data import DataSource
 from pytest_gpucloud.machine.deletion import delete_verified
 from pytest_gpucloud.machine.machine import Launcher, Machine, MachineState
@@ -145,6 +146,7 @@ class Fleet:
         # pool -> nodeid -> request: the planned tests that have not started
         self._queued: dict[GpuRequest, dict[str, GpuRequest]] = {}
         self._seen: set[str] = set()
+        self._unset_noted: set[str] = set()  # allow-listed variables not set here, named once
         self._uses: dict[Machine, _Use] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warming: list[asyncio.Task[None]] = []
@@ -167,6 +169,7 @@ class Fleet:
             if request is not None and nodeid not in self._seen:
                 self._seen.add(nodeid)
                 self._queued.setdefault(request.pool_key, {})[nodeid] = request
+                self._note_unset_env(request)
         if self.planned is None:
             self.planned = make_plan(
                 tests,
@@ -179,6 +182,17 @@ class Fleet:
             if not self.settings.plan:
                 self._warm_start(self.planned)
         return self.planned
+
+    def _note_unset_env(self, request: GpuRequest) -> None:
+        """Once per name: an allow-listed variable that is not set here reaches no test."""
+        for name in sorted({*self.settings.env, *request.env} - os.environ.keys()):
+            if name not in self._unset_noted:
+                self._unset_noted.add(name)
+                self.progress.emit(
+                    name,
+                    "is not set here",
+                    "(named by --gpu-env or gpu(env=...)): remote tests see it unset",
+                )
 
     async def run(
         self, nodeid: str, request: GpuRequest, nextid: str | None, *, owner: str = "main"
@@ -215,12 +229,12 @@ class Fleet:
             self.placements[nodeid] = Placement(machine.id, use.test_started_at, seconds)
             use.test = use.claimed_by = None
             use.last_owner = owner
+            machine.tests_run += 1  # timed out or lost, it ran there all the same
             self._after_change()
-        if machine.tests_run == 0:
+        if machine.tests_run == 1:
             machine.phases.first_test = run.seconds
         self.read_ahead.pop(nodeid, None)
         self._specs.pop(nodeid, None)
-        machine.tests_run += 1
         machine.state = MachineState.READY
         use.promise = nextid
         self.data.note(run.data)
@@ -504,7 +518,7 @@ class Fleet:
         self.machines.append(machine)
         use = self._uses[machine] = _Use(claimed_by=owner, asked_by=asked_by)
         count = f":{pool.count}" if pool.count > 1 else ""
-        self.progress.emit(f"{offers[0].gpu.name}{count}", "requested", f"for {pool.spec}")
+        self.progress.emit(f"{offers[0].gpu.name}{count}", "requested", f"for {pool.canonical()}")
         use.task = self._spawn(self._provision(machine, offers))
         return machine
 
@@ -745,9 +759,9 @@ class Fleet:
         under_way = self._under_way()
         if spent + under_way + extra > budget:
             raise BudgetError(
-                f"the budget of ${budget:.2f} would be passed by {what}: "
-                f"${spent:.4f} spent, ${under_way:.4f} expected for work under way, "
-                f"${extra:.4f} for this; raise --gpu-budget to run it"
+                f"the budget of {format_dollars(budget)} would be passed by {what}: "
+                f"{format_dollars(spent)} spent, {format_dollars(under_way)} expected for work "
+                f"under way, {format_dollars(extra)} for this; raise --gpu-budget to run it"
             )
 
     def _under_way(self) -> float:

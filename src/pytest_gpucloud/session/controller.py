@@ -51,7 +51,8 @@ SHUTDOWN_TIMEOUT = 120.0
 CI_MARKERS = ("CI", "BUILD_NUMBER")
 SIMULATED_NOTE = (
     "the simulated GPU cloud: instances are processes on this machine and "
-    '"GPU" tests run on its CPU'
+    '"GPU" tests run on its CPU, with its Python; images (--gpu-image, gpu(image=...)) '
+    "are not pulled"
 )
 
 
