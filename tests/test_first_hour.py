@@ -216,3 +216,24 @@ def test_the_readmes_fault_examples_are_rules_the_sim_takes(sim: Sim) -> None:
     config = re.search(r"-d '(\{\"boot_delay_s\".*?\})' http", readme)
     assert config is not None
     sim.configure(**json.loads(config.group(1)))
+
+
+def test_failover_says_why_in_the_booting_line(gpu_run: GpuRun) -> None:
+    gpu_run.sim.fault(
+        kind="http_error",
+        op="create",
+        status=409,
+        code="out_of_capacity",
+        gpu_type="H100",
+        times=None,
+    )
+    gpu_run.pytester.makepyfile(
+        test_x="import pytest\n\n@pytest.mark.gpu(['H100', 'A100'])\ndef test_a():\n    pass\n"
+    )
+    result = gpu_run()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["gpu-cloud: A100* booting in * at $*/h (H100 in *, H100 in *: no capacity)"]
+    )
+    # a status line never continues the line of a test's progress
+    assert not [line for line in result.outlines if "%]gpu-cloud" in line]

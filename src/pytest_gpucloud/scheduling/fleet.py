@@ -527,7 +527,12 @@ class Fleet:
         try:
             await self.launcher.create(machine, offers, self.failover)
             price = f"${machine.price_per_hour:.2f}/h"
-            self.progress.emit(machine.label, "booting", f"in {machine.offer.region} at {price}")
+            why = ""
+            if machine.passed_over:
+                why = f" ({', '.join(machine.passed_over)}: no capacity)"
+            self.progress.emit(
+                machine.label, "booting", f"in {machine.offer.region} at {price}{why}"
+            )
             if use.abandoned or self._closing:
                 await self._release(machine)
                 return
