@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pytest_gpucloud.core.units import format_dollars
-from tests.conftest import GpuRun, Sim
+from tests.cloud import GpuRun, Sim
 
 USAGE = pytest.ExitCode.USAGE_ERROR
 
