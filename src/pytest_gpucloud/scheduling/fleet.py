@@ -41,6 +41,7 @@ from pytest_gpucloud.core.errors import (
     RemoteError,
 )
 from pytest_gpucloud.core.labels import SESSION, session_labels
+from pytest_gpucloud.core.units import format_dollars
 from pytest_gpucloud.features.data import DataSource
 from pytest_gpucloud.features.instance_handle import Lease
 from pytest_gpucloud.machine.deletion import sweep
@@ -51,7 +52,7 @@ from pytest_gpucloud.scheduling.cost import CostModel, Placement
 from pytest_gpucloud.scheduling.durations import Durations
 from pytest_gpucloud.scheduling.planner import Plan, make_plan
 from pytest_gpucloud.scheduling.progress import Progress
-from pytest_gpucloud.scheduling.read_ahead import ReadAhead, allowed_env
+from pytest_gpucloud.scheduling.read_ahead import ReadAhead, allowed_env, unset_env
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -141,6 +142,7 @@ class Fleet:
         # pool -> nodeid -> request: the planned tests that have not started
         self._queued: dict[GpuRequest, dict[str, GpuRequest]] = {}
         self._seen: set[str] = set()
+        self._unset_noted: set[str] = set()  # allow-listed variables not set here, named once
         self._uses: dict[Machine, _Use] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warming: list[asyncio.Task[None]] = []
@@ -163,6 +165,7 @@ class Fleet:
             if request is not None and nodeid not in self._seen:
                 self._seen.add(nodeid)
                 self._queued.setdefault(request.pool_key, {})[nodeid] = request
+                self._note_unset_env(request)
         if self.planned is None:
             self.planned = make_plan(
                 tests,
@@ -175,6 +178,17 @@ class Fleet:
             if not self.settings.plan:
                 self._warm_start(self.planned)
         return self.planned
+
+    def _note_unset_env(self, request: GpuRequest) -> None:
+        """Once per name: an allow-listed variable that is not set here reaches no test."""
+        for name in unset_env((*self.settings.env, *request.env)):
+            if name not in self._unset_noted:
+                self._unset_noted.add(name)
+                self.progress.emit(
+                    name,
+                    "is not set here",
+                    "(named by --gpu-env or gpu(env=...)): remote tests see it unset",
+                )
 
     async def run(
         self, nodeid: str, request: GpuRequest, nextid: str | None, *, owner: str
@@ -212,11 +226,11 @@ class Fleet:
             self.placements[nodeid] = Placement(machine.id, use.test_started_at, seconds)
             use.test = use.claimed_by = None
             use.last_owner = owner
+            machine.tests_run += 1  # timed out or lost, it ran there all the same
             self._after_change()
-        if machine.tests_run == 0:
+        if machine.tests_run == 1:
             machine.phases.first_test = run.seconds
         self.read_ahead.done(nodeid)
-        machine.tests_run += 1
         machine.state = MachineState.READY
         use.promise = nextid
         self.data.note(run.data)
@@ -489,7 +503,7 @@ class Fleet:
         self.machines.append(machine)
         use = self._uses[machine] = _Use(claimed_by=owner, asked_by=asked_by)
         count = f":{pool.count}" if pool.count > 1 else ""
-        self.progress.emit(f"{offers[0].gpu.name}{count}", "requested", f"for {pool.spec}")
+        self.progress.emit(f"{offers[0].gpu.name}{count}", "requested", f"for {pool.canonical()}")
         use.task = self._spawn(self._provision(machine, offers))
         return machine
 
@@ -498,7 +512,12 @@ class Fleet:
         try:
             await self.launcher.create(machine, offers, self.failover)
             price = f"${machine.price_per_hour:.2f}/h"
-            self.progress.emit(machine.label, "booting", f"in {machine.offer.region} at {price}")
+            why = ""
+            if machine.passed_over:
+                why = f" ({', '.join(machine.passed_over)}: no capacity)"
+            self.progress.emit(
+                machine.label, "booting", f"in {machine.offer.region} at {price}{why}"
+            )
             if use.abandoned or self._closing:
                 await self._release(machine)
                 return
@@ -730,9 +749,9 @@ class Fleet:
         under_way = self._under_way()
         if policy.over_budget(budget, spent, under_way, extra):
             raise BudgetError(
-                f"the budget of ${budget:.2f} would be passed by {what}: "
-                f"${spent:.4f} spent, ${under_way:.4f} expected for work under way, "
-                f"${extra:.4f} for this; raise --gpu-budget to run it"
+                f"the budget of {format_dollars(budget)} would be passed by {what}: "
+                f"{format_dollars(spent)} spent, {format_dollars(under_way)} expected for work "
+                f"under way, {format_dollars(extra)} for this; raise --gpu-budget to run it"
             )
 
     def _under_way(self) -> float:

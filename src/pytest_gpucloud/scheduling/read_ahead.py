@@ -52,3 +52,8 @@ class ReadAhead:
 def allowed_env(names: tuple[str, ...]) -> dict[str, str]:
     """The allow-listed variables that are set here, for one remote test."""
     return {name: os.environ[name] for name in sorted(set(names)) if name in os.environ}
+
+
+def unset_env(names: tuple[str, ...]) -> list[str]:
+    """The allow-listed variables that are not set here: no remote test gets them."""
+    return sorted(set(names) - os.environ.keys())
