@@ -29,6 +29,7 @@ from typing import Any
 
 import iniconfig
 
+from pytest_gpucloud.cli import workspaces
 from pytest_gpucloud.config.settings import Settings, resolve
 from pytest_gpucloud.core import labels
 from pytest_gpucloud.core.errors import ConfigError, GpuCloudError
@@ -44,7 +45,9 @@ else:  # pragma: no cover - declared in pyproject.toml for Python 3.10
 
 PROG = "python -m pytest_gpucloud cleanup"
 # Providers whose instances end with the session that made them: nothing to clean up.
-_NOTHING_TO_CLEAN = frozenset({"sim", "local", "ssh"})
+_NOTHING_TO_CLEAN = frozenset({"sim"})
+# Providers of machines that outlive sessions: their warm workspaces are cleaned up.
+_WORKSPACES = frozenset({"local", "ssh"})
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="List this project's GPU instances past their expiry (or older than "
-        "--older-than) and delete them after confirmation. Reads the plugin's settings from "
+        "--older-than) and delete them after confirmation; with the ssh and local providers, "
+        "list and remove your warm workspaces. Reads the plugin's settings from "
         "the GPUCLOUD_* environment and the project's pytest ini file.",
     )
     parser.add_argument(
@@ -228,6 +232,21 @@ def _duration(text: str) -> float:
     return seconds
 
 
+def _confirm(yes: bool) -> int | None:
+    """None when the user says yes (or passed ``--yes``), else the exit status."""
+    if yes:
+        return None
+    try:
+        answer = input("Delete them? [y/N] ")
+    except EOFError:
+        print("\ngpu-cloud: nothing deleted: no answer (pass --yes to delete without asking)")
+        return 1
+    if answer.strip().lower() not in ("y", "yes"):
+        print("nothing deleted")
+        return 0
+    return None
+
+
 def main(argv: Sequence[str] | None = None, cwd: Path | None = None) -> int:
     """Run the command; its exit status (0: nothing left to delete, 1: some may remain,
     2: a usage or settings error)."""
@@ -235,6 +254,8 @@ def main(argv: Sequence[str] | None = None, cwd: Path | None = None) -> int:
     try:
         project = find_project((cwd or Path.cwd()).resolve())
         settings = load_settings(project, dict(os.environ))
+        if settings.chosen_provider() in _WORKSPACES:
+            return asyncio.run(workspaces.clean(settings, confirm=lambda: _confirm(args.yes)))
         instances = asyncio.run(_list(settings, project.label))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
@@ -251,15 +272,9 @@ def main(argv: Sequence[str] | None = None, cwd: Path | None = None) -> int:
     print(f"{len(found)} instance(s) of project {project.label} {what}:")
     for instance in found:
         print(describe(instance, now))
-    if not args.yes:
-        try:
-            answer = input("Delete them? [y/N] ")
-        except EOFError:
-            print("\ngpu-cloud: nothing deleted: no answer (pass --yes to delete without asking)")
-            return 1
-        if answer.strip().lower() not in ("y", "yes"):
-            print("nothing deleted")
-            return 0
+    refused = _confirm(args.yes)
+    if refused is not None:
+        return refused
     try:
         failed = asyncio.run(_delete(settings, [i.id for i in found]))
     except GpuCloudError as exc:

@@ -136,6 +136,14 @@ OPTIONS: tuple[Option, ...] = (
         metavar="DURATION",
     ),
     Option(
+        "workspace_ttl",
+        "--gpu-workspace-ttl",
+        "ssh and local providers: remove a project's warm workspace on a host after it was "
+        "idle this long (default 1d)",
+        env="GPUCLOUD_WORKSPACE_TTL",
+        metavar="DURATION",
+    ),
+    Option(
         "max_lifetime",
         "--gpu-max-lifetime",
         "server-side lifetime of every instance, "
@@ -274,6 +282,7 @@ class Settings(BaseModel):
     timeout: Duration = Field(default=1800.0, gt=0)
     boot_timeout: Duration = Field(default=600.0, gt=0)
     max_lifetime: Duration | None = Field(default=None, ge=60)
+    workspace_ttl: Duration = Field(default=86400.0, gt=0)
     sim_boot_delay: Duration = Field(default=0.3, ge=0)
     runtime: Literal["none", "docker", "podman", "apptainer"] = "none"
     setup: str | None = Field(default=None, min_length=1)
@@ -294,7 +303,9 @@ class Settings(BaseModel):
     artifacts_s3: str | None = None
     s3_endpoint: str | None = None
 
-    @field_validator("timeout", "boot_timeout", "max_lifetime", "sim_boot_delay", mode="before")
+    @field_validator(
+        "timeout", "boot_timeout", "max_lifetime", "workspace_ttl", "sim_boot_delay", mode="before"
+    )
     @classmethod
     def _duration(cls, value: object) -> object:
         return parse_duration(value) if isinstance(value, str) else value
@@ -483,6 +494,7 @@ _HINTS = {
     "timeout": " (a duration such as 300, 90s, 10m or 1h30m)",
     "boot_timeout": " (a duration such as 300, 90s, 10m or 1h30m)",
     "max_lifetime": " (a duration of at least 60 s, such as 2h)",
+    "workspace_ttl": " (a duration such as 12h, 1d or 90m)",
     "sim_boot_delay": " (a duration such as 0.5 or 3s)",
     "env": " (names of environment variables such as HF_TOKEN; their values stay unshown)",
     "retries": " (a whole number such as 0 or 3)",

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_gpucloud import remote
 from pytest_gpucloud.core.errors import GpuCloudError, OutOfCapacity, ProviderError
-from pytest_gpucloud.machine import preparation
+from pytest_gpucloud.machine import preparation, workspaces
 from pytest_gpucloud.machine.deletion import delete_verified
 from pytest_gpucloud.machine.failover import offer_name
 from pytest_gpucloud.machine.runtime import Runtime, runtime_for
@@ -263,7 +263,7 @@ class Launcher:
         result = await sync(
             machine.conn,
             self.rootdir,
-            f"gpucloud/{self.rootdir.name}",
+            workspaces.remote_dir(self.rootdir, warm=isinstance(self.provider, LeasingProvider)),
             extra=_remote_package_files(),
             root_known=root_known,
         )
@@ -384,11 +384,11 @@ class Launcher:
 
     async def _clean(self, machine: Machine, conn: asyncssh.SSHClientConnection) -> None:
         """Remove the container before the instance goes; on a machine that outlives the
-        session (a lease), the workspace too."""
+        session (a lease), the workspace stays, warm for the next session, marked used now."""
         leased = isinstance(self.provider, LeasingProvider)
         if machine.runtime is None or conn.is_closed():
             return
-        failed = await preparation.clean(conn, machine.runtime, machine.id, workspace=leased)
+        failed = await preparation.clean(conn, machine.runtime, machine.id, keep=leased)
         if failed and machine.error is None:
             machine.error = "; ".join(failed)
 

@@ -171,34 +171,36 @@ async def check_gpus(
 
 
 async def clean(
-    conn: asyncssh.SSHClientConnection, runtime: Runtime, instance_id: str, *, workspace: bool
+    conn: asyncssh.SSHClientConnection, runtime: Runtime, instance_id: str, *, keep: bool
 ) -> list[str]:
-    """Remove the container and, with ``workspace``, the workspace (a static machine outlives
-    the session); the files the container made are removed from inside it, as their owner.
-    Returns what failed, if anything."""
+    """Remove the container; with ``keep`` (a machine that outlives the session), mark the
+    workspace used now (its manifest's mtime), so its idle time counts from here. Returns
+    what failed, if anything."""
     where = f"instance {instance_id}"
-    ws = shlex.quote(runtime.workspace)
-    steps: list[tuple[str, str, bool]] = []
+    steps: list[tuple[str, str]] = []
     remove = runtime.remove()
-    if workspace and remove is not None:
-        # Inside, the mount point itself cannot go: its contents do.
-        steps.append(
-            (runtime.wrap(f"rm -rf {ws}"), "removing the workspace in the container", False)
-        )
     if remove is not None:
-        steps.append((remove, f"removing the {runtime.name} container", True))
-    if workspace:
+        steps.append((remove, f"removing the {runtime.name} container"))
+    if keep:
         manifest = shlex.quote(f"{runtime.workspace}.manifest.json")
-        steps.append((f"rm -rf {ws} {manifest}", "removing the workspace", True))
+        steps.append((f"touch -c {manifest}", "marking the workspace used"))
     failed: list[str] = []
-    for command, doing, must in steps:
-        try:
-            result = await run(conn, command, timeout=CLEAN_TIMEOUT_S, doing=f"{doing} on {where}")
-        except InstanceError as exc:
-            failed.append(str(exc))
-            continue
-        if must and result.exit_status != 0:
-            failed.append(f"{doing} on {where} failed: {_last_line(result)}")
+    if not steps:
+        return failed
+    # One exec: every step runs, the first failure is told.
+    script = " ; ".join(
+        f"out=$({command} 2>&1) || "
+        f'{{ echo "{doing} failed: $(printf %s "$out" | tail -n 1)" >&2; s=1; }}'
+        for command, doing in steps
+    )
+    try:
+        result = await run(
+            conn, f"s=0; {script}; exit $s", timeout=CLEAN_TIMEOUT_S, doing=f"cleaning {where}"
+        )
+    except InstanceError as exc:
+        return [str(exc)]
+    if result.exit_status != 0:
+        failed.append(f"{_last_line(result)} (on {where})")
     return failed
 
 

@@ -9,7 +9,10 @@ process's environment less ``GPUCLOUD_*`` and ``PYTEST_*``, and this Python firs
 No sshd is involved, yet every lease is served by an SSH server of its own, in this process
 on 127.0.0.1 (a fresh host key, pinned; only the session's key accepted): code sync,
 container runtime, setup, health check and worker then take exactly the path they take on
-a cloud instance, and the workspace is a directory of this machine per GPU slot.
+a cloud instance. Each GPU slot has a home folder of its own, where every project keeps a
+warm workspace between sessions (the slot's lock guards it: a second concurrent session
+takes another slot, with a workspace of its own, or waits); taking a slot removes its
+workspaces idle for more than ``--gpu-workspace-ttl``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pytest_gpucloud.core.errors import ConfigError, OutOfCapacity
 from pytest_gpucloud.core.gpus import SMI_FORMAT, csv_rows, type_name
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.leasing import LeaseBook, lease
+from pytest_gpucloud.remote.workspaces import WORKSPACES, private_dir, sweep, take_lease
 from pytest_gpucloud.transport import ssh
 from pytest_gpucloud.transport.exec_server import kill_group, listen_exec, run_exec
 
@@ -86,8 +90,8 @@ def list_gpus() -> list[LocalGpu]:
 
 
 class _SlotLock:
-    """An exclusive lock on one GPU, across processes (flock: released when this process
-    ends, however it ends)."""
+    """An exclusive lock on one GPU, or on a slot's workspaces, across processes (flock:
+    released when this process ends, however it ends)."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -187,18 +191,30 @@ class LocalProvider(LeaseBook[_Lease]):
     simulated = False
     where = "on this machine"
 
-    def __init__(self, gpus: list[LocalGpu], *, lease_timeout: float, lock_dir: Path) -> None:
+    def __init__(
+        self,
+        gpus: list[LocalGpu],
+        *,
+        lease_timeout: float,
+        lock_dir: Path,
+        workspace_ttl: float = 86400.0,
+    ) -> None:
         self.gpus = gpus
         self._lease_timeout = lease_timeout
         self._lock_dir = lock_dir
+        self._workspace_ttl = workspace_ttl
         super().__init__()
 
     @classmethod
     async def start(cls, settings: Settings) -> LocalProvider:
         gpus = await asyncio.to_thread(list_gpus)
-        lock_dir = Path(tempfile.gettempdir()) / f"pytest-gpucloud-{os.getuid()}"
-        lock_dir.mkdir(mode=0o700, exist_ok=True)
-        return cls(gpus, lease_timeout=settings.boot_timeout, lock_dir=lock_dir)
+        lock_dir = _private(_lock_dir())
+        return cls(
+            gpus,
+            lease_timeout=settings.boot_timeout,
+            lock_dir=lock_dir,
+            workspace_ttl=settings.workspace_ttl,
+        )
 
     async def catalog(self) -> list[GpuType]:
         types: dict[str, GpuType] = {}
@@ -267,10 +283,10 @@ class LocalProvider(LeaseBook[_Lease]):
         # The same GPUs, the same directory: a workspace (and a setup's editable install)
         # keeps its path from one session to the next.
         uuids = ",".join(gpu.uuid or gpu.index for gpu in gpus).encode()
-        home = (
+        home = _private(
             self._lock_dir / f"slot-{hashlib.sha1(uuids, usedforsecurity=False).hexdigest()[:12]}"
         )
-        home.mkdir(mode=0o700, exist_ok=True)
+        workspaces = await _take_workspaces(home, self._workspace_ttl)
         host = _Host(asyncssh.import_public_key(ssh_public_key), home, _environment(gpus))
         port = await host.listen()
         instance = Instance(
@@ -287,7 +303,7 @@ class LocalProvider(LeaseBook[_Lease]):
             ssh_user=SSH_USER,
             ssh_host_key=host.host_key.export_public_key().decode().strip(),
         )
-        self._leases[instance.id] = _Lease(instance, gpus, locks, host)
+        self._leases[instance.id] = _Lease(instance, gpus, [*locks, workspaces], host)
         return instance
 
     async def wait_ready(self, instance: Instance, timeout: float) -> Instance:
@@ -305,8 +321,40 @@ class LocalProvider(LeaseBook[_Lease]):
             for lock in held.locks:
                 lock.release()
 
+    @staticmethod
+    def slot_homes() -> list[Path]:
+        """The home folders of this user's GPU slots, each with its workspaces."""
+        return sorted(_lock_dir().glob("slot-*"))
+
     def _lock_path(self, gpu: LocalGpu) -> Path:
         return self._lock_dir / f"gpu-{gpu.uuid or gpu.index}.lock"
+
+
+def _lock_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"pytest-gpucloud-{os.getuid()}"
+
+
+async def _take_workspaces(home: Path, ttl_s: float) -> _SlotLock:
+    """The lease lock of a slot's workspaces (held only a moment by ``cleanup``), with
+    those idle for more than ``ttl_s`` removed."""
+    for _ in range(100):
+        lock = await asyncio.to_thread(take_lease, os.fspath(home))
+        if isinstance(lock, str) and lock.startswith("refused: "):
+            raise ConfigError(f"--gpu-provider local refuses its folder: {lock[9:]}")
+        if not isinstance(lock, str):
+            with lock:
+                await asyncio.to_thread(sweep, os.fspath(home / WORKSPACES), ttl_s)
+                return _SlotLock(os.dup(lock.fileno()))  # the flock lives on in the copy
+        await asyncio.sleep(0.1)
+    raise OutOfCapacity(f"the workspaces of {home} stayed locked by another process")
+
+
+def _private(folder: Path) -> Path:
+    """``folder``, made if missing; a ConfigError when it is not this user's alone."""
+    problem = private_dir(os.fspath(folder))
+    if problem is not None:
+        raise ConfigError(f"--gpu-provider local refuses its folder: {problem}")
+    return folder
 
 
 def _environment(gpus: list[LocalGpu]) -> dict[str, str]:

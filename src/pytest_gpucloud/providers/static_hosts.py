@@ -6,9 +6,13 @@ type (and count). Host keys come from a known_hosts file (``--gpu-known-hosts``,
 
 A host is leased, whole, to one instance at a time: the lease is an flock held on the host
 (``~/.cache/pytest-gpucloud/lease.lock``) by a process that lives as long as the lease's
-SSH connection, so concurrent sessions and processes never share a host and a lease ends
-with its connection, however this process ends. The launcher removes the session's
-workspace and container before the lease ends.
+SSH connection (:mod:`pytest_gpucloud.remote.workspaces`, run as ``hold``), so concurrent
+sessions and processes never share a host and a lease ends with its connection, however
+this process ends. A second session waits for the lease (up to ``--gpu-boot-timeout``).
+The lease also guards the host's warm workspaces: each project keeps its workspace there
+between sessions, and taking a lease removes those idle for more than
+``--gpu-workspace-ttl``. The launcher removes the session's container before the lease
+ends.
 """
 
 from __future__ import annotations
@@ -28,26 +32,13 @@ from pytest_gpucloud.core.catalog import GpuType, Offer
 from pytest_gpucloud.core.errors import ConfigError, InstanceError, OutOfCapacity
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.leasing import LeaseBook, lease
+from pytest_gpucloud.remote import source
 
 if TYPE_CHECKING:
     from pytest_gpucloud.config.settings import Settings
 
 REGION = "static"
 _GB = re.compile(r"(\d+)GB$", re.IGNORECASE)
-# Holds the host's lease lock until its stdin closes (the lease's SSH connection ends).
-_HOLD_LEASE = """
-import fcntl, os, sys
-path = os.path.expanduser("~/.cache/pytest-gpucloud")
-os.makedirs(path, exist_ok=True)
-lock = open(os.path.join(path, "lease.lock"), "a")
-try:
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-except OSError:
-    print("busy", flush=True)
-    sys.exit(0)
-print("leased", flush=True)
-sys.stdin.read()
-"""
 
 
 @dataclass(eq=False)
@@ -71,8 +62,10 @@ class SshProvider(LeaseBook[_Lease]):
         known_hosts: Path,
         client_key: asyncssh.SSHKey | None,
         lease_timeout: float,
+        workspace_ttl: float = 86400.0,
     ) -> None:
         self.hosts = hosts
+        self._workspace_ttl = workspace_ttl
         self._known_hosts = known_hosts
         self._client_key = client_key
         self._lease_timeout = lease_timeout
@@ -105,6 +98,7 @@ class SshProvider(LeaseBook[_Lease]):
             known_hosts=known_hosts,
             client_key=key,
             lease_timeout=settings.boot_timeout,
+            workspace_ttl=settings.workspace_ttl,
         )
 
     async def catalog(self) -> list[GpuType]:
@@ -159,7 +153,8 @@ class SshProvider(LeaseBook[_Lease]):
     async def _try_lease(self, host: StaticHost, labels: dict[str, str]) -> _Lease | None:
         conn = await self._login(host)
         try:
-            holder = await conn.create_process(f"python3 -c {shlex.quote(_HOLD_LEASE)}")
+            hold = _workspaces_command("hold", str(self._workspace_ttl))
+            holder = await conn.create_process(hold)
             answer = (await asyncio.wait_for(holder.stdout.readline(), 30)).strip()
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
             conn.close()
@@ -168,6 +163,10 @@ class SshProvider(LeaseBook[_Lease]):
             conn.close()
             if answer == "busy":
                 return None
+            if answer.startswith("refused: "):
+                raise InstanceError(
+                    f"could not lease host {host.address}: {answer.removeprefix('refused: ')}"
+                )
             raise InstanceError(
                 f"could not lease host {host.address}: python3 there answered {answer!r} "
                 "(the host needs python3)"
@@ -219,6 +218,20 @@ class SshProvider(LeaseBook[_Lease]):
                 f"could not connect to host {host.address}: {str(exc) or type(exc).__name__}"
             ) from None
 
+    async def workspaces(self, host: StaticHost, *args: str) -> str:
+        """The answer of ``host`` to a workspaces command (``list`` or ``remove KEY...``; see
+        :mod:`pytest_gpucloud.remote.workspaces`); InstanceError when it cannot answer."""
+        conn = await self._login(host)
+        try:
+            async with conn:
+                done = await asyncio.wait_for(conn.run(_workspaces_command(*args)), 60)
+        except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+            raise InstanceError(f"could not reach host {host.address}: {exc}") from None
+        said = str(done.stdout or "").strip()
+        if done.exit_status != 0 or not said:
+            raise InstanceError(f"host {host.address}: python3 there answered {said!r}")
+        return said.splitlines()[-1]
+
     async def wait_ready(self, instance: Instance, timeout: float) -> Instance:
         return instance
 
@@ -235,3 +248,8 @@ class SshProvider(LeaseBook[_Lease]):
         if held is not None:
             held.holder.close()
             held.conn.close()
+
+
+def _workspaces_command(*args: str) -> str:
+    words = " ".join(shlex.quote(arg) for arg in args)
+    return f"python3 -S -c {shlex.quote(source('workspaces'))} {words}"
