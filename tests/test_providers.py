@@ -21,10 +21,13 @@ import asyncssh
 import httpx
 import pytest
 
+from pytest_gpucloud.cli import cleanup
 from pytest_gpucloud.core.addresses import StaticHost, parse_hosts
 from pytest_gpucloud.core.catalog import GpuType, Offer
 from pytest_gpucloud.core.errors import OutOfCapacity
+from pytest_gpucloud.machine.workspaces import workspace_key
 from pytest_gpucloud.providers.static_hosts import SshProvider
+from pytest_gpucloud.remote.workspaces import WORKSPACES
 from tests.cloud import GpuRun, Sim, Standins
 
 STANDINS = Path(__file__).parent / "standins"
@@ -333,7 +336,11 @@ def test_a100():
 """
 
 
-def test_ssh_hosts_are_leased_cleaned_and_never_deleted(
+def _workspace(home: Path, rootdir: Path) -> Path:
+    return home / WORKSPACES / workspace_key(rootdir)
+
+
+def test_ssh_hosts_are_leased_never_deleted_and_keep_a_warm_workspace(
     sim: Sim, static_hosts: Any, pytester: pytest.Pytester
 ) -> None:
     hosts, args, _ = static_hosts
@@ -342,19 +349,114 @@ def test_ssh_hosts_are_leased_cleaned_and_never_deleted(
     first = pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "ssh", *args, *setup)
     first.assert_outcomes(passed=2)
     first.stdout.fnmatch_lines(["*T4 ssh-127.0.0.1-* ready in *s; setup ran in *"])
+    synced = next(_workspace(hosts[0].home, pytester.path).glob("test_*.py"))
+    inode = synced.stat().st_ino
     again = pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "ssh", *args, *setup)
     again.assert_outcomes(passed=2)
     again.stdout.fnmatch_lines(["*T4 ssh-127.0.0.1-* ready in *s; setup cached; GPUs: 1 x T4*"])
+    assert synced.stat().st_ino == inode, "the second sync rewrote an unchanged file"
     for host in hosts:
         assert (host.home / "setup-runs").read_text() == "ran\n", "the setup ran once per host"
-        assert list((host.home / "gpucloud").iterdir()) == [], "the workspace is removed"
+        workspaces = host.home / WORKSPACES
+        assert [p.name for p in workspaces.iterdir() if p.is_dir()] == [
+            workspace_key(pytester.path)
+        ], "one warm workspace, kept"
+        assert workspaces.stat().st_mode & 0o777 == 0o700
     live = {i["id"] for i in sim.live()}
     assert {h.id for h in hosts} <= live
     paths = {f"/v1/instances/{h.id}" for h in hosts}
     assert not [r for r in sim.requests() if r["method"] == "DELETE" and r["path"] in paths]
 
 
-def test_ssh_hosts_with_docker_remove_leftovers_then_container_and_workspace(
+def test_a_workspace_is_never_shared_between_projects_of_one_name(tmp_path: Path) -> None:
+    one, two = tmp_path / "a" / "proj", tmp_path / "b" / "proj"
+    one.mkdir(parents=True)
+    two.mkdir(parents=True)
+    assert workspace_key(one) != workspace_key(two)
+    assert workspace_key(one) == workspace_key(tmp_path / "a" / "." / "proj")
+    assert workspace_key(one).startswith("proj-")
+
+
+def test_idle_workspaces_are_swept_when_a_host_is_leased(
+    static_hosts: Any, pytester: pytest.Pytester
+) -> None:
+    hosts, args, _ = static_hosts
+    workspaces = hosts[0].home / WORKSPACES
+    stale, fresh = workspaces / "old-0123456789abcdef", workspaces / "new-0123456789abcdef"
+    for folder in (stale, fresh):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "f.txt").write_text("x")
+        Path(f"{folder}.manifest.json").write_text("{}")
+    day_ago = time.time() - 86400
+    os.utime(f"{stale}.manifest.json", (day_ago, day_ago))
+    workspaces.parent.chmod(0o700)
+    workspaces.chmod(0o700)
+    pytester.makepyfile(ONE_TEST)
+    ttl = "--gpu-workspace-ttl=12h"
+    pytester.runpytest_inprocess(
+        "--gpu-cloud", "--gpu-provider", "ssh", *args, ttl
+    ).assert_outcomes(passed=1)
+    assert not stale.exists()
+    assert not Path(f"{stale}.manifest.json").exists()
+    assert (fresh / "sub" / "f.txt").exists()
+
+
+@pytest.mark.parametrize("attack", ["symlink", "writable"])
+def test_a_host_whose_workspace_folder_is_not_private_is_refused(
+    static_hosts: Any, pytester: pytest.Pytester, tmp_path: Path, attack: str
+) -> None:
+    hosts, args, _ = static_hosts
+    base = hosts[0].home / WORKSPACES
+    if attack == "symlink":
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        base.parent.mkdir(parents=True, mode=0o700)
+        base.symlink_to(elsewhere)
+        why = "is not a folder but a link or a file"
+    else:
+        base.mkdir(parents=True)
+        base.chmod(0o777)
+        why = "is writable by other users (mode 777; chmod 700 it)"
+    pytester.makepyfile(ONE_TEST)
+    result = pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "ssh", *args)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [f"*gpu-cloud: could not lease host gpu@127.0.0.1:*: {base} {why}*"]
+    )
+    assert not list(Path(base).iterdir())
+
+
+def test_cleanup_lists_and_removes_the_warm_workspaces_of_the_hosts(
+    static_hosts: Any,
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    hosts, args, _ = static_hosts
+    pytester.makepyfile(ONE_TEST)
+    pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "ssh", *args).assert_outcomes(
+        passed=1
+    )
+    workspace = _workspace(hosts[0].home, pytester.path)
+    assert workspace.is_dir()
+    capsys.readouterr()
+    monkeypatch.setenv("GPUCLOUD_PROVIDER", "ssh")
+    for arg in args:
+        name, value = arg.removeprefix("--gpu-").split("=", 1)
+        monkeypatch.setenv("GPUCLOUD_" + name.upper().replace("-", "_"), value)
+    monkeypatch.setattr("builtins.input", lambda _: "n")
+    assert cleanup.main([], cwd=pytester.path) == 0
+    listed = capsys.readouterr().out
+    assert f"gpu@127.0.0.1:{hosts[0].port}  {workspace.name}  idle 0.0 h" in listed
+    assert workspace.is_dir()
+    assert cleanup.main(["--yes"], cwd=pytester.path) == 0
+    assert f"gpu@127.0.0.1:{hosts[0].port}: removed" in capsys.readouterr().out
+    assert not workspace.exists()
+    assert cleanup.main(["--yes"], cwd=pytester.path) == 0
+    assert "no warm workspaces" in capsys.readouterr().out
+
+
+def test_ssh_hosts_with_docker_remove_leftovers_then_the_container_and_keep_the_workspace(
     sim: Sim, standins: Standins, static_hosts: Any, pytester: pytest.Pytester
 ) -> None:
     hosts, args, _ = static_hosts
@@ -364,7 +466,6 @@ def test_ssh_hosts_with_docker_remove_leftovers_then_container_and_workspace(
     )
     result.assert_outcomes(passed=1)
     name = f"gpucloud-ssh-127.0.0.1-{hosts[0].port}"
-    ws = f"{hosts[0].home}/gpucloud/{pytester.path.name}"
     calls = [c["argv"] for c in standins.calls("docker")]
     assert [c[:3] for c in calls[:4]] == [
         ["image", "inspect", "--format"],
@@ -372,12 +473,8 @@ def test_ssh_hosts_with_docker_remove_leftovers_then_container_and_workspace(
         ["rm", "-f", name],  # one a session that ended badly may have left
         ["run", "-d", "--name"],
     ]
-    assert calls[-2:] == [
-        ["exec", "-i", "-w", ws, name, "sh", "-c", f"rm -rf {ws}"],
-        ["rm", "-f", name],
-    ]
-    assert not (hosts[0].home / "gpucloud" / pytester.path.name).exists()
-    assert not (hosts[0].home / "gpucloud" / f"{pytester.path.name}.manifest.json").exists()
+    assert calls[-1] == ["rm", "-f", name]
+    assert list(_workspace(hosts[0].home, pytester.path).glob("test_*.py"))
 
 
 def test_a_host_that_is_not_in_known_hosts_is_refused(
