@@ -656,8 +656,13 @@ class Fleet:
         if use is not None and machine.instance is not None and not use.said_released:
             use.said_released = True
             billed = cost.billed(machine.price_per_hour, machine.seconds)
+            # the session's one clock (from the request, as "ready in"), then the bill
+            since = (machine.deleted_at or time.time()) - machine.requested_at
             self.progress.emit(
-                machine.label, "released", f"after {machine.seconds:.1f} s, ${billed:.4f}"
+                machine.label,
+                "released",
+                f"{since:.1f} s after its request; {machine.seconds:.1f} s billed, "
+                f"{format_dollars(billed)}",
             )
         self._after_change()
 

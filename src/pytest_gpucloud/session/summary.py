@@ -135,7 +135,8 @@ def terminal_lines(
         )
     for machine in outcome.machines:
         if machine.error:
-            lines.append((f"{machine.id}: {machine.error}", {"yellow": True}))
+            # one line a machine: the whole message is its test's ERROR report already
+            lines.append((f"{machine.id}: {_first_line(machine.error)}", {"yellow": True}))
     lines += [(note, {"yellow": True}) for note in outcome.notes]
     if outcome.orphans:
         lines.append(
@@ -147,3 +148,7 @@ def terminal_lines(
             )
         )
     return lines
+
+
+def _first_line(message: str) -> str:
+    return message.splitlines()[0].removesuffix("; its last output:")
