@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from pytest_gpucloud.core.addresses import StaticHost, parse_hosts
 from pytest_gpucloud.core.catalog import GpuType, Offer
 from pytest_gpucloud.core.errors import OutOfCapacity
 from pytest_gpucloud.machine.workspaces import workspace_key
+from pytest_gpucloud.providers.local import LocalProvider
 from pytest_gpucloud.providers.static_hosts import SshProvider
 from pytest_gpucloud.remote.workspaces import WORKSPACES
 from tests.cloud import GpuRun, Sim, Standins
@@ -156,6 +158,35 @@ def test_local_without_a_gpu_is_a_usage_error_saying_so(
             "(NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.)"
         ]
     )
+
+
+def test_local_keeps_a_warm_workspace_per_slot_and_cleanup_removes_it(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    smi_path: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    monkeypatch.setenv("PATH", smi_path)
+    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", _gpus("Tesla T4"))
+    pytester.makepyfile(ONE_TEST)
+    inodes = []
+    for _ in range(2):
+        result = pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "local")
+        result.assert_outcomes(passed=1)
+        [home] = LocalProvider.slot_homes()
+        inodes.append(next(_workspace(home, pytester.path).glob("test_*.py")).stat().st_ino)
+    assert inodes[0] == inodes[1], "the second sync rewrote an unchanged file"
+    assert home.stat().st_mode & 0o777 == 0o700
+    capsys.readouterr()
+    monkeypatch.setenv("GPUCLOUD_PROVIDER", "local")
+    assert cleanup.main(["--yes"], cwd=pytester.path) == 0
+    said = capsys.readouterr().out
+    assert f"{home}  {workspace_key(pytester.path)}  idle 0.0 h" in said
+    assert f"{home}: removed" in said
+    assert not _workspace(home, pytester.path).exists()
 
 
 SLOT_TESTS = """
