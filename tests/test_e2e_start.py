@@ -72,3 +72,23 @@ def test_with_setup_the_worker_starts_after_it(
     assert phases["ready_to_first_result"] == pytest.approx(
         phases["ready"] + phases["first_test"], abs=2e-3
     )
+
+
+def _kind(command: str) -> str:
+    for marker, kind in (
+        ("gpucloud receive", "receiver"),
+        ('run_module("gpucloud_remote"', "worker"),
+        ("nvidia-smi", "gpu check"),
+    ):
+        if marker in command:
+            return kind
+    return command[:60]
+
+
+def test_a_bring_up_costs_three_remote_commands(
+    gpu_run: GpuRun, sim: Sim, pytester: pytest.Pytester
+) -> None:
+    """Each exec pays for the login shell on a real host: the count is pinned (the sync's
+    receiver, the GPU check, the worker; nothing at release without a container)."""
+    commands, _, _, _ = _session(gpu_run, sim, pytester)
+    assert [_kind(c["command"]) for c in commands] == ["receiver", "gpu check", "worker"]

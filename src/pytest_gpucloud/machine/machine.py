@@ -384,11 +384,10 @@ class Launcher:
 
     async def _clean(self, machine: Machine, conn: asyncssh.SSHClientConnection) -> None:
         """Remove the container before the instance goes; on a machine that outlives the
-        session (a lease), the workspace stays, warm for the next session, marked used now."""
-        leased = isinstance(self.provider, LeasingProvider)
+        session (a lease), the workspace stays, warm for the next session."""
         if machine.runtime is None or conn.is_closed():
             return
-        failed = await preparation.clean(conn, machine.runtime, machine.id, keep=leased)
+        failed = await preparation.clean(conn, machine.runtime, machine.id)
         if failed and machine.error is None:
             machine.error = "; ".join(failed)
 

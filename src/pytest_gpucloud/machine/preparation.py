@@ -171,37 +171,20 @@ async def check_gpus(
 
 
 async def clean(
-    conn: asyncssh.SSHClientConnection, runtime: Runtime, instance_id: str, *, keep: bool
+    conn: asyncssh.SSHClientConnection, runtime: Runtime, instance_id: str
 ) -> list[str]:
-    """Remove the container; with ``keep`` (a machine that outlives the session), mark the
-    workspace used now (its manifest's mtime), so its idle time counts from here. Returns
-    what failed, if anything."""
-    where = f"instance {instance_id}"
-    steps: list[tuple[str, str]] = []
+    """Remove the container, if any (the workspace stays: on a cloud instance it goes with
+    the instance, on a machine that outlives the session it stays warm). Returns what
+    failed, if anything."""
     remove = runtime.remove()
-    if remove is not None:
-        steps.append((remove, f"removing the {runtime.name} container"))
-    if keep:
-        manifest = shlex.quote(f"{runtime.workspace}.manifest.json")
-        steps.append((f"touch -c {manifest}", "marking the workspace used"))
-    failed: list[str] = []
-    if not steps:
-        return failed
-    # One exec: every step runs, the first failure is told.
-    script = " ; ".join(
-        f"out=$({command} 2>&1) || "
-        f'{{ echo "{doing} failed: $(printf %s "$out" | tail -n 1)" >&2; s=1; }}'
-        for command, doing in steps
-    )
+    if remove is None:
+        return []
+    doing = f"removing the {runtime.name} container on instance {instance_id}"
     try:
-        result = await run(
-            conn, f"s=0; {script}; exit $s", timeout=CLEAN_TIMEOUT_S, doing=f"cleaning {where}"
-        )
+        result = await run(conn, remove, timeout=CLEAN_TIMEOUT_S, doing=doing)
     except InstanceError as exc:
         return [str(exc)]
-    if result.exit_status != 0:
-        failed.append(f"{_last_line(result)} (on {where})")
-    return failed
+    return [] if result.exit_status == 0 else [f"{doing} failed: {_last_line(result)}"]
 
 
 def _named_files(command: str, root: Path) -> list[Path]:

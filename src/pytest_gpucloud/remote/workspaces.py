@@ -2,9 +2,10 @@
 
 A project's workspace is ``<home>/.cache/pytest-gpucloud/workspaces/<key>``, beside it
 ``<key>.manifest.json`` (the receiver's, written after every sync: its mtime says when the
-workspace was last used). The key names the project and the user on the controlling
-machine, so a workspace is never shared between users or projects. Every folder on the way
-must be private: owned by this user, mode 0700, not a symlink.
+workspace was last synced, which is when its idle time starts; one in use is never
+removed, since its session holds the lease). The key names the project and the user on the
+controlling machine, so a workspace is never shared between users or projects. Every
+folder on the way must be private: owned by this user, mode 0700, not a symlink.
 
 Run as a script (``python3 -S -c <this source> COMMAND ...``) on a static host:
 
