@@ -85,10 +85,12 @@ def _kind(command: str) -> str:
     return command[:60]
 
 
-def test_a_bring_up_costs_three_remote_commands(
+def test_a_bring_up_costs_two_remote_commands(
     gpu_run: GpuRun, sim: Sim, pytester: pytest.Pytester
 ) -> None:
     """Each exec pays for the login shell on a real host: the count is pinned (the sync's
-    receiver, the GPU check, the worker; nothing at release without a container)."""
-    commands, _, _, _ = _session(gpu_run, sim, pytester)
-    assert [_kind(c["command"]) for c in commands] == ["receiver", "gpu check", "worker"]
+    receiver, then the worker, whose exec runs the GPU check first; nothing at release
+    without a container)."""
+    commands, _, worker, _ = _session(gpu_run, sim, pytester)
+    assert [_kind(c["command"]) for c in commands] == ["receiver", "worker"]
+    assert worker["command"].index("nvidia-smi") < worker["command"].index("python3 -c")

@@ -260,14 +260,14 @@ def test_session_runs_through_each_runtime(
         assert calls[-1] == (
             ["rm", "-f", name] if runtime == "docker" else ["rm", "-f", "-t", "0", name]
         )
-    # in the container: the setup-done check, the setup, the GPU check, the worker
+    # in the container: the setup-done check, the setup, the GPU check and the worker
     inner = [c[-1] for c in execs]
-    assert len(inner) == 4
+    assert len(inner) == 3
     assert inner[0].endswith('test -f "$marker"')
     assert f"sh -c '{SETUP}' 2>&1" in inner[1]
-    assert "nvidia-smi --query-gpu=name,memory.total" in inner[2]
-    assert "exec python3 -c " in inner[3]  # the worker's bootstrap (remote/boot.py)
-    assert 'run_module("gpucloud_remote"' in inner[3]
+    gpu_check = inner[2].index("nvidia-smi --query-gpu=name,memory.total")
+    assert gpu_check < inner[2].index("exec python3 -c ")  # the bootstrap (remote/boot.py)
+    assert 'run_module("gpucloud_remote"' in inner[2]
     # the container goes before the instance does, and no secret is on any command line
     commands = instance["commands"]
     if runtime != "apptainer":

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_gpucloud import remote
 from pytest_gpucloud.core.errors import GpuCloudError, OutOfCapacity, ProviderError
+from pytest_gpucloud.core.gpus import PROBE
 from pytest_gpucloud.machine import preparation, workspaces
 from pytest_gpucloud.machine.deletion import delete_verified
 from pytest_gpucloud.machine.failover import offer_name
@@ -275,16 +276,25 @@ class Launcher:
     ) -> None:
         """Prepare the instance, then launch the worker (unless ``files`` is None)."""
         started = time.perf_counter()
-        await self._prepare(machine)
+        # With a worker to start, the GPU check runs in its exec: one login shell less.
+        await self._prepare(machine, check=files is None)
         machine.phases.prepare = time.perf_counter() - started
         if files is not None:
             machine.worker_start = {**self.start, "args": [*self.start["args"], *files]}
-            machine.link = await self._launch_worker(machine, timeout=_left(deadline))
+            machine.link = await self._launch_worker(machine, timeout=_left(deadline), probe=True)
             machine.phases.worker_start = machine.link.start_s
+            machine.notes.append(
+                preparation.judge_folded(
+                    machine.link.probe,
+                    machine.id,
+                    gpu=machine.offer.gpu.name,
+                    count=machine.count,
+                )
+            )
 
-    async def _prepare(self, machine: Machine) -> None:
-        """The steps before the worker: the image and its container, the setup command, the
-        GPU health check (a mismatch raises GpuMismatch)."""
+    async def _prepare(self, machine: Machine, *, check: bool) -> None:
+        """The steps before the worker: the image and its container, the setup command and,
+        with ``check``, the GPU health check (a mismatch raises GpuMismatch)."""
         assert machine.conn is not None
         settings = self.settings
         runtime = machine.runtime = runtime_for(
@@ -313,13 +323,20 @@ class Launcher:
                 timeout=settings.timeout,
             )
             machine.notes.append(note)
-        machine.notes.append(
-            await preparation.check_gpus(
-                machine.conn, runtime, machine.id, gpu=machine.offer.gpu.name, count=machine.count
+        if check:
+            machine.notes.append(
+                await preparation.check_gpus(
+                    machine.conn,
+                    runtime,
+                    machine.id,
+                    gpu=machine.offer.gpu.name,
+                    count=machine.count,
+                )
             )
-        )
 
-    async def _launch_worker(self, machine: Machine, timeout: float) -> WorkerLink:
+    async def _launch_worker(
+        self, machine: Machine, timeout: float, *, probe: bool = False
+    ) -> WorkerLink:
         assert machine.conn is not None
         return await WorkerLink.launch(
             machine.conn,
@@ -328,6 +345,7 @@ class Launcher:
             package_dir=f"{machine.remote_root}/.gpucloud/pkg",
             timeout=timeout,
             wrap=machine.runtime.wrap if machine.runtime else None,
+            probe=PROBE if probe else None,
         )
 
     async def recover(self, machine: Machine) -> bool:

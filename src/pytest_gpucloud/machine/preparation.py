@@ -23,7 +23,7 @@ from pathlib import Path
 import asyncssh
 
 from pytest_gpucloud.core.errors import GpuMismatch, InstanceError
-from pytest_gpucloud.core.gpus import PROBE, read_probe
+from pytest_gpucloud.core.gpus import PROBE, Sighting, read_probe
 from pytest_gpucloud.machine.runtime import Runtime
 
 STEP_TIMEOUT_S = 60.0
@@ -158,15 +158,33 @@ async def check_gpus(
     gpu: str,
     count: int,
 ) -> str:
-    """The health check: the machine shows at least ``count`` GPUs of type ``gpu``, as
-    nvidia-smi sees them inside the runtime (or as the simulated cloud declares them)."""
+    """The health check in an exec of its own (see :func:`judge_gpus`)."""
     where = f"instance {instance_id}"
     probe = await run(
         conn, runtime.wrap(PROBE), timeout=STEP_TIMEOUT_S, doing=f"checking the GPUs of {where}"
     )
     sighting = read_probe(probe.exit_status, _text(probe.stdout), _text(probe.stderr))
+    return judge_gpus(sighting, instance_id, gpu=gpu, count=count)
+
+
+def judge_folded(said: str | None, instance_id: str, *, gpu: str, count: int) -> str:
+    """The health check from :data:`PROBE` run in the worker's exec (its output, stderr
+    included, then ``exit N``; see ``WorkerLink.launch``)."""
+    if said is None:
+        raise InstanceError(f"the worker on instance {instance_id} did not report its GPUs")
+    output, _, status = said.rstrip("\n").rpartition("exit ")
+    exit_status = int(status) if status.isdigit() else None
+    sighting = read_probe(exit_status, output, "")
+    return judge_gpus(sighting, instance_id, gpu=gpu, count=count)
+
+
+def judge_gpus(sighting: Sighting, instance_id: str, *, gpu: str, count: int) -> str:
+    """The health check: the machine shows at least ``count`` GPUs of type ``gpu``, as
+    nvidia-smi sees them inside the runtime (or as the simulated cloud declares them)."""
     if not sighting.has(gpu, count):
-        raise GpuMismatch(f"{where} was asked for {count} x {gpu} but shows {sighting.describe()}")
+        raise GpuMismatch(
+            f"instance {instance_id} was asked for {count} x {gpu} but shows {sighting.describe()}"
+        )
     return f"GPUs: {sighting.describe()}"
 
 

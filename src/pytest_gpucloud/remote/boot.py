@@ -1,7 +1,8 @@
 """The worker's bootstrap; runs on the instance as ``python3 -c <source>`` in the workspace.
 
 It lets the worker start while the code sync is still running. It imports pytest, the
-slow part of a worker's start, says ``{"type": "loaded"}`` on stdout, then waits for one
+slow part of a worker's start, says ``{"type": "loaded"}`` on stdout (with ``probe``, the
+output of the GPU check run in the same exec, when there was one), then waits for one
 byte on stdin. On ``g`` (the sync is done) it imports the worker from the now complete
 workspace (``PYTHONPATH`` names the synced package folder) and runs it, which says
 ``hello``. Anything else, or EOF: the local side gave up; exit 0.
@@ -18,13 +19,21 @@ import runpy
 import sys
 
 GO = b"g"  # the byte the local side sends once the sync is complete
+# What the GPU check printed, run in the same exec just before: told with ``loaded``.
+PROBE_ENV = "GPUCLOUD_GPU_PROBE"
 
 
 def main() -> int:
     cwd = sys.path.pop(0)
     import pytest  # noqa: F401  (the slow part of a start, done while the sync runs)
 
-    os.write(1, b'{"type":"loaded"}\n')
+    probe = os.environ.pop(PROBE_ENV, None)
+    if probe is None:
+        os.write(1, b'{"type":"loaded"}\n')
+    else:
+        import json
+
+        os.write(1, json.dumps({"type": "loaded", "probe": probe}).encode() + b"\n")
     if os.read(0, 1) != GO:
         return 0
     sys.path.insert(0, cwd)

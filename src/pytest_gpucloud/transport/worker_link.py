@@ -25,7 +25,7 @@ import asyncssh
 
 from pytest_gpucloud.core.errors import RemoteError
 from pytest_gpucloud.remote import source
-from pytest_gpucloud.remote.boot import GO
+from pytest_gpucloud.remote.boot import GO, PROBE_ENV
 from pytest_gpucloud.remote.protocol import (
     PROTOCOL_VERSION,
     TIMEOUT_EXIT,
@@ -131,6 +131,7 @@ class WorkerLink:
         self._in_flight: collections.deque[RunSpec] = collections.deque()
         self._quick = False  # the last test ran quickly enough to read ahead of the next
         self.start_s = 0.0  # from the exec to pytest imported (``loaded``)
+        self.probe: str | None = None  # what the launch's ``probe`` printed, ``exit N`` last
 
     @classmethod
     async def launch(
@@ -142,18 +143,24 @@ class WorkerLink:
         package_dir: str,
         timeout: float,
         wrap: Callable[[str], str] | None = None,
+        probe: str | None = None,
     ) -> WorkerLink:
         """Start the worker's bootstrap (``remote/boot.py``) in ``workspace`` and wait until
         it has imported pytest; the code sync may still be running. :meth:`begin` it once
         the workspace is complete.
 
         ``wrap``: turns the worker's shell command line into the one to run (a container
-        runtime's, see :meth:`pytest_gpucloud.machine.runtime.Runtime.wrap`).
+        runtime's, see :meth:`pytest_gpucloud.machine.runtime.Runtime.wrap`). ``probe``: a
+        shell command run first in the same exec (the login shell is paid once); its output
+        (stderr included) and exit status come back as :attr:`probe`.
         """
         command = (
             f"cd {shlex.quote(workspace)} && PYTHONPATH={shlex.quote(package_dir)} "
             f"exec python3 -c {shlex.quote(source('boot'))}"
         )
+        if probe is not None:
+            said = f'p=$( {{ {probe} ; }} 2>&1; echo "exit $?" ); export {PROBE_ENV}="$p"'
+            command = f"{said}; {command}"
         if wrap is not None:
             command = wrap(command)
         started = time.perf_counter()
@@ -184,6 +191,8 @@ class WorkerLink:
         frame = await self._expect_frame("starting")
         if frame.get("type") != "loaded":
             raise self._lost("starting", f"first frame was {frame.get('type')!r}")
+        probe = frame.get("probe")
+        self.probe = probe if isinstance(probe, str) else None
 
     async def _handshake(self, start: WorkerStart) -> Collection:
         started = time.perf_counter()
