@@ -29,7 +29,6 @@ from typing import Any
 
 import iniconfig
 
-from pytest_gpucloud.cli import workspaces
 from pytest_gpucloud.config.settings import Settings, resolve
 from pytest_gpucloud.core import labels
 from pytest_gpucloud.core.errors import ConfigError, GpuCloudError
@@ -255,6 +254,9 @@ def main(argv: Sequence[str] | None = None, cwd: Path | None = None) -> int:
         project = find_project((cwd or Path.cwd()).resolve())
         settings = load_settings(project, dict(os.environ))
         if settings.chosen_provider() in _WORKSPACES:
+            # Imported here: the SSH client is not loaded for a cloud's cleanup.
+            from pytest_gpucloud.cli import workspaces
+
             return asyncio.run(workspaces.clean(settings, confirm=lambda: _confirm(args.yes)))
         instances = asyncio.run(_list(settings, project.label))
     except ConfigError as exc:
