@@ -33,7 +33,7 @@ from pytest_gpucloud import labels
 from pytest_gpucloud.deletion import delete_verified
 from pytest_gpucloud.errors import ConfigError, GpuCloudError
 from pytest_gpucloud.providers import BUILTIN, ProviderRegistry
-from pytest_gpucloud.providers.base import Instance, Provider
+from pytest_gpucloud.providers.base import Instance, KeyKeeper, Provider
 from pytest_gpucloud.settings import Settings, resolve
 from pytest_gpucloud.units import parse_duration
 
@@ -196,6 +196,15 @@ async def _delete(settings: Settings, ids: list[str]) -> list[tuple[str, str]]:
     ]
 
 
+async def _delete_stale_keys(settings: Settings, now: float) -> list[str]:
+    """The SSH keys of dead sessions deleted from the account, where a provider keeps any."""
+    provider = await _provider(settings)
+    try:
+        return await provider.delete_stale_keys(now) if isinstance(provider, KeyKeeper) else []
+    finally:
+        await provider.aclose()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -247,7 +256,7 @@ def main(argv: Sequence[str] | None = None, cwd: Path | None = None) -> int:
     what = "past their expiry" if args.older_than is None else "older than that"
     if not found:
         print(f"no instances of project {project.label} {what}")
-        return 0
+        return _keys_cleaned(settings, now)
     print(f"{len(found)} instance(s) of project {project.label} {what}:")
     for instance in found:
         print(describe(instance, now))
@@ -276,5 +285,15 @@ def main(argv: Sequence[str] | None = None, cwd: Path | None = None) -> int:
             + ", ".join(instance_id for instance_id, _ in failed),
             file=sys.stderr,
         )
+        return 1
+    return _keys_cleaned(settings, now)
+
+
+def _keys_cleaned(settings: Settings, now: float) -> int:
+    try:
+        for name in asyncio.run(_delete_stale_keys(settings, now)):
+            print(f"deleted SSH key {name}")
+    except GpuCloudError as exc:
+        print(exc, file=sys.stderr)
         return 1
     return 0

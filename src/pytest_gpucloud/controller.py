@@ -18,6 +18,7 @@ from pytest_gpucloud.errors import PREFIX, GpuCloudError
 from pytest_gpucloud.fleet import Fleet
 from pytest_gpucloud.interrupts import Interrupts
 from pytest_gpucloud.ipc import Handoff, IpcClient, IpcServer
+from pytest_gpucloud.providers import vendors
 from pytest_gpucloud.replay import (
     remote_pytest_args,
     replay_collectreport,
@@ -143,7 +144,8 @@ class Controller:
         line = f"gpu-cloud: provider {self.provider_name}"
         if self.provider_name == "sim":
             line += f" ({SIMULATED_NOTE})"
-        return [line]
+        note = vendors.header_note(self.provider_name, self.settings)
+        return [line] if note is None else [line, f"gpu-cloud: {note}"]
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:

@@ -82,6 +82,7 @@ class Bill:
     ready_at: float | None
     deleted_at: float | None
     tests: int
+    spot: bool = False
 
     @property
     def seconds(self) -> float:
@@ -109,6 +110,7 @@ def bills(machines: Iterable[Machine]) -> list[Bill]:
             m.ready_at,
             m.deleted_at,
             m.tests_run,
+            m.offer.spot,
         )
         for m in machines
         if m.instance is not None and m.created_at is not None
@@ -167,6 +169,7 @@ def report(
                 "billed_seconds": math.ceil(max(0.0, b.seconds)),
                 "cost": round(b.cost, 6),
                 "tests": b.tests,
+                "spot": b.spot,
                 "phases": phases[b.instance_id],
             }
             for b in entries
@@ -193,4 +196,5 @@ def write_report(path: Path, data: dict[str, Any]) -> None:
 
 
 def _gpu(bill: Bill) -> str:
-    return bill.gpu if bill.count == 1 else f"{bill.gpu}:{bill.count}"
+    name = bill.gpu if bill.count == 1 else f"{bill.gpu}:{bill.count}"
+    return f"{name} spot" if bill.spot else name

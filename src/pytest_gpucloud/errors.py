@@ -45,6 +45,10 @@ class AuthError(ProviderError):
     """The API key was refused."""
 
 
+class QuotaExceeded(ProviderError):
+    """The account may have no more instances: one clear error, no failover to other offers."""
+
+
 class InvalidRequest(ProviderError):
     """The API rejected the request as malformed."""
 

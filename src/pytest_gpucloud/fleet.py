@@ -26,7 +26,7 @@ import asyncio
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from pytest_gpucloud import cost
@@ -199,6 +199,7 @@ class Fleet:
         assert machine.link is not None
         timeout = request.timeout_s or self.settings.timeout
         env = _allowed_env((*self.settings.env, *request.env))
+        preempted = False
         try:
             run = await machine.link.run(nodeid, nextid, timeout, env, self._ahead(nextid), data)
             await self._bring_home(machine, nodeid, run.artifacts)
@@ -206,7 +207,10 @@ class Fleet:
             machine.error = str(exc)
             await self._bring_home(machine, nodeid, None, lost=True)
             await self._recover(machine, request)
-            raise
+            # A spot instance that is gone was preempted: the test runs again elsewhere.
+            preempted = machine.offer.spot and machine.state is not MachineState.READY
+            if not preempted:
+                raise
         except asyncio.CancelledError:  # its owner is gone: the remote test may still run
             self._retire(machine)
             raise
@@ -216,6 +220,11 @@ class Fleet:
             use.test = use.claimed_by = None
             use.last_owner = owner
             self._after_change()
+        if preempted:
+            if self.settings.spot_fallback:
+                request = replace(request, spot=False)
+            self.progress.emit(machine.label, "preempted", f"{nodeid} runs again")
+            return await self.run(nodeid, request, nextid, owner=owner)
         if machine.tests_run == 0:
             machine.phases.first_test = run.seconds
         self.read_ahead.pop(nodeid, None)

@@ -214,6 +214,7 @@ class Launcher:
             machine.conn = await self.provider.connect(machine.instance, self.key, connect_timeout)
         else:
             machine.conn = await ssh.connect(machine.instance, self.key, timeout=connect_timeout)
+            machine.instance = ssh.pin(machine.instance, machine.conn)
         phases.connect = lap()
         # With no setup command to run between them, the container, the GPU check and the
         # worker's start (its pytest import) go on while the code is still syncing.

@@ -6,6 +6,7 @@ of gpu tests in controller.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -13,9 +14,9 @@ import pytest
 
 from pytest_gpucloud import hooks
 from pytest_gpucloud.errors import PREFIX, ConfigError, MarkerError
-from pytest_gpucloud.providers import BUILTIN, ProviderFactory, ProviderRegistry
+from pytest_gpucloud.providers import BUILTIN, ProviderFactory, ProviderRegistry, vendors
 from pytest_gpucloud.request import GpuRequest, request_for_item
-from pytest_gpucloud.settings import API_KEY_ENV, OPTIONS, from_config
+from pytest_gpucloud.settings import OPTIONS, SECRET_ENV, from_config
 from pytest_gpucloud.stash import (
     CONTROLLER_KEY,
     PROVIDERS_KEY,
@@ -84,6 +85,7 @@ def pytest_configure(config: pytest.Config) -> None:
         provider = None
         if settings.enabled:
             provider = handoff["provider"] if handoff else settings.chosen_provider()
+            vendors.check(provider, settings)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = settings
@@ -125,22 +127,22 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 class XdistControllerHooks:
     """pytest-xdist's controller hooks, registered only where xdist is installed: every
-    worker gets the fleet's socket in its ``workerinput``; no worker gets the API key."""
+    worker gets the fleet's socket in its ``workerinput``; no worker gets an API key."""
 
     def __init__(self, controller: Controller) -> None:
         self._controller = controller
-        self._hidden_key: str | None = None
+        self._hidden: dict[str, str] = {}
 
     def pytest_xdist_setupnodes(self) -> None:
-        # Workers inherit this process's environment; the key is in Settings already.
-        self._hidden_key = os.environ.pop(API_KEY_ENV, None)
+        # Workers inherit this process's environment; the keys are in Settings already.
+        self._hidden = {name: os.environ.pop(name) for name in SECRET_ENV if name in os.environ}
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput[WORKERINPUT_KEY] = self._controller.handoff()
 
     def restore(self) -> None:
-        if self._hidden_key is not None:
-            os.environ.setdefault(API_KEY_ENV, self._hidden_key)
+        for name, value in self._hidden.items():
+            os.environ.setdefault(name, value)
 
 
 XDIST_HOOKS_KEY = pytest.StashKey[XdistControllerHooks]()
@@ -162,6 +164,8 @@ def pytest_collection_modifyitems(
             session.ihook.pytest_collectreport(report=report)
             continue
         if request is not None:
+            if enabled and config.stash[CONTROLLER_KEY].settings.spot and not request.spot:
+                request = dataclasses.replace(request, spot=True)  # --gpu-spot
             item.stash[REQUEST_KEY] = request
             if not enabled:
                 item.add_marker(pytest.mark.skip(reason=f"{SKIP_REASON} ({request.canonical()})"))

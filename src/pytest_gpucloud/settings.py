@@ -30,8 +30,15 @@ from pytest_gpucloud.s3 import split_url
 from pytest_gpucloud.units import parse_duration, parse_size
 
 API_KEY_ENV = "GPUCLOUD_API_KEY"
+# The vendor providers' keys, each under its vendor's conventional variable.
+VENDOR_KEY_ENV = {
+    "lambda": "LAMBDA_API_KEY",
+    "runpod": "RUNPOD_API_KEY",
+    "lyceum": "LYCEUM_API_KEY",
+}
 # Environment variables that no allow-list (--gpu-env, gpu(env=...)) may pass to instances.
-SECRET_ENV = frozenset({API_KEY_ENV})
+SECRET_ENV = frozenset({API_KEY_ENV, *VENDOR_KEY_ENV.values()})
+HostKeyPolicy = Literal["inject", "announced", "tofu", "strict"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,29 @@ OPTIONS: tuple[Option, ...] = (
         "private key that logs in to --gpu-hosts (default: ~/.ssh/id_* and the SSH agent)",
         env="GPUCLOUD_SSH_KEY",
         metavar="PATH",
+    ),
+    Option(
+        "host_key",
+        "--gpu-host-key",
+        "how instances' SSH host keys are verified: inject (a key made here goes onto the "
+        "instance), announced (the API's), tofu (trust the first, where neither exists) or "
+        "strict (inject or announced, never tofu); default: the provider's best",
+        env="GPUCLOUD_HOST_KEY",
+        metavar="POLICY",
+    ),
+    Option(
+        "spot",
+        "--gpu-spot",
+        "ask for interruptible (spot) capacity for every gpu test, where the provider has it",
+        env="GPUCLOUD_SPOT",
+        is_switch=True,
+    ),
+    Option(
+        "spot_fallback",
+        "--gpu-spot-fallback",
+        "retry a test whose spot instance was preempted on on-demand capacity",
+        env="GPUCLOUD_SPOT_FALLBACK",
+        is_switch=True,
     ),
     Option(
         "timeout",
@@ -273,6 +303,10 @@ class Settings(BaseModel):
     provider: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     api_url: str | None = None
     api_key: SecretStr | None = Field(default=None, repr=False)
+    vendor_keys: dict[str, SecretStr] = Field(default_factory=dict, repr=False)
+    host_key: HostKeyPolicy | None = None
+    spot: bool = False
+    spot_fallback: bool = False
     image: str = Field(default="python:3.12-slim", min_length=1)
     timeout: Duration = Field(default=1800.0, gt=0)
     boot_timeout: Duration = Field(default=600.0, gt=0)
@@ -446,6 +480,9 @@ def resolve(
     values: dict[str, Any] = {field: source.value for field, source in sources.items()}
     if environ.get(API_KEY_ENV):
         values["api_key"] = environ[API_KEY_ENV]
+    values["vendor_keys"] = {
+        vendor: environ[name] for vendor, name in VENDOR_KEY_ENV.items() if environ.get(name)
+    }
     try:
         return Settings.model_validate(values, context={"providers": providers})
     except ValidationError as exc:
@@ -487,6 +524,7 @@ _HINTS = {
     "max_creates": " (a whole number of at least 1, such as 20)",
     "budget": " (US dollars, a positive number such as 5 or 12.50)",
     "start": " (choose one of: jit, eager, lazy)",
+    "host_key": " (choose one of: inject, announced, tofu, strict)",
     "artifacts_max": " (a size such as 500MB, 2GB or 1.5GiB)",
     "artifacts_s3": " (such as s3://my-bucket/ci-artifacts)",
 }

@@ -12,6 +12,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING
 
 from pytest_gpucloud.errors import ConfigError
+from pytest_gpucloud.providers import vendors
 
 if TYPE_CHECKING:
     from pytest_gpucloud.providers.base import Provider
@@ -51,7 +52,33 @@ async def _ssh(settings: Settings) -> Provider:
     return SshProvider.from_settings(settings)
 
 
-BUILTIN: dict[str, ProviderFactory] = {"rest": _rest, "sim": _sim, "local": _local, "ssh": _ssh}
+async def _lambda(settings: Settings) -> Provider:
+    from pytest_gpucloud.providers.lambda_cloud import BASE_URL, LambdaProvider
+
+    policy = vendors.host_key_policy("lambda", settings)
+    assert policy is not None
+    return LambdaProvider(settings.api_url or BASE_URL, _vendor_key(settings, "lambda"), policy)
+
+
+def _vendor_key(settings: Settings, vendor: str) -> str:
+    from pytest_gpucloud.settings import VENDOR_KEY_ENV
+
+    key = settings.vendor_keys.get(vendor)
+    if key is None:
+        raise ConfigError(
+            f"--gpu-provider {vendor} needs an API key: set {VENDOR_KEY_ENV[vendor]} (the key "
+            "is read from the environment only)"
+        )
+    return key.get_secret_value()
+
+
+BUILTIN: dict[str, ProviderFactory] = {
+    "rest": _rest,
+    "sim": _sim,
+    "local": _local,
+    "ssh": _ssh,
+    "lambda": _lambda,
+}
 
 
 class ProviderRegistry:
