@@ -60,6 +60,22 @@ async def _lambda(settings: Settings) -> Provider:
     return LambdaProvider(settings.api_url or BASE_URL, _vendor_key(settings, "lambda"), policy)
 
 
+async def _runpod(settings: Settings) -> Provider:
+    from pytest_gpucloud.providers.runpod import BASE_URL, RunPodProvider
+
+    policy = vendors.host_key_policy("runpod", settings)
+    assert policy is not None
+    return RunPodProvider(settings.api_url or BASE_URL, _vendor_key(settings, "runpod"), policy)
+
+
+async def _lyceum(settings: Settings) -> Provider:
+    from pytest_gpucloud.providers.lyceum import BASE_URL, LyceumProvider
+
+    policy = vendors.host_key_policy("lyceum", settings)
+    assert policy is not None
+    return LyceumProvider(settings.api_url or BASE_URL, _vendor_key(settings, "lyceum"), policy)
+
+
 def _vendor_key(settings: Settings, vendor: str) -> str:
     from pytest_gpucloud.settings import VENDOR_KEY_ENV
 
@@ -78,6 +94,8 @@ BUILTIN: dict[str, ProviderFactory] = {
     "local": _local,
     "ssh": _ssh,
     "lambda": _lambda,
+    "runpod": _runpod,
+    "lyceum": _lyceum,
 }
 
 
