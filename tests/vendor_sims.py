@@ -4,6 +4,7 @@ provider (``--gpu-provider lambda|runpod|lyceum --gpu-api-url <the dialect's bas
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +42,9 @@ def start(dialect: Dialect) -> Iterator[VendorSim]:
     server = SimServer(SimConfig(api_key=api_key, boot_delay_s=BOOT_DELAY, dialect=dialect))
     sim = VendorSim(dialect, server.start(), api_key)
     yield sim
+    deadline = time.monotonic() + 5  # deletes take a moment
+    while sim.live() and time.monotonic() < deadline:
+        time.sleep(0.05)
     leaked = [i["id"] for i in sim.live()]
     sim.api.close()
     sim.close()

@@ -1,0 +1,126 @@
+"""The ``runpod`` provider end to end on the simulated cloud's RunPod dialect (REST v2), and
+the facts of RunPod's API that the provider and the dialect rely on (each names its source)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from pytest_gpucloud import cleanup
+from tests.vendor_sims import VendorRun, VendorSim, start
+
+KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+GPU_TEST = """
+import os, pytest
+
+@pytest.mark.gpu("H100")
+def test_on_h100():
+    assert os.environ["GPUCLOUD_SIM_GPU"] == "H100:1"
+"""
+
+
+@pytest.fixture
+def pod_sim() -> Iterator[VendorSim]:
+    yield from start("runpod")
+
+
+@pytest.fixture
+def run(
+    pytester: pytest.Pytester, pod_sim: VendorSim, monkeypatch: pytest.MonkeyPatch
+) -> VendorRun:
+    pytester.makepyfile(test_gpu=GPU_TEST)
+    return VendorRun(pytester, pod_sim, monkeypatch)
+
+
+def test_a_gpu_test_passes_after_the_ssh_address_shows_and_failover_on_capacity(
+    run: VendorRun, pod_sim: VendorSim
+) -> None:
+    pod_sim.fault(kind="http_error", op="create", status=400, code="out_of_capacity")
+    pod_sim.fault(kind="address_late", delay_s=0.5)
+    run("-p", "no:randomly").assert_outcomes(passed=1)
+    assert [r["status"] for r in pod_sim.calls("POST", "/pods")] == [400, 201]
+    assert not pod_sim.live()
+
+
+def test_inject_refuses_a_pod_that_presents_another_host_key(
+    run: VendorRun, pod_sim: VendorSim
+) -> None:
+    pod_sim.fault(kind="wrong_host_key")
+    result = run("-p", "no:randomly", "--gpu-retries", "0")
+    assert "passed" not in result.parseoutcomes()
+    result.stdout.fnmatch_lines(["*presented an SSH host key that differs*"])
+
+
+def test_a_container_runtime_inside_a_pod_is_a_usage_error(run: VendorRun) -> None:
+    result = run("--gpu-runtime", "docker")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*a RunPod pod is itself a container*--gpu-runtime none*"])
+
+
+def test_cleanup_deletes_an_orphan_found_by_its_name(
+    pod_sim: VendorSim,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    name = f"gpucloud-0123456789ab-{int(time.time()) - 60}"
+    made = pod_sim.api.post(
+        "/pods",
+        json={
+            "name": name,
+            "image": "python:3.12-slim",
+            "gpu": {"id": "NVIDIA T4", "count": 1},
+            "env": {"PUBLIC_KEY": KEY},
+            "ports": ["22/tcp"],
+        },
+    )
+    assert made.status_code == 201
+    foreign = pod_sim.api.post(
+        "/pods",
+        json={
+            "name": "someone-elses",
+            "image": "python:3.12-slim",
+            "gpu": {"id": "NVIDIA T4", "count": 1},
+            "env": {"PUBLIC_KEY": KEY},
+        },
+    ).json()["id"]
+    monkeypatch.setenv("RUNPOD_API_KEY", pod_sim.api_key)
+    monkeypatch.setenv("GPUCLOUD_PROVIDER", "runpod")
+    monkeypatch.setenv("GPUCLOUD_API_URL", pod_sim.base_url)
+    assert cleanup.main(["--yes"], cwd=tmp_path) == 0
+    assert f"deleted {made.json()['id']}" in capsys.readouterr().out
+    assert [i["id"] for i in pod_sim.live()] == [foreign]
+    pod_sim.api.delete(f"/pods/{foreign}").raise_for_status()
+
+
+def test_pod_answers_and_errors_are_as_documented(pod_sim: VendorSim) -> None:
+    """Sources: RunPod REST v2 spec (github:runpod/docs api-reference-v2/openapi.json, 2.0.0):
+    ``POST /v2/pods`` answers 201; ``ssh.direct`` null until the address exists (a live
+    capture shows RUNNING with ``direct: null``); errors are problem+json (``title``,
+    ``status``, ``detail``); no capacity is a 400 "There are no longer any instances
+    available with the requested specifications" (recorded live v2 payload)."""
+    body = {
+        "name": "n",
+        "image": "i",
+        "gpu": {"id": "NVIDIA T4", "count": 1},
+        "env": {"PUBLIC_KEY": KEY},
+    }
+    made = pod_sim.api.post("/pods", json=body)
+    assert made.status_code == 201 and made.json()["ssh"]["direct"] is None
+    time.sleep(0.3)
+    pod = pod_sim.api.get(f"/pods/{made.json()['id']}").json()
+    assert pod["status"] == "RUNNING"
+    assert pod["ssh"]["direct"] is None  # no 22/tcp among its ports
+    pod_sim.api.delete(f"/pods/{pod['id']}").raise_for_status()
+    pod_sim.fault(kind="http_error", op="create", status=400, code="out_of_capacity")
+    refused = pod_sim.api.post("/pods", json=body)
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["status"] == 400
+    assert "no longer any instances available" in refused.json()["detail"]
+    missing = pod_sim.api.get("/pods/nope")
+    assert (missing.status_code, missing.json()["title"]) == (404, "Not Found")
