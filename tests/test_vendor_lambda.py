@@ -187,4 +187,5 @@ def test_errors_carry_a_code_and_launch_limits_answer_429(lam: VendorSim) -> Non
     assert two_keys.json()["error"]["code"] == "global/invalid-parameters"
     body["ssh_key_names"] = ["k"]
     too_soon = lam.api.post("/instance-operations/launch", json={**body, "quantity": 1})
-    assert too_soon.status_code == 429 and too_soon.content == b""
+    assert too_soon.status_code == 429
+    assert too_soon.content == b""

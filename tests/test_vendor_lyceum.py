@@ -81,7 +81,7 @@ def test_a_preempted_spot_instance_is_lost_and_its_test_runs_again(
     assert len(summary) == 2, summary
     assert "spot" in summary[0]
     assert ("spot" in summary[1]) is not fallback
-    assert [i["termination_reason"] for i in lyc.instances()][0] == "preempted"
+    assert lyc.instances()[0]["termination_reason"] == "preempted"
 
 
 def test_cleanup_deletes_an_orphan_found_by_its_display_name(
@@ -143,7 +143,8 @@ def test_vm_answers_are_as_captured(lyc: VendorSim) -> None:
     assert isinstance(price["unit_price_per_hour"], str)
     lyc.fault(kind="http_error", op="create", status=500, code="out_of_capacity")
     refused = lyc.api.post("/vms/create", json=body)
-    assert refused.status_code == 500 and "could not be provisioned" in refused.json()["detail"]
+    assert refused.status_code == 500
+    assert "could not be provisioned" in refused.json()["detail"]
 
 
 def test_an_address_may_carry_a_port() -> None:

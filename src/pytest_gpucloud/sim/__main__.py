@@ -13,7 +13,6 @@ from pydantic import ValidationError
 from pytest_gpucloud.sim.config import DIALECTS, SimConfig
 from pytest_gpucloud.sim.server import SimServer
 
-
 _API = {
     "rest": "GPU cloud API",
     "lambda": "Lambda Cloud API",

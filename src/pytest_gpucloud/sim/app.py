@@ -1,4 +1,5 @@
-"""The simulated cloud's HTTP side: the REST API of DESIGN.md section 4 and an admin API.
+"""The simulated cloud's HTTP side: the REST API of DESIGN.md section 4 (its OpenAPI document
+at ``/openapi.json``), or a vendor's dialect, and an admin API.
 
 Every path needs ``Authorization: Bearer <token>``: with an ``api_key`` configured only
 that token, else any non-empty one. Errors are ``{"error": {"code", "message"}}``.
@@ -7,7 +8,7 @@ Admin API, for tests and the CLI (models in ``pytest_gpucloud.api_models``):
 
 - ``GET /_sim/instances`` -> ``[SimInstanceRecord]``: every instance ever created, with
   its time stamps and every command run on it over SSH.
-- ``GET /_sim/requests`` -> ``[SimRequestRecord]``: the ``/v1`` requests in the order they
+- ``GET /_sim/requests`` -> ``[SimRequestRecord]``: the API's requests in the order they
   were answered, each stamped with the time it arrived.
 - ``GET /_sim/faults`` -> ``{"faults": [rule]}``: the active fault rules (``faults.py``).
 - ``POST /_sim/faults`` ``{"faults": [rule, ...]}``: adds rules; answers as GET.
@@ -35,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pytest_gpucloud import api_contract
 from pytest_gpucloud.api_models import (
     CreateInstanceRequest,
     ErrorBody,
@@ -99,6 +101,7 @@ class _Api:
             Route("/v1/instances", self.list_instances, methods=["GET"]),
             Route("/v1/instances/{instance_id}", self.get_instance, methods=["GET"]),
             Route("/v1/instances/{instance_id}", self.delete_instance, methods=["DELETE"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
         ]
 
     def admin_routes(self) -> list[Route]:
@@ -111,6 +114,9 @@ class _Api:
 
     def render(self, error: ApiError) -> Response:
         return _error_response(error)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(api_contract.document())
 
     async def gpu_types(self, request: Request) -> Response:
         return await self.desk.answer("gpu_types", None, lambda: self.cloud.config.catalog)
