@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 from openapi_spec_validator import validate
 
-from pytest_gpucloud import api_contract
+from pytest_gpucloud.core import openapi as api_contract
 from tests.conftest import Sim
 
 CHECKED_IN = Path(__file__).parent.parent / "docs" / "openapi.json"
@@ -17,7 +17,7 @@ CHECKED_IN = Path(__file__).parent.parent / "docs" / "openapi.json"
 
 def test_the_checked_in_document_is_the_generated_one() -> None:
     assert CHECKED_IN.read_text() == api_contract.text(), (
-        "docs/openapi.json is stale: run python -m pytest_gpucloud.api_contract > docs/openapi.json"
+        "docs/openapi.json is stale: run python -m pytest_gpucloud.core.openapi > docs/openapi.json"
     )
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from pytest_gpucloud import cleanup
-from pytest_gpucloud.labels import EXPIRES, PROJECT, SESSION, project_label
+from pytest_gpucloud.cli import cleanup
+from pytest_gpucloud.core.labels import EXPIRES, PROJECT, SESSION, project_label
 from tests.vendor_sims import VendorRun, VendorSim, start
 
 SPEC = "Lambda Cloud API spec 1.10.0 (cloud.lambda.ai/api/v1/openapi.json)"

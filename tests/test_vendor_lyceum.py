@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from pytest_gpucloud import cleanup
+from pytest_gpucloud.cli import cleanup
 from pytest_gpucloud.providers.lyceum import _address
 from tests.vendor_sims import VendorRun, VendorSim, start
 

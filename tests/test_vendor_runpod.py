@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from pytest_gpucloud import cleanup
+from pytest_gpucloud.cli import cleanup
 from tests.vendor_sims import VendorRun, VendorSim, start
 
 KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pytest_gpucloud.settings import VENDOR_KEY_ENV
+from pytest_gpucloud.config.settings import VENDOR_KEY_ENV
 from pytest_gpucloud.sim import SimConfig, SimServer
 from pytest_gpucloud.sim.config import Dialect
 from tests.conftest import BOOT_DELAY, Sim

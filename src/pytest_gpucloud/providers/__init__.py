@@ -11,12 +11,12 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING
 
-from pytest_gpucloud.errors import ConfigError
+from pytest_gpucloud.core.errors import ConfigError
 from pytest_gpucloud.providers import vendors
 
 if TYPE_CHECKING:
+    from pytest_gpucloud.config.settings import Settings
     from pytest_gpucloud.providers.base import Provider
-    from pytest_gpucloud.settings import Settings
 
 ENTRY_POINT_GROUP = "pytest_gpucloud.providers"
 ProviderFactory = Callable[["Settings"], Awaitable["Provider"]]
@@ -47,7 +47,7 @@ async def _local(settings: Settings) -> Provider:
 
 
 async def _ssh(settings: Settings) -> Provider:
-    from pytest_gpucloud.providers.ssh import SshProvider
+    from pytest_gpucloud.providers.static_hosts import SshProvider
 
     return SshProvider.from_settings(settings)
 
@@ -77,7 +77,7 @@ async def _lyceum(settings: Settings) -> Provider:
 
 
 def _vendor_key(settings: Settings, vendor: str) -> str:
-    from pytest_gpucloud.settings import VENDOR_KEY_ENV
+    from pytest_gpucloud.config.settings import VENDOR_KEY_ENV
 
     key = settings.vendor_keys.get(vendor)
     if key is None:

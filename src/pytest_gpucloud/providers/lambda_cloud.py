@@ -24,10 +24,9 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from pytest_gpucloud import labels as labelling
-from pytest_gpucloud.api_models import IpAddress, SafeId
-from pytest_gpucloud.catalog import GpuType, Offer
-from pytest_gpucloud.errors import (
+from pytest_gpucloud.core import labels as labelling
+from pytest_gpucloud.core.catalog import GpuType, Offer
+from pytest_gpucloud.core.errors import (
     AuthError,
     InvalidRequest,
     NotFound,
@@ -37,6 +36,7 @@ from pytest_gpucloud.errors import (
     RateLimited,
     Transient,
 )
+from pytest_gpucloud.core.wire import IpAddress, SafeId
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.host_keys import InjectedHostKey
 from pytest_gpucloud.providers.vendor_http import (

@@ -27,9 +27,9 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, Field, ValidationError
 
-from pytest_gpucloud import labels as labelling
-from pytest_gpucloud.catalog import GpuType, Offer
-from pytest_gpucloud.errors import (
+from pytest_gpucloud.core import labels as labelling
+from pytest_gpucloud.core.catalog import GpuType, Offer
+from pytest_gpucloud.core.errors import (
     AuthError,
     InvalidRequest,
     NotFound,

@@ -27,10 +27,9 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, Field, ValidationError
 
-from pytest_gpucloud import labels as labelling
-from pytest_gpucloud.api_models import IpAddress, SafeId
-from pytest_gpucloud.catalog import GpuType, Offer
-from pytest_gpucloud.errors import (
+from pytest_gpucloud.core import labels as labelling
+from pytest_gpucloud.core.catalog import GpuType, Offer
+from pytest_gpucloud.core.errors import (
     AuthError,
     InvalidRequest,
     NotFound,
@@ -38,6 +37,7 @@ from pytest_gpucloud.errors import (
     ProviderError,
     Transient,
 )
+from pytest_gpucloud.core.wire import IpAddress, SafeId
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.host_keys import InjectedHostKey
 from pytest_gpucloud.providers.vendor_http import VendorHttp, one_line, poll_ready, rate_limited

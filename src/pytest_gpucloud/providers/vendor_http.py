@@ -13,7 +13,13 @@ from typing import Any
 
 import httpx
 
-from pytest_gpucloud.errors import BadAnswer, InstanceError, ProviderError, RateLimited, Transient
+from pytest_gpucloud.core.errors import (
+    BadAnswer,
+    InstanceError,
+    ProviderError,
+    RateLimited,
+    Transient,
+)
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.rest import read_capped, retrying
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pytest_gpucloud.errors import ConfigError
+from pytest_gpucloud.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.settings import Settings
+    from pytest_gpucloud.config.settings import Settings
 
 Policy = Literal["inject", "announced", "tofu"]
 

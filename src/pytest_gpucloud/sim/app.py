@@ -4,7 +4,7 @@ at ``/openapi.json``), or a vendor's dialect, and an admin API.
 Every path needs ``Authorization: Bearer <token>``: with an ``api_key`` configured only
 that token, else any non-empty one. Errors are ``{"error": {"code", "message"}}``.
 
-Admin API, for tests and the CLI (models in ``pytest_gpucloud.api_models``):
+Admin API, for tests and the CLI (models in ``pytest_gpucloud.core.wire``):
 
 - ``GET /_sim/instances`` -> ``[SimInstanceRecord]``: every instance ever created, with
   its time stamps and every command run on it over SSH.
@@ -36,8 +36,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pytest_gpucloud import api_contract
-from pytest_gpucloud.api_models import (
+from pytest_gpucloud.core import openapi
+from pytest_gpucloud.core.wire import (
     CreateInstanceRequest,
     ErrorBody,
     ErrorCode,
@@ -116,7 +116,7 @@ class _Api:
         return _error_response(error)
 
     async def openapi(self, request: Request) -> Response:
-        return JSONResponse(api_contract.document())
+        return JSONResponse(openapi.document())
 
     async def gpu_types(self, request: Request) -> Response:
         return await self.desk.answer("gpu_types", None, lambda: self.cloud.config.catalog)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import asyncssh
 
-from pytest_gpucloud.api_models import (
+from pytest_gpucloud.core.wire import (
     CreateInstanceRequest,
     ErrorCode,
     GpuTypeModel,
@@ -41,7 +41,7 @@ from pytest_gpucloud.sim.faults import (
     WrongGpu,
     WrongHostKey,
 )
-from pytest_gpucloud.sim.instances import SSH_HOST, SSH_USER, Machine, utcnow
+from pytest_gpucloud.sim.instances import SSH_HOST, SSH_USER, SimMachine, utcnow
 
 _WATCH_INTERVAL_S = 0.02
 
@@ -61,7 +61,7 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
 
-class Instance:
+class SimInstance:
     """One instance: its public record, its faults and, once booted, its machine."""
 
     def __init__(
@@ -89,7 +89,7 @@ class Instance:
         self.deleted_at: datetime | None = None
         self.terminated_at: datetime | None = None
         self.termination_reason: TerminationReason | None = None
-        self.machine: Machine | None = None
+        self.machine: SimMachine | None = None
         self.ssh_port: int | None = None
         self.announced_host_key: str | None = None
         self._boot: asyncio.Task[None] | None = None
@@ -178,7 +178,7 @@ class Instance:
         gpu = next((f.gpu for f in self.faults if isinstance(f, WrongGpu)), gpu)
         wrong_key = self._has(WrongHostKey)
         injected = self.injected_host_key
-        machine = self.machine = Machine(
+        machine = self.machine = SimMachine(
             self.id,
             gpu,
             self.client_key,
@@ -194,7 +194,7 @@ class Instance:
         self.running_at = utcnow()
         self._arm_faults(machine)
 
-    def _arm_faults(self, machine: Machine) -> None:
+    def _arm_faults(self, machine: SimMachine) -> None:
         loop = asyncio.get_running_loop()
         for fault in self.faults:
             if isinstance(fault, DropSsh):
@@ -232,8 +232,8 @@ class Cloud:
         self.config = config
         self.faults = FaultBook()
         self.requests: deque[SimRequestRecord] = deque(maxlen=10_000)
-        self.instances: dict[str, Instance] = {}
-        self._by_token: dict[str, Instance] = {}
+        self.instances: dict[str, SimInstance] = {}
+        self._by_token: dict[str, SimInstance] = {}
 
     def configure(self, patch: SimSettings) -> None:
         changes = {name: getattr(patch, name) for name in patch.model_fields_set}
@@ -245,7 +245,7 @@ class Cloud:
         *,
         ssh_user: str = SSH_USER,
         host_key: asyncssh.SSHKey | None = None,
-    ) -> Instance:
+    ) -> SimInstance:
         """Create an instance, or return the one made earlier with this ``client_token``.
 
         A vendor dialect names its SSH user and may inject the machine's ``host_key``."""
@@ -256,7 +256,7 @@ class Cloud:
         region = request.region or gpu.regions[0]
         if not gpu.available or region not in gpu.regions:
             raise ApiError(503, "out_of_capacity", f"no {gpu.name} capacity in {region}")
-        instance = Instance(
+        instance = SimInstance(
             self._new_id(),
             request,
             gpu,
@@ -270,13 +270,13 @@ class Cloud:
         instance.boot(self.config.boot_delay_s, self.config.extra_path)
         return instance
 
-    def get(self, instance_id: str) -> Instance:
+    def get(self, instance_id: str) -> SimInstance:
         instance = self.instances.get(instance_id)
         if instance is None:
             raise ApiError(404, "not_found", f"no instance {instance_id!r}")
         return instance
 
-    def live(self, labels: dict[str, str]) -> list[Instance]:
+    def live(self, labels: dict[str, str]) -> list[SimInstance]:
         """The instances not terminated yet that carry all these labels."""
         return [
             instance

@@ -29,8 +29,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pytest_gpucloud.api_models import CreateInstanceRequest, GpuTypeModel
-from pytest_gpucloud.sim.cloud import ApiError, Instance
+from pytest_gpucloud.core.wire import CreateInstanceRequest, GpuTypeModel
+from pytest_gpucloud.sim.cloud import ApiError, SimInstance
 from pytest_gpucloud.sim.desk import Desk, parse
 
 PREFIX = "/api/v1"
@@ -208,7 +208,7 @@ class LambdaDialect:
             return JSONResponse({"error": body}, 404)
         return JSONResponse({"data": {}})
 
-    def _get(self, instance_id: str) -> Instance:
+    def _get(self, instance_id: str) -> SimInstance:
         instance = self.cloud.instances.get(instance_id)
         if instance is None or instance_id not in self.names:
             raise ApiError(404, "not_found", f"no instance {instance_id!r}")
@@ -235,7 +235,7 @@ class LambdaDialect:
                     return gpu, n
         return None, 0
 
-    def _instance(self, instance: Instance) -> dict[str, Any]:
+    def _instance(self, instance: SimInstance) -> dict[str, Any]:
         gpu, count = self._type(_type_name_of(instance))
         assert gpu is not None
         answer: dict[str, Any] = {
@@ -258,7 +258,7 @@ def _type_name(gpu: GpuTypeModel, count: int) -> str:
     return f"gpu_{count}x_{gpu.name.lower().replace('-', '_')}"
 
 
-def _type_name_of(instance: Instance) -> str:
+def _type_name_of(instance: SimInstance) -> str:
     request = instance.request
     return f"gpu_{request.count}x_{request.gpu_type.lower().replace('-', '_')}"
 

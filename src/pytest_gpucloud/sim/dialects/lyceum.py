@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pytest_gpucloud.api_models import CreateInstanceRequest, GpuTypeModel
-from pytest_gpucloud.sim.cloud import ApiError, Instance
+from pytest_gpucloud.core.wire import CreateInstanceRequest, GpuTypeModel
+from pytest_gpucloud.sim.cloud import ApiError, SimInstance
 from pytest_gpucloud.sim.desk import Desk, parse
 
 PREFIX = "/api/v2/external"
@@ -193,13 +193,13 @@ class LyceumDialect:
             profiles.setdefault(gpu.name.split("-")[0].lower(), gpu)
         return profiles
 
-    def _get(self, vm_id: str) -> Instance:
+    def _get(self, vm_id: str) -> SimInstance:
         instance = self.cloud.instances.get(vm_id)
         if instance is None or vm_id not in self.vms:
             raise ApiError(404, "not_found", "VM not found")
         return instance
 
-    def _vm(self, instance: Instance) -> dict[str, Any]:
+    def _vm(self, instance: SimInstance) -> dict[str, Any]:
         body = self.vms[instance.id]
         address = None
         if instance.address_shown:

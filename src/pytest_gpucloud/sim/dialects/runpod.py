@@ -27,8 +27,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pytest_gpucloud.api_models import CreateInstanceRequest, GpuTypeModel
-from pytest_gpucloud.sim.cloud import ApiError, Instance
+from pytest_gpucloud.core.wire import CreateInstanceRequest, GpuTypeModel
+from pytest_gpucloud.sim.cloud import ApiError, SimInstance
 from pytest_gpucloud.sim.desk import Desk, parse
 
 PREFIX = "/v2"
@@ -166,13 +166,13 @@ class RunPodDialect:
     def _catalog(self) -> list[GpuTypeModel]:
         return self.cloud.config.catalog
 
-    def _get(self, pod_id: str) -> Instance:
+    def _get(self, pod_id: str) -> SimInstance:
         instance = self.cloud.instances.get(pod_id)
         if instance is None or pod_id not in self.pods or instance.status == "terminated":
             raise ApiError(404, "not_found", "resource not found")
         return instance
 
-    def _pod(self, instance: Instance) -> dict[str, Any]:
+    def _pod(self, instance: SimInstance) -> dict[str, Any]:
         body = self.pods[instance.id]
         direct = None
         if instance.address_shown and "22/tcp" in body.ports:

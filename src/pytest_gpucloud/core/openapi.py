@@ -2,7 +2,7 @@
 
 A platform team can implement it in front of its own machines. The simulated cloud serves it
 at ``/openapi.json``; ``docs/openapi.json`` is a checked-in copy (``python -m
-pytest_gpucloud.api_contract > docs/openapi.json`` writes it; a test keeps the two equal).
+pytest_gpucloud.core.openapi > docs/openapi.json`` writes it; a test keeps the two equal).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from pytest_gpucloud.api_models import CreateInstanceRequest, ErrorBody, GpuTypeModel, InstanceModel
+from pytest_gpucloud.core.wire import CreateInstanceRequest, ErrorBody, GpuTypeModel, InstanceModel
 
 VERSION = "1.0.0"
 _REF = "#/components/schemas/{model}"
