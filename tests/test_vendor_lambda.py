@@ -42,6 +42,7 @@ def test_a_gpu_test_passes_with_an_injected_host_key_and_the_session_key_is_dele
 ) -> None:
     result = run("-p", "no:randomly")
     result.assert_outcomes(passed=1)
+    assert lam.api_key not in result.stdout.str() + result.stderr.str()
     launch = lam.calls("POST", "/instance-operations/launch")
     assert [r["status"] for r in launch] == [200]
     # The key was registered for the session and is gone; nothing is left running.
