@@ -92,6 +92,21 @@ def test_inject_refuses_a_machine_that_presents_another_host_key(
     assert not lam.live()
 
 
+def test_the_plan_reads_lambdas_catalog_and_a_refused_key_is_one_clear_error(
+    run: VendorRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalog's cents per hour for a whole instance become dollars per GPU and hour."""
+    plan = run("--gpu-plan")
+    plan.stdout.fnmatch_lines(["*H100*$3.29*"])
+    monkeypatch.setenv("LAMBDA_API_KEY", "wrong")
+    refused = run("-p", "no:randomly")
+    assert refused.ret != 0
+    text = refused.stdout.str() + refused.stderr.str()
+    assert "Lambda refused the API key" in text
+    assert "check LAMBDA_API_KEY" in text
+    assert "Traceback" not in text
+
+
 def test_tofu_is_refused_where_lambda_can_inject(run: VendorRun) -> None:
     result = run("--gpu-host-key", "tofu")
     assert result.ret == pytest.ExitCode.USAGE_ERROR

@@ -3,11 +3,17 @@ the facts of RunPod's API that the provider and the dialect rely on (each names 
 
 from __future__ import annotations
 
+import re
+import select
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncssh
+import httpx
 import pytest
 
 from pytest_gpucloud.cli import cleanup
@@ -125,3 +131,20 @@ def test_pod_answers_and_errors_are_as_documented(pod_sim: VendorSim) -> None:
     assert "no longer any instances available" in refused.json()["detail"]
     missing = pod_sim.api.get("/pods/nope")
     assert (missing.status_code, missing.json()["title"]) == (404, "Not Found")
+
+
+def test_the_standalone_sim_speaks_the_dialect_and_prints_its_base_url() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "pytest_gpucloud.sim", "--port", "0", "--dialect", "runpod"],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        assert select.select([proc.stdout], [], [], 20)[0], "the sim printed nothing"
+        line = proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:\d+/v2", line)
+        assert match is not None, line
+        gpus = httpx.get(f"{match.group()}/catalog/gpus", headers={"Authorization": "Bearer x"})
+        assert "H100" in {gpu["name"] for gpu in gpus.json()["gpus"]}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0

@@ -60,21 +60,20 @@ class VendorHttp:
         path: str,
         *,
         body: Any = None,
-        params: dict[str, str] | None = None,
         retry: bool = True,
     ) -> Any:
         """The decoded JSON answer (None for an empty one). ``retry``: retry transient errors
         and rate limits (never for a call that may not be repeated)."""
 
         async def once() -> Any:
-            return await self._send(method, path, body, params)
+            return await self._send(method, path, body)
 
         return await retrying(once, self._attempts if retry else 1)
 
     async def _send(self, method: str, path: str, body: Any, params: dict[str, str] | None) -> Any:
         what = f"{method} {path}"
         try:
-            async with self._client.stream(method, path, json=body, params=params) as response:
+            async with self._client.stream(method, path, json=body) as response:
                 content = await read_capped(response, what)
         except httpx.TimeoutException:
             raise Transient(f"the {self.vendor} API did not answer {what} in time") from None
