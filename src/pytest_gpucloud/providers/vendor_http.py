@@ -70,7 +70,7 @@ class VendorHttp:
 
         return await retrying(once, self._attempts if retry else 1)
 
-    async def _send(self, method: str, path: str, body: Any, params: dict[str, str] | None) -> Any:
+    async def _send(self, method: str, path: str, body: Any) -> Any:
         what = f"{method} {path}"
         try:
             async with self._client.stream(method, path, json=body) as response:
