@@ -49,7 +49,7 @@ def test_a_gpu_test_passes_with_an_injected_host_key_and_the_session_key_is_dele
     assert [r["status"] for r in lam.calls("POST", "/ssh-keys")] == [200]
     assert [r["status"] for r in lam.calls("DELETE", "")][-1] == 200
     assert lam.api.get("/ssh-keys").json() == {"data": []}
-    assert not lam.live()
+    lam.wait_gone()
 
 
 def test_capacity_refusal_fails_over_waiting_out_the_launch_limit_without_a_429(
@@ -89,7 +89,7 @@ def test_inject_refuses_a_machine_that_presents_another_host_key(
     outcomes = result.parseoutcomes()
     assert "passed" not in outcomes
     result.stdout.fnmatch_lines(["*presented an SSH host key that differs*refused to connect*"])
-    assert not lam.live()
+    lam.wait_gone()
 
 
 def test_the_plan_reads_lambdas_catalog_and_a_refused_key_is_one_clear_error(
@@ -161,10 +161,7 @@ def test_cleanup_deletes_an_orphan_and_its_session_key(
     assert f"deleted {orphan}" in out
     assert f"deleted SSH key {name}" in out
     assert lam.api.get("/ssh-keys").json() == {"data": []}
-    deadline = time.monotonic() + 10
-    while lam.live():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    lam.wait_gone()
 
 
 # -- facts of the documented API, as the dialect answers them ------------------------------

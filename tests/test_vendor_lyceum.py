@@ -59,7 +59,7 @@ def test_a_gpu_test_passes_through_the_null_ip_window_on_tofu_shown_in_the_heade
     result.stdout.fnmatch_lines(["gpu-cloud: host keys: trust on first use (lyceum*"])
     # The capacity 500 on H200 failed over to the next choice.
     assert [r["status"] for r in lyc.calls("POST", "/vms/create")] == [500, 200]
-    assert not lyc.live()
+    lyc.wait_gone()
 
 
 def test_strict_refuses_tofu(run: VendorRun) -> None:
@@ -72,10 +72,12 @@ def test_strict_refuses_tofu(run: VendorRun) -> None:
 def test_a_preempted_spot_instance_is_lost_and_its_test_runs_again(
     run: VendorRun, lyc: VendorSim, pytester: pytest.Pytester, fallback: bool
 ) -> None:
-    pytester.makepyfile(test_gpu=SPOT_TEST)
+    # With the fallback, spot comes from --gpu-spot rather than from the marker.
+    marker = '"H100")' if fallback else '"H100", spot=True)'
+    pytester.makepyfile(test_gpu=SPOT_TEST.replace('"H100", spot=True)', marker))
     lyc.fault(kind="preempt", on_file="lose-me")
     args = ["-p", "no:randomly", "--gpu-timeout", "60"]
-    result = run(*args, *(["--gpu-spot-fallback"] if fallback else []))
+    result = run(*args, *(["--gpu-spot", "--gpu-spot-fallback"] if fallback else []))
     result.assert_outcomes(passed=1)
     summary = [line for line in result.outlines if " tests " in line and "$" in line]
     assert len(summary) == 2, summary
@@ -108,10 +110,7 @@ def test_cleanup_deletes_an_orphan_found_by_its_display_name(
     monkeypatch.setenv("GPUCLOUD_API_URL", lyc.base_url)
     assert cleanup.main(["--yes"], cwd=tmp_path) == 0
     assert f"deleted {made.json()['vm_id']}" in capsys.readouterr().out
-    deadline = time.monotonic() + 10
-    while lyc.live():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    lyc.wait_gone()
 
 
 def test_vm_answers_are_as_captured(lyc: VendorSim) -> None:

@@ -49,7 +49,7 @@ def test_a_gpu_test_passes_after_the_ssh_address_shows_and_failover_on_capacity(
     pod_sim.fault(kind="address_late", delay_s=0.5)
     run("-p", "no:randomly").assert_outcomes(passed=1)
     assert [r["status"] for r in pod_sim.calls("POST", "/pods")] == [400, 201]
-    assert not pod_sim.live()
+    pod_sim.wait_gone()
 
 
 def test_inject_refuses_a_pod_that_presents_another_host_key(

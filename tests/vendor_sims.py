@@ -30,6 +30,13 @@ class VendorSim(Sim):
             base_url=self.base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=10
         )
 
+    def wait_gone(self, timeout: float = 5.0) -> None:
+        """Wait until no instance is alive (a delete takes a moment to end one)."""
+        deadline = time.monotonic() + timeout
+        while self.live():
+            assert time.monotonic() < deadline, f"instances left alive: {self.live()}"
+            time.sleep(0.05)
+
     def calls(self, method: str, path_end: str) -> list[dict[str, Any]]:
         """The requests answered so far whose method is ``method`` and path ends so."""
         return [
@@ -38,18 +45,17 @@ class VendorSim(Sim):
 
 
 def start(dialect: Dialect) -> Iterator[VendorSim]:
+    """A fixture's body: the dialect's simulated cloud, stopped after the test."""
     api_key = secrets.token_urlsafe(16)
     server = SimServer(SimConfig(api_key=api_key, boot_delay_s=BOOT_DELAY, dialect=dialect))
     sim = VendorSim(dialect, server.start(), api_key)
     yield sim
-    deadline = time.monotonic() + 5  # deletes take a moment
-    while sim.live() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    leaked = [i["id"] for i in sim.live()]
-    sim.api.close()
-    sim.close()
-    server.stop()
-    assert not leaked, f"instances left alive: {leaked}"
+    try:
+        sim.wait_gone()  # the test fails if it leaves an instance alive
+    finally:
+        sim.api.close()
+        sim.close()
+        server.stop()
 
 
 class VendorRun:

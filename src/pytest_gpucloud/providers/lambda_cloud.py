@@ -278,7 +278,6 @@ class LambdaProvider:
                     wait = self._last_launch + LAUNCH_INTERVAL_S - time.monotonic()
                     if wait > 0:
                         await asyncio.sleep(wait)
-                self._last_launch = time.monotonic()
                 try:
                     return await self._data(
                         "POST", "/instance-operations/launch", body=body, retry=False
@@ -287,6 +286,10 @@ class LambdaProvider:
                     if attempt == _LAUNCH_TRIES - 1:
                         raise
                     await asyncio.sleep(exc.retry_after)
+                finally:
+                    # Counted from the answer: the request arrived before it, however late
+                    # it was sent.
+                    self._last_launch = time.monotonic()
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _data(self, method: str, path: str, *, body: Any = None, retry: bool = True) -> Any:

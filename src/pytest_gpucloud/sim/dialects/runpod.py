@@ -4,9 +4,11 @@ What it keeps of the vendor (spec ``api-reference-v2/openapi.json``, version 2.0
 
 - ``POST /pods`` takes ``name``, ``image``, ``gpu: {id, count}``, ``cloud``,
   ``dataCenterIds``, ``env``, ``ports`` and ``args``, and answers 201 with the pod;
-- the SSH key goes in as the ``PUBLIC_KEY`` environment variable; ``ssh.direct`` exists only
-  with ``22/tcp`` among the ports, and only once the address does, which can be after the
-  pod reports ``RUNNING`` (fault ``address_late``); the user is ``root``;
+- the SSH key goes in as the ``PUBLIC_KEY`` environment variable (without it no key logs
+  in; ``startSsh`` would add the account's keys, of which the sim has none);
+  ``ssh.direct`` exists only with ``22/tcp`` among the ports, and only once the address
+  does, which can be after the pod reports ``RUNNING`` (fault ``address_late``); the user
+  is ``root``;
 - a pod is a container: the machine behind it is the container itself;
 - states ``PROVISIONING``, ``STARTING``, ``RUNNING``, ``EXITED``, ``ERROR``, ``TERMINATED``;
 - errors are RFC 9457 ``application/problem+json`` (``title``, ``status``, ``detail``); no
@@ -117,9 +119,8 @@ class RunPodDialect:
         gpu = next((g for g in self._catalog() if _gpu_id(g) == body.gpu.id), None)
         if gpu is None:
             raise ApiError(400, "invalid_request", f"unknown gpu id {body.gpu.id!r}")
-        public_key = body.env.get("PUBLIC_KEY")
-        if not public_key:
-            raise ApiError(400, "invalid_request", "no PUBLIC_KEY: this pod takes no SSH login")
+        # Without PUBLIC_KEY the pod runs, but no key logs in: one that nobody holds.
+        public_key = body.env.get("PUBLIC_KEY") or _nobodys_key()
         region = body.dataCenterIds[0] if body.dataCenterIds else None
         if region is not None and region not in gpu.regions:
             raise ApiError(400, "out_of_capacity", NO_CAPACITY)
@@ -213,6 +214,10 @@ def _catalog_entry(gpu: GpuTypeModel) -> dict[str, Any]:
             {"id": region, "name": region, "availability": "HIGH"} for region in gpu.regions
         ],
     }
+
+
+def _nobodys_key() -> str:
+    return asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
 
 
 def _host_key(text: str | None) -> asyncssh.SSHKey | None:
