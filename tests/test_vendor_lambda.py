@@ -40,6 +40,9 @@ def run(pytester: pytest.Pytester, lam: VendorSim, monkeypatch: pytest.MonkeyPat
 def test_a_gpu_test_passes_with_an_injected_host_key_and_the_session_key_is_deleted(
     run: VendorRun, lam: VendorSim
 ) -> None:
+    """Source: Lambda spec 1.10.0: a launch takes ``user_data`` (cloud-init) and ``tags``,
+    SSH keys are registered on the account by name (``POST``/``DELETE /ssh-keys``);
+    cloud-init's ``cc_ssh`` module sets host keys from ``ssh_keys``."""
     result = run("-p", "no:randomly")
     result.assert_outcomes(passed=1)
     assert lam.api_key not in result.stdout.str() + result.stderr.str()

@@ -3,8 +3,10 @@ the facts of RunPod's API that the provider and the dialect rely on (each names 
 
 from __future__ import annotations
 
+import os
 import re
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import httpx
 import pytest
 
 from pytest_gpucloud.cli import cleanup
+from pytest_gpucloud.providers.runpod import HOST_KEY_ENV, start_command
 from tests.vendor_sims import VendorRun, VendorSim, start
 
 KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
@@ -148,3 +151,31 @@ def test_the_standalone_sim_speaks_the_dialect_and_prints_its_base_url() -> None
         assert "H100" in {gpu["name"] for gpu in gpus.json()["gpus"]}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+
+
+def test_the_start_command_installs_the_host_key_then_runs_the_images_start(
+    tmp_path: Path,
+) -> None:
+    """The pod's ``args`` (its entrypoint's arguments, REST v2 spec): valid shell that writes
+    the injected key, forgets it, ends the container at the lifetime and execs /start.sh."""
+    argv = shlex.split(start_command(3600))
+    assert argv[:2] == ["bash", "-c"]
+    script = argv[2]
+    assert subprocess.run(["bash", "-n", "-c", script], check=False).returncode == 0
+    assert "sleep 3600 && kill -TERM 1" in script
+    assert script.endswith("exec /start.sh")
+    # Run with the paths moved under tmp_path (and no ssh-keygen, which this machine may
+    # lack): the key lands, nothing of it is echoed.
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    local = (
+        script.replace("/etc/ssh", str(tmp_path))
+        .replace("ssh-keygen -y -f", "cat")
+        .replace("(sleep 3600 && kill -TERM 1) & exec /start.sh", "true")
+    )
+    env = {"PATH": os.environ["PATH"], HOST_KEY_ENV: key.export_private_key().decode()}
+    done = subprocess.run(["bash", "-c", local], env=env, capture_output=True, check=False)
+    assert done.returncode == 0
+    assert done.stdout == done.stderr == b""
+    written = asyncssh.import_private_key((tmp_path / "ssh_host_ed25519_key").read_text())
+    assert written.export_public_key() == key.export_public_key()
+    assert (tmp_path / "ssh_host_ed25519_key").stat().st_mode & 0o077 == 0
