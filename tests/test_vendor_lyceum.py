@@ -22,17 +22,18 @@ import os, pytest
 def test_on_h100():
     assert os.environ["GPUCLOUD_SIM_GPU"] == "H100:1"
 """
-# The test writes the file that preempts its spot instance (fault "preempt", on_file), then
-# waits to be lost; on the fresh instance the file is new and no fault is armed.
+# The first attempt writes the file that preempts its spot instance (fault "preempt",
+# on_file) and waits to be lost; the second, on a fresh instance, passes at once. Both run on
+# this machine (simulated instances), so a file outside their homes tells them apart.
 SPOT_TEST = """
 import os, pathlib, time, pytest
 
 @pytest.mark.gpu("H100", spot=True)
 def test_on_spot():
-    marker = pathlib.Path(os.environ["HOME"]) / "lose-me"
-    if not (pathlib.Path(os.environ["HOME"]) / "second").exists():
-        (pathlib.Path(os.environ["HOME"]) / "second").touch()
-        marker.touch()
+    tried = pathlib.Path(ATTEMPTS)
+    if not tried.exists():
+        tried.touch()
+        (pathlib.Path(os.environ["HOME"]) / "lose-me").touch()
         time.sleep(30)
 """
 
@@ -74,7 +75,9 @@ def test_a_preempted_spot_instance_is_lost_and_its_test_runs_again(
 ) -> None:
     # With the fallback, spot comes from --gpu-spot rather than from the marker.
     marker = '"H100")' if fallback else '"H100", spot=True)'
-    pytester.makepyfile(test_gpu=SPOT_TEST.replace('"H100", spot=True)', marker))
+    source = SPOT_TEST.replace('"H100", spot=True)', marker)
+    attempts = pytester.path / "attempts"
+    pytester.makepyfile(test_gpu=source.replace("ATTEMPTS", repr(str(attempts))))
     lyc.fault(kind="preempt", on_file="lose-me")
     args = ["-p", "no:randomly", "--gpu-timeout", "60"]
     result = run(*args, *(["--gpu-spot", "--gpu-spot-fallback"] if fallback else []))
