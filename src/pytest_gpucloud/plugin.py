@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from pytest_gpucloud.session.controller import Controller, GpuCloudHandle
 MARKER_DOC = (
     "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None, "
-    "spot=False): run this test on a cloud GPU instance with pytest --gpu-cloud (skipped without it)"
+    "spot=False): run this test on a cloud GPU instance with pytest --gpu-cloud (skipped "
+    "without it)"
 )
 
 
