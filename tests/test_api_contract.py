@@ -10,7 +10,7 @@ import httpx
 from openapi_spec_validator import validate
 
 from pytest_gpucloud.core import openapi as api_contract
-from tests.conftest import Sim
+from tests.cloud import Sim
 
 CHECKED_IN = Path(__file__).parent.parent / "docs" / "openapi.json"
 

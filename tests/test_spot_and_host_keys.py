@@ -16,7 +16,8 @@ from pytest_gpucloud.core.labels import EXPIRES, PROJECT, SESSION, from_name, in
 from pytest_gpucloud.core.request import parse_marker
 from pytest_gpucloud.providers import vendors
 from pytest_gpucloud.providers.base import Instance
-from pytest_gpucloud.scheduling.cost import Bill, summary_lines
+from pytest_gpucloud.scheduling.cost import Bill
+from pytest_gpucloud.session.summary import summary_lines
 from pytest_gpucloud.sim.instances import SimMachine
 from pytest_gpucloud.transport import ssh
 
@@ -113,7 +114,7 @@ def test_tofu_pins_the_first_key_and_refuses_another() -> None:
                 trust_first_host_key=True,
             )
             conn = await ssh.connect(instance, client, timeout=10)
-            pinned = ssh.pin(instance, conn)
+            pinned = dataclasses.replace(instance, ssh_host_key=ssh.presented_host_key(conn))
             conn.close()
             assert pinned.ssh_host_key == first.host_key_text
             moved = dataclasses.replace(pinned, ssh_port=await second.listen())

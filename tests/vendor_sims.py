@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
-from pytest_gpucloud.config.settings import VENDOR_KEY_ENV
+from pytest_gpucloud.core.environment import VENDOR_KEY_ENV
 from pytest_gpucloud.sim import SimConfig, SimServer
 from pytest_gpucloud.sim.config import Dialect
-from tests.conftest import BOOT_DELAY, Sim
+from tests.cloud import BOOT_DELAY, Sim
 
 BASE_PATH = {"lambda": "/api/v1", "runpod": "/v2", "lyceum": "/api/v2/external"}
 

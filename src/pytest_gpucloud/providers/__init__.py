@@ -3,6 +3,9 @@
 They come from a registry, filled by the hook ``pytest_gpucloud_register_providers`` (see
 :mod:`pytest_gpucloud.hooks`) and by the entry-point group ``pytest_gpucloud.providers``.
 The built-in ones register through the hook, like any other.
+
+Providers obey rather than decide, and know no pytest. May import: ``transport``,
+``config``, ``core`` (and ``sim``: ``providers/sim.py`` only).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING
 
+from pytest_gpucloud.core.environment import VENDOR_KEY_ENV
 from pytest_gpucloud.core.errors import ConfigError
 from pytest_gpucloud.providers import vendors
 
@@ -77,8 +81,6 @@ async def _lyceum(settings: Settings) -> Provider:
 
 
 def _vendor_key(settings: Settings, vendor: str) -> str:
-    from pytest_gpucloud.config.settings import VENDOR_KEY_ENV
-
     key = settings.vendor_keys.get(vendor)
     if key is None:
         raise ConfigError(

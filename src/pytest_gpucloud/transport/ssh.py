@@ -2,19 +2,18 @@
 
 No agent, no ``~/.ssh/config``, no known_hosts file: the only trusted host key is the one
 the provider announced (or injected) for the instance; under the ``tofu`` policy, the one the
-first connection saw (:func:`pin`).
+first connection saw (:func:`presented_host_key`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
+from typing import Protocol
 
 import asyncssh
 
 from pytest_gpucloud.core.errors import HostKeyMismatch, InstanceError
-from pytest_gpucloud.providers.base import Instance
 
 # AES-GCM first: one AES-NI call per packet where asyncssh's chacha20-poly1305 makes
 # several (bench/results.md has the measurement); the rest as asyncssh orders them.
@@ -26,6 +25,23 @@ ENCRYPTION_ALGS += [
 ]
 
 
+class Endpoint(Protocol):
+    """Where an instance is reached over SSH (a provider's ``Instance`` is one)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def ip(self) -> str | None: ...
+    @property
+    def ssh_port(self) -> int | None: ...
+    @property
+    def ssh_user(self) -> str | None: ...
+    @property
+    def ssh_host_key(self) -> str | None: ...
+    @property
+    def trust_first_host_key(self) -> bool: ...
+
+
 def new_client_key() -> asyncssh.SSHKey:
     return asyncssh.generate_private_key("ssh-ed25519", comment="pytest-gpucloud")
 
@@ -35,7 +51,7 @@ def public_key_line(key: asyncssh.SSHKey) -> str:
 
 
 async def connect(
-    instance: Instance,
+    instance: Endpoint,
     key: asyncssh.SSHKey,
     *,
     timeout: float,
@@ -82,18 +98,16 @@ async def connect(
             delay = min(delay * 2, 1.0)
 
 
-def pin(instance: Instance, conn: asyncssh.SSHClientConnection) -> Instance:
-    """``instance`` with the host key its first connection saw pinned (policy ``tofu``); later
-    connections refuse any other. An instance with a key already is returned as it is."""
-    if instance.ssh_host_key is not None:
-        return instance
+def presented_host_key(conn: asyncssh.SSHClientConnection) -> str:
+    """The host key the server of ``conn`` presented, as an OpenSSH line: what the ``tofu``
+    policy pins after the first connection, so that later ones refuse any other."""
     seen = conn.get_server_host_key()
     if seen is None:  # pragma: no cover - every SSH server presents a host key
-        raise InstanceError(f"instance {instance.id} presented no SSH host key")
-    return dataclasses.replace(instance, ssh_host_key=seen.export_public_key().decode().strip())
+        raise InstanceError("the SSH server presented no host key")
+    return seen.export_public_key().decode().strip()
 
 
-def _host_key(instance: Instance) -> asyncssh.SSHKey:
+def _host_key(instance: Endpoint) -> asyncssh.SSHKey:
     assert instance.ssh_host_key is not None
     try:
         return asyncssh.import_public_key(instance.ssh_host_key)
