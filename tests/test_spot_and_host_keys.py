@@ -9,8 +9,9 @@ import dataclasses
 import asyncssh
 import pytest
 
-from pytest_gpucloud.config.settings import Settings
+from pytest_gpucloud.config.settings import Settings, resolve
 from pytest_gpucloud.core.catalog import GpuType, explain_infeasible, feasible_offers
+from pytest_gpucloud.core.environment import env_name_fault
 from pytest_gpucloud.core.errors import ConfigError, HostKeyMismatch, MarkerError
 from pytest_gpucloud.core.labels import EXPIRES, PROJECT, SESSION, from_name, instance_name, selects
 from pytest_gpucloud.core.request import parse_marker
@@ -125,3 +126,16 @@ def test_tofu_pins_the_first_key_and_refuses_another() -> None:
             second.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("name", ["LAMBDA_API_KEY", "RUNPOD_API_KEY", "LYCEUM_API_KEY"])
+def test_vendor_keys_never_travel_to_instances(name: str) -> None:
+    assert env_name_fault(name) == "secret"
+    with pytest.raises(ConfigError, match=f"{name} never travels"):
+        resolve(lambda dest: None, lambda ini: None, {"GPUCLOUD_ENV": name})
+
+
+def test_a_vendor_key_is_read_from_its_variable_and_never_shown() -> None:
+    settings = resolve(lambda dest: None, lambda ini: None, {"LYCEUM_API_KEY": "lk_sekrit"})
+    assert settings.vendor_keys["lyceum"].get_secret_value() == "lk_sekrit"
+    assert "lk_sekrit" not in repr(settings) + str(settings)
