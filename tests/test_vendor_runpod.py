@@ -157,20 +157,19 @@ def test_the_start_command_installs_the_host_key_then_runs_the_images_start(
     tmp_path: Path,
 ) -> None:
     """The pod's ``args`` (its entrypoint's arguments, REST v2 spec): valid shell that writes
-    the injected key, forgets it, ends the container at the lifetime and execs /start.sh."""
+    the injected key, forgets it, starts /start.sh and lives as long as the lifetime."""
     argv = shlex.split(start_command(3600))
     assert argv[:2] == ["bash", "-c"]
     script = argv[2]
     assert subprocess.run(["bash", "-n", "-c", script], check=False).returncode == 0
-    assert "sleep 3600 && kill -TERM 1" in script
-    assert script.endswith("exec /start.sh")
+    assert script.endswith("unset GPUCLOUD_SSH_HOST_KEY; /start.sh & exec sleep 3600")
     # Run with the paths moved under tmp_path (and no ssh-keygen, which this machine may
     # lack): the key lands, nothing of it is echoed.
     key = asyncssh.generate_private_key("ssh-ed25519")
     local = (
         script.replace("/etc/ssh", str(tmp_path))
         .replace("ssh-keygen -y -f", "cat")
-        .replace("(sleep 3600 && kill -TERM 1) & exec /start.sh", "true")
+        .replace("/start.sh & exec sleep 3600", "true")
     )
     env = {"PATH": os.environ["PATH"], HOST_KEY_ENV: key.export_private_key().decode()}
     done = subprocess.run(["bash", "-c", local], env=env, capture_output=True, check=False)

@@ -5,7 +5,7 @@
   key goes in as ``PUBLIC_KEY`` (which RunPod's images' start script authorizes), ``22/tcp``
   is exposed, and readiness waits for ``ssh.direct``, not only ``RUNNING``.
 - Host keys are injected: the pod's start command (``args``) installs a host key made here,
-  passed in ``GPUCLOUD_SSH_HOST_KEY``, then runs the image's ``/start.sh``; the same command
+  passed in ``GPUCLOUD_SSH_HOST_KEY``, and runs the image's ``/start.sh``; the same command
   ends the container at the session's lifetime (a stopped pod bills no GPU).
 - RunPod keeps no labels: a pod is named ``gpucloud-<session>-<expiry>``.
 - No spot: REST v2 has no interruptible pods (only RunPod's GraphQL API has, with a bid).
@@ -232,14 +232,16 @@ class RunPodProvider:
 
 
 def start_command(lifetime_s: int) -> str:
-    """The pod's start: install the injected host key (if any), end the container at the
-    session's lifetime, then run the image's own start script (sshd with PUBLIC_KEY)."""
+    """The pod's start: install the injected host key (if any), run the image's own start
+    script (sshd with PUBLIC_KEY) beside it, and end the container at the session's lifetime:
+    its first process is a ``sleep`` of that long (a signal could not end it: the kernel
+    shields a container's first process from signals it has no handler for)."""
     script = (
         f'if [ -n "${HOST_KEY_ENV}" ]; then mkdir -p /etc/ssh && '
         f'printf "%s\\n" "${HOST_KEY_ENV}" > /etc/ssh/ssh_host_ed25519_key && '
         "chmod 600 /etc/ssh/ssh_host_ed25519_key && "
         "ssh-keygen -y -f /etc/ssh/ssh_host_ed25519_key > /etc/ssh/ssh_host_ed25519_key.pub; "
-        f"fi; unset {HOST_KEY_ENV}; (sleep {int(lifetime_s)} && kill -TERM 1) & exec /start.sh"
+        f"fi; unset {HOST_KEY_ENV}; /start.sh & exec sleep {int(lifetime_s)}"
     )
     return f"bash -c {shlex.quote(script)}"
 
