@@ -63,6 +63,17 @@ def test_a_gpu_test_passes_through_the_null_ip_window_on_tofu_shown_in_the_heade
     lyc.wait_gone()
 
 
+def test_insufficient_credits_are_one_clear_error_without_failover(
+    run: VendorRun, lyc: VendorSim
+) -> None:
+    """Source: Lyceum's CLI 1.2.2 (_STATUS_HINTS): HTTP 402 means insufficient credits."""
+    lyc.fault(kind="http_error", op="create", status=402, code="quota_exceeded", times=None)
+    result = run("-p", "no:randomly")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*gpu-cloud: Lyceum refused*insufficient credits*"])
+    assert len(lyc.calls("POST", "/vms/create")) == 1
+
+
 def test_strict_refuses_tofu(run: VendorRun) -> None:
     result = run("--gpu-host-key", "strict")
     assert result.ret == pytest.ExitCode.USAGE_ERROR

@@ -64,6 +64,17 @@ def test_inject_refuses_a_pod_that_presents_another_host_key(
     result.stdout.fnmatch_lines(["*presented an SSH host key that differs*"])
 
 
+def test_a_refused_key_is_one_clear_error(run: VendorRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Source: RunPod REST v2 spec, components.responses.UnauthorizedError (401)."""
+    monkeypatch.setenv("RUNPOD_API_KEY", "wrong")
+    result = run("-p", "no:randomly")
+    assert result.ret != 0
+    text = result.stdout.str() + result.stderr.str()
+    assert "RunPod refused the API key" in text
+    assert "check RUNPOD_API_KEY" in text
+    assert "Traceback" not in text
+
+
 def test_a_container_runtime_inside_a_pod_is_a_usage_error(run: VendorRun) -> None:
     result = run("--gpu-runtime", "docker")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
