@@ -93,7 +93,9 @@ def test_a_preempted_spot_instance_is_lost_and_its_test_runs_again(
     args = ["-p", "no:randomly", "--gpu-timeout", "60"]
     result = run(*args, *(["--gpu-spot", "--gpu-spot-fallback"] if fallback else []))
     result.assert_outcomes(passed=1)
-    summary = [line for line in result.outlines if " tests " in line and "$" in line]
+    ids = {instance["id"] for instance in lyc.instances()}
+    # The cost report's lines: an instance id, then its GPU.
+    summary = [line for line in result.outlines if line.split()[:1] and line.split()[0] in ids]
     assert len(summary) == 2, summary
     assert "spot" in summary[0]
     assert ("spot" in summary[1]) is not fallback
