@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pytest_gpucloud.core.catalog import check_known
-from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, MarkerError
+from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, MarkerError, TimeLimitExceeded
 from pytest_gpucloud.features import instance_handle
 from pytest_gpucloud.scheduling import cost
 
@@ -43,7 +43,9 @@ class RunResult:
     """What running one gpu test gave: everything its item's process needs to replay it.
 
     Plain JSON data (it crosses the xdist socket as is). ``error``: the test could not run
-    for an infrastructure reason (a ``gpu-cloud:`` message; replay it as a setup error).
+    or finish for an infrastructure reason (a ``gpu-cloud:`` message; replayed as a setup
+    error, or, with the ``reports`` of the phases that ended before a time limit, as a
+    failure of the phase it was in).
     ``missing``: the remote session did not collect it. ``collection_errors`` and
     ``collection_warnings``: the machine's remote collection, in the first result that
     machine gives, for whichever process gets it first. ``properties``: ``[name, value]``
@@ -176,6 +178,14 @@ class FleetService:
         try:
             fleet = await self.fleet()
             run, machine = await fleet.run(nodeid, request, nextid, owner=owner)
+        except TimeLimitExceeded as exc:  # reported in the phase it was in
+            return RunResult(
+                nodeid,
+                reports=exc.reports,
+                error=str(exc),
+                remote_root=exc.remote_root,
+                properties=self._properties(nodeid),
+            )
         except GpuCloudError as exc:
             return RunResult(nodeid, error=str(exc), properties=self._properties(nodeid))
         result = RunResult(

@@ -39,6 +39,7 @@ from pytest_gpucloud.core.errors import (
     OutOfCapacity,
     ProviderError,
     RemoteError,
+    TimeLimitExceeded,
 )
 from pytest_gpucloud.core.labels import SESSION, session_labels
 from pytest_gpucloud.core.units import format_dollars
@@ -215,6 +216,8 @@ class Fleet:
             await self._bring_home(machine, nodeid, run.artifacts)
         except RemoteError as exc:
             machine.error = str(exc)
+            if isinstance(exc, TimeLimitExceeded):
+                exc.remote_root = machine.remote_root
             await self._bring_home(machine, nodeid, None, lost=True)
             await self._recover(machine, request)
             raise

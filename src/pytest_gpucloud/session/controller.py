@@ -223,7 +223,8 @@ class Controller:
         if not self.in_xdist_worker:
             self.durations.add_phase(report.nodeid, report.duration)
         # Here, not where errors are replayed: xdist's controller sees its workers' too.
-        if report.failed and str(report.longrepr).startswith(PREFIX):
+        # (a time limit passed in a test's call is that test's failure, as pytest-timeout's)
+        if report.failed and report.when != "call" and str(report.longrepr).startswith(PREFIX):
             self.infra_errors += 1
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
