@@ -82,6 +82,7 @@ class Bill:
     ready_at: float | None
     deleted_at: float | None
     tests: int
+    requested_at: float | None = None  # when the create call went out
 
     @property
     def seconds(self) -> float:
@@ -109,6 +110,7 @@ def bills(machines: Iterable[Machine]) -> list[Bill]:
             m.ready_at,
             m.deleted_at,
             m.tests_run,
+            m.requested_at,
         )
         for m in machines
         if m.instance is not None and m.created_at is not None
@@ -160,6 +162,7 @@ def report(
                 "count": b.count,
                 "region": b.region,
                 "price_per_hour": b.price_per_hour,
+                "requested_at": b.requested_at,
                 "created_at": b.created_at,
                 "ready_at": b.ready_at,
                 "deleted_at": b.deleted_at,

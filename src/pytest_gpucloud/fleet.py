@@ -114,7 +114,7 @@ class Fleet:
         self.artifacts = artifacts
         expiry = settings.boot_timeout + settings.timeout
         self.data = data or DataSource(settings.s3_endpoint, expiry)
-        self.session_id = uuid.uuid4().hex[:12]
+        self.session_id = settings.session_id or uuid.uuid4().hex[:12]
         self.machines: list[Machine] = []
         self.orphans: list[str] = []
         # What the summary should say about the teardown, beside each machine's error.
