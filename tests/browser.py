@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from PIL import Image
+
 FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -22,6 +24,7 @@ FLAGS = (
     "--disable-component-update",
     "--disable-sync",
     "--hide-scrollbars",
+    "--force-device-scale-factor=1",
 )
 
 
@@ -43,7 +46,9 @@ def render_png(svg: Path, png: Path) -> None:
                 browser,
                 *FLAGS,
                 f"--user-data-dir={profile}",
-                f"--window-size={width},{height}",
+                # headless chromium paints only part of a short window: a taller one,
+                # cropped below
+                f"--window-size={width},{height + 400}",
                 f"--screenshot={png.resolve()}",
                 svg.resolve().as_uri(),
             ],
@@ -51,6 +56,8 @@ def render_png(svg: Path, png: Path) -> None:
             capture_output=True,
             timeout=120,
         )
+    with Image.open(png) as shot:
+        shot.crop((0, 0, width, height)).save(png)
 
 
 if __name__ == "__main__":

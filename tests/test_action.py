@@ -201,9 +201,7 @@ def _leave_instance(sim: Sim, *, session: str) -> str:
     body = {
         "gpu_type": "T4",
         "image": "python:3.12-slim",
-        "ssh_public_key": asyncssh.generate_private_key("ssh-ed25519")
-        .export_public_key()
-        .decode(),
+        "ssh_public_key": asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode(),
         "labels": labels,
         "max_lifetime_s": 3600,
         "client_token": secrets.token_hex(8),
@@ -216,9 +214,7 @@ def _leave_instance(sim: Sim, *, session: str) -> str:
 
 
 @pytest.mark.parametrize("broken", [False, True])
-def test_action_yml_is_valid_against_the_github_action_schema(
-    tmp_path: Path, broken: bool
-) -> None:
+def test_action_yml_is_valid_against_the_github_action_schema(tmp_path: Path, broken: bool) -> None:
     """check-jsonschema's bundled schema of action metadata (actionlint has no PyPI wheel
     for this platform); the broken copy shows the check can fail."""
     text = ACTION.read_text()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from pytest_gpucloud.session.outcomes import TestRecord
+from pytest_gpucloud.session.outcomes import Record
 
 #: The environment variable by which GitHub Actions says it runs the job.
 GITHUB_ACTIONS = "GITHUB_ACTIONS"
@@ -34,7 +34,7 @@ def command(kind: str, message: str, **properties: str | int) -> str:
 
 
 def annotation_lines(
-    records: Iterable[TestRecord], instance_ids: Iterable[str], *, prefix: str = ""
+    records: Iterable[Record], instance_ids: Iterable[str], *, prefix: str = ""
 ) -> list[str]:
     """The lines for a session's remote tests that failed or could not run. ``instance_ids``:
     the session's instances, in which the one an infrastructure error names is looked up;

@@ -26,7 +26,7 @@ _RANK = {
 
 
 @dataclass
-class TestRecord:
+class Record:
     """One test as its reports told it; ``instance`` is where a remote test ran
     (``T4 i-3f2a09c1``), None for a local test or one that never reached an instance."""
 
@@ -51,13 +51,13 @@ class Outcomes:
     """The records of a session's tests, in the order they finished."""
 
     rootdir: Path
-    records: dict[str, TestRecord] = field(default_factory=dict)
+    records: dict[str, Record] = field(default_factory=dict)
 
     def add(self, report: pytest.TestReport) -> None:
         record = self.records.get(report.nodeid)
         if record is None:
             path, line, _ = report.location
-            record = TestRecord(report.nodeid, start=report.start, location=(path, (line or 0) + 1))
+            record = Record(report.nodeid, start=report.start, location=(path, (line or 0) + 1))
             self.records[report.nodeid] = record
         record.stop = report.stop
         instance = getattr(report, "gpu_instance", None)
@@ -65,7 +65,7 @@ class Outcomes:
             record.instance = instance
         artifacts = dict(report.user_properties).get("gpu_artifacts")
         if isinstance(artifacts, str):
-            record.artifacts = artifacts
+            record.artifacts = self._shown(Path(artifacts))
         outcome = _outcome(report)
         if _RANK[outcome] > _RANK[record.outcome]:
             record.outcome = outcome
@@ -79,11 +79,17 @@ class Outcomes:
             text = str(report.longrepr)
             return text.splitlines()[-1] if text else "", None
         path = Path(crash.path)
-        try:
-            shown = path.relative_to(self.rootdir).as_posix()
-        except ValueError:
+        if not path.is_relative_to(self.rootdir):
             return crash.message, None  # outside the project: the test's own line will do
-        return crash.message, (shown, crash.lineno)
+        return crash.message, (self._shown(path), crash.lineno)
+
+    def _shown(self, path: Path) -> str:
+        """``path`` relative to the rootdir where it is inside (as CI's checkouts differ)."""
+        return (
+            path.relative_to(self.rootdir).as_posix()
+            if path.is_relative_to(self.rootdir)
+            else str(path)
+        )
 
 
 def _outcome(report: pytest.TestReport) -> str:
@@ -96,7 +102,7 @@ def _outcome(report: pytest.TestReport) -> str:
     return "skipped" if report.skipped else "passed"
 
 
-def counts(records: Iterable[TestRecord]) -> dict[str, int]:
+def counts(records: Iterable[Record]) -> dict[str, int]:
     """Tests per outcome, in :data:`OUTCOMES` order, only those that occurred."""
     counted = Counter(r.outcome for r in records)
     return {outcome: counted[outcome] for outcome in OUTCOMES if counted[outcome]}

@@ -9,13 +9,13 @@ from typing import Any
 
 from pytest_gpucloud.cost import billed_hourly
 from pytest_gpucloud.session.markdown import cell, code
-from pytest_gpucloud.session.outcomes import TestRecord, counts
+from pytest_gpucloud.session.outcomes import Record, counts
 
 FAILED = ("failed", "error")
 
 
 def summary(
-    report: Mapping[str, Any], records: Sequence[TestRecord], *, timeline_svg: str | None = None
+    report: Mapping[str, Any], records: Sequence[Record], *, timeline_svg: str | None = None
 ) -> str:
     """The markdown; ``timeline_svg`` is embedded as an image when given."""
     counted = counts(records)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_gpucloud.session.outcomes import TestRecord
+from pytest_gpucloud.session.outcomes import Record
 from pytest_gpucloud.session.svg import Svg
 
 LABEL_WIDTH = 220
@@ -81,7 +81,7 @@ class Row:
         return self.key != LOCAL_ROW
 
 
-def rows(report: Mapping[str, Any], records: Iterable[TestRecord]) -> list[Row]:
+def rows(report: Mapping[str, Any], records: Iterable[Record]) -> list[Row]:
     """The rows of ``report`` (``cost.report``'s data): its instances in order, then the
     local tests of ``records``."""
     by_id: dict[str, Row] = {}
