@@ -10,6 +10,7 @@ import io
 import secrets
 import time
 from collections.abc import Iterator
+from importlib import metadata
 
 import asyncssh
 import httpx
@@ -217,3 +218,8 @@ def test_bad_settings_are_one_line_errors(
 def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert package_main(["sweep"]) == 2
     assert "unknown command 'sweep'" in capsys.readouterr().err
+
+
+def test_version_comes_from_the_installed_package(capsys: pytest.CaptureFixture[str]) -> None:
+    assert package_main(["--version"]) == 0
+    assert capsys.readouterr().out == f"pytest-gpucloud {metadata.version('pytest-gpucloud')}\n"

@@ -12,6 +12,8 @@ from pytest_gpucloud.session.markdown import cell, code
 from pytest_gpucloud.session.outcomes import Record, counts
 
 FAILED = ("failed", "error")
+#: GitHub takes 1 MiB of job summary per step: a larger timeline is left out.
+MAX_EMBEDDED = 700_000
 
 
 def summary(
@@ -47,6 +49,8 @@ def summary(
     if timeline_svg is not None:
         data = base64.b64encode(timeline_svg.encode()).decode()
         image = f'<img alt="timeline" src="data:image/svg+xml;base64,{data}">'
+        if len(data) > MAX_EMBEDDED:
+            image = "The timeline is too large to embed here: see the --gpu-timeline file."
         lines += ["### Timeline", "", image, ""]
     return "\n".join(lines) + "\n"
 
