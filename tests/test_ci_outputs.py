@@ -345,3 +345,52 @@ def _colour(image: Image.Image, x: int, y: int) -> str:
     pixel = image.getpixel((x, y))
     assert isinstance(pixel, tuple)
     return "#" + "".join(f"{channel:02x}" for channel in pixel[:3])
+
+
+def test_on_github_an_infrastructure_error_is_a_warning_naming_the_instance(
+    gpu_run: GpuRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpu_run.pytester.makepyfile(
+        test_lost="""
+        import pathlib
+        import time
+
+        import pytest
+
+        @pytest.mark.gpu("T4")
+        def test_preempted():
+            (pathlib.Path.home() / "lose-me").touch()
+            time.sleep(60)
+        """
+    )
+    gpu_run.sim.fault(kind="preempt", on_file="lose-me")
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    result = gpu_run("-p", "no:randomly", "--gpu-report", "r.json", "--gpu-retries", "0")
+    result.assert_outcomes(errors=1)
+    (instance,) = json.loads((gpu_run.pytester.path / "r.json").read_text())["instances"]
+    commands = [line for line in result.outlines if line.startswith("::")]
+    assert len(commands) == 1
+    assert commands[0].startswith(
+        f"::warning title=gpu-cloud infrastructure error (instance {instance['id']})"
+        "::test_lost.py::test_preempted: gpu-cloud: "
+    )
+    assert f"the remote worker on instance {instance['id']} stopped" in commands[0]
+
+
+def test_under_xdist_the_controller_writes_the_summary_of_every_worker(
+    gpu_run: GpuRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step_summary = tmp_path / "step-summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step_summary))
+    gpu_run.pytester.makepyfile(test_session=SESSION_TESTS)
+    args = ["-p", "no:randomly", "-n", "2", "--gpu-start", "eager"]
+    result = gpu_run.subprocess(*args, "--gpu-report", "r.json", "--gpu-timeline", "t.svg")
+    result.assert_outcomes(passed=3, failed=1, skipped=1)
+    report = json.loads((gpu_run.pytester.path / "r.json").read_text())
+    text = step_summary.read_text()
+    assert text.count("## gpu-cloud") == 1
+    assert "**5 test(s):** 3 passed, 1 failed, 1 skipped" in text.splitlines()
+    assert "| `test_session.py::test_remote_fails` (failed) |" in text
+    svg = (gpu_run.pytester.path / "t.svg").read_text()
+    rows = re.findall(r'<g data-row="([^"]+)"', svg)
+    assert rows == [*(i["id"] for i in report["instances"]), timeline.LOCAL_ROW]

@@ -77,7 +77,9 @@ class Outcomes:
         crash = getattr(report.longrepr, "reprcrash", None)
         if crash is None:
             text = str(report.longrepr)
-            return text.splitlines()[-1] if text else "", None
+            if text.startswith(PREFIX):  # all of it: it names the instance and the cause
+                return text, None
+            return text.strip().splitlines()[-1] if text.strip() else "", None
         path = Path(crash.path)
         if not path.is_relative_to(self.rootdir):
             return crash.message, None  # outside the project: the test's own line will do
@@ -96,9 +98,9 @@ def _outcome(report: pytest.TestReport) -> str:
     if hasattr(report, "wasxfail"):
         return "xfailed" if report.skipped else "xpassed"
     if report.failed:
-        if report.when != "call":
-            return "infrastructure error" if str(report.longrepr).startswith(PREFIX) else "error"
-        return "failed"
+        if str(report.longrepr).startswith(PREFIX):  # never a failure of the test itself
+            return "infrastructure error"
+        return "failed" if report.when == "call" else "error"
     return "skipped" if report.skipped else "passed"
 
 

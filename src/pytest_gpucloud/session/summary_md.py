@@ -44,7 +44,7 @@ def summary(
     infra = [r for r in records if r.outcome == "infrastructure error"]
     if infra:
         lines += ["### Infrastructure errors (not test failures)", ""]
-        lines += [f"- {code(r.nodeid)}: {cell(r.message)}" for r in infra]
+        lines += [f"- {code(r.nodeid)}: {cell(_first_line(r.message))}" for r in infra]
         lines.append("")
     if timeline_svg is not None:
         data = base64.b64encode(timeline_svg.encode()).decode()
@@ -79,3 +79,7 @@ def _instances(report: Mapping[str, Any]) -> list[str]:
         f"**${hourly:.2f}** |"
     )
     return [*lines, ""]
+
+
+def _first_line(text: str) -> str:
+    return text.partition("\n")[0]
