@@ -19,7 +19,7 @@ import asyncssh
 import httpx
 import pytest
 
-from pytest_gpucloud.labels import EXPIRES, OWNER, PROJECT, SESSION, project_label
+from pytest_gpucloud.core.labels import EXPIRES, OWNER, PROJECT, SESSION, project_label
 from tests.action_harness import ACTION, Job, Runner, load_action
 from tests.conftest import Sim
 

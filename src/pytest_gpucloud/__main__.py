@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from pytest_gpucloud import cleanup
+from pytest_gpucloud.cli import cleanup
 
 COMMANDS = {"cleanup": cleanup.main}
 USAGE = "usage: python -m pytest_gpucloud {cleanup} [--help] | --version"

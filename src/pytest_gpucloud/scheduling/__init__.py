@@ -1,1 +1,6 @@
-"""Scheduling: which instances a session needs, where each test runs, and what it costs."""
+"""Scheduling: the async orchestration of the fleet, the plan, the cost model, expected
+durations, failover and progress events. Knows no pytest hooks.
+
+May import: ``machine``, ``features``, ``providers``, ``transport``, ``config``, ``core``,
+``remote`` (its wire protocol).
+"""

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pytest_gpucloud.catalog import GpuType, Offer, feasible_offers
-from pytest_gpucloud.request import GpuRequest
+from pytest_gpucloud.core.catalog import GpuType, Offer, feasible_offers
+from pytest_gpucloud.core.request import GpuRequest
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_gpucloud import cost
+from pytest_gpucloud.scheduling import cost
 from pytest_gpucloud.scheduling.rejections import rejected_offers
 from pytest_gpucloud.session import timeline
 from pytest_gpucloud.session.annotations import annotation_lines, on_github
@@ -21,7 +21,7 @@ from pytest_gpucloud.session.plan_md import plan_markdown
 from pytest_gpucloud.session.summary_md import summary
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.controller import Controller
+    from pytest_gpucloud.session.controller import Controller
 
 #: Where GitHub Actions collects a step's job summary (markdown, appended to).
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpucloud.errors import PREFIX
+from pytest_gpucloud.core.errors import PREFIX
 
 #: Outcomes in the order the summary counts them; later ones are worse within a test.
 OUTCOMES = ("passed", "failed", "error", "infrastructure error", "skipped", "xfailed", "xpassed")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from pytest_gpucloud.planner import Plan
-from pytest_gpucloud.request import GpuRequest
+from pytest_gpucloud.core.request import GpuRequest
+from pytest_gpucloud.scheduling.planner import Plan
 from pytest_gpucloud.scheduling.rejections import Rejection
 from pytest_gpucloud.session.markdown import code
 

@@ -7,7 +7,7 @@ import base64
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pytest_gpucloud.cost import billed_hourly
+from pytest_gpucloud.scheduling.cost import billed_hourly
 from pytest_gpucloud.session.markdown import cell, code
 from pytest_gpucloud.session.outcomes import Record, counts
 
