@@ -133,6 +133,15 @@ def test_a_passing_job_reports_its_cost_and_leaves_nothing(
     assert sim.api_key not in job.text()
 
 
+def test_summary_false_writes_no_job_summary(tmp_path: Path, sim: Sim, runner_python: Path) -> None:
+    job, runner = _job(tmp_path, sim, runner_python, "-p no:randomly -k passes")
+    job.inputs = {**job.inputs, "summary": "false"}
+    outputs = runner.run(job)
+    assert not job.failed, job.text()
+    assert outputs["instances"] == "1"
+    assert job.summary == ""
+
+
 def test_a_failing_job_annotates_the_failure_and_still_cleans_up(
     tmp_path: Path, sim: Sim, runner_python: Path
 ) -> None:
