@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint types unit bench clean dist wheel-check
+.PHONY: demo test lint types unit podman chromium bench clean dist wheel-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 types: $(STAMP)
 	$(BIN)/mypy
@@ -25,7 +26,16 @@ types: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -n 2 -q
 
-test: lint types unit
+# The container tests' engine: podman, runc and debootstrap installed if missing, and the test
+# image built once (cached by a hash of its recipe). Needs root; see README, "Containers".
+podman: $(STAMP)
+	PYTHON=$(BIN)/python tests/podman/setup
+
+# Headless chromium, which renders the timeline in its test: Debian's package if missing.
+chromium:
+	scripts/ensure-chromium
+
+test: lint types podman chromium unit
 
 # The release artifacts: an sdist, and a wheel built from it (so a file the sdist lacks fails).
 dist: $(STAMP)

@@ -21,7 +21,7 @@ import pytest
 
 from pytest_gpucloud.core.labels import EXPIRES, OWNER, PROJECT, SESSION, project_label
 from tests.action_harness import ACTION, Job, Runner, load_action
-from tests.conftest import Sim
+from tests.cloud import Sim
 
 GPU_TESTS = """\
 import time

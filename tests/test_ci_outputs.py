@@ -19,9 +19,9 @@ from pytest_gpucloud.session.annotations import (
     escape_property,
 )
 from pytest_gpucloud.session.outcomes import Record
-from pytest_gpucloud.session.summary_md import summary
+from pytest_gpucloud.session.summary_md import job_summary
 from tests.browser import chromium, render_png
-from tests.conftest import GpuRun
+from tests.cloud import GpuRun
 
 SESSION_TESTS = """\
 import time
@@ -151,7 +151,7 @@ RECORDS = [
 
 
 def test_summary_markdown_of_a_small_session() -> None:
-    assert summary(REPORT, RECORDS).splitlines() == [
+    assert job_summary(REPORT, RECORDS).splitlines() == [
         "## gpu-cloud",
         "",
         "**6 test(s):** 3 passed, 1 failed, 1 infrastructure error, 1 skipped",
@@ -180,7 +180,7 @@ def test_summary_markdown_of_a_small_session() -> None:
 def test_summary_of_a_session_that_created_nothing() -> None:
     empty = {"instances": [], "tests": [], "total_cost": 0, "budget": None}
     local = [Record("t.py::x", "passed")]
-    assert summary(empty, local).splitlines() == [
+    assert job_summary(empty, local).splitlines() == [
         "## gpu-cloud",
         "",
         "**1 test(s):** 1 passed",

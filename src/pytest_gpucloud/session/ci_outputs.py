@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_gpucloud.scheduling import cost
 from pytest_gpucloud.scheduling.rejections import rejected_offers
-from pytest_gpucloud.session import timeline
+from pytest_gpucloud.session import summary, timeline
 from pytest_gpucloud.session.annotations import annotation_lines, on_github
 from pytest_gpucloud.session.outcomes import Outcomes
 from pytest_gpucloud.session.plan_md import plan_markdown
-from pytest_gpucloud.session.summary_md import summary
+from pytest_gpucloud.session.summary_md import job_summary
 
 if TYPE_CHECKING:
     from pytest_gpucloud.session.controller import Controller
@@ -40,26 +39,25 @@ class CiOutputs:
 
     @pytest.hookimpl(trylast=True)  # after the controller has deleted the instances
     def pytest_sessionfinish(self) -> None:
-        controller = self._controller
-        fleet, settings = controller.fleet, controller.settings
-        if fleet is None:
+        settings = self._controller.settings
+        outcome = self._controller.service.outcome()
+        if outcome is None:
             return
         if settings.plan:
-            if settings.plan_md is not None and fleet.planned is not None:
-                catalog = controller.engine.run(fleet.catalog(), timeout=60)
-                chosen = {m.pool: m.offer for m in fleet.planned.machines}
+            if settings.plan_md is not None and outcome.plan is not None:
+                chosen = {m.pool: m.offer for m in outcome.plan.machines}
                 rejections = {
-                    pool: rejected_offers(pool, catalog, settings.regions, offer)
+                    pool: rejected_offers(pool, outcome.catalog, settings.regions, offer)
                     for pool, offer in chosen.items()
                 }
-                text = plan_markdown(fleet.planned, rejections, budget=settings.budget)
+                text = plan_markdown(outcome.plan, rejections, budget=settings.budget)
                 _write(self._path(settings.plan_md), text)
             return
         summary_path = settings.summary_md or self._environ.get(STEP_SUMMARY_ENV) or None
         if summary_path is None and settings.timeline is None:
             return
-        report = cost.report(
-            fleet.machines, fleet.placements, budget=settings.budget, plan=fleet.planned
+        report = summary.report(
+            outcome.machines, outcome.placements, budget=settings.budget, plan=outcome.plan
         )
         records = list(self.outcomes.records.values())
         svg = timeline.render(timeline.rows(report, records), now=time.time())
@@ -67,17 +65,16 @@ class CiOutputs:
             _write(self._path(settings.timeline), svg)
         if summary_path is not None:
             with self._path(summary_path).open("a", encoding="utf-8") as file:
-                file.write(summary(report, records, timeline_svg=svg))
+                file.write(job_summary(report, records, timeline_svg=svg))
 
     @pytest.hookimpl(trylast=True)  # after the controller's cost report
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        fleet = self._controller.fleet
-        if fleet is None or not on_github(self._environ):
+        outcome = self._controller.service.outcome()
+        if outcome is None or not on_github(self._environ):
             return
-        prefix = self._workspace_prefix()
         records = self.outcomes.records.values()
-        ids = [m.id for m in fleet.machines if m.instance is not None]
-        lines = annotation_lines(records, ids, prefix=prefix)
+        ids = [m.id for m in outcome.machines if m.instance is not None]
+        lines = annotation_lines(records, ids, prefix=self._workspace_prefix())
         if lines:
             terminalreporter.ensure_newline()
         for line in lines:

@@ -16,7 +16,7 @@ FAILED = ("failed", "error")
 MAX_EMBEDDED = 700_000
 
 
-def summary(
+def job_summary(
     report: Mapping[str, Any], records: Sequence[Record], *, timeline_svg: str | None = None
 ) -> str:
     """The markdown; ``timeline_svg`` is embedded as an image when given."""
