@@ -82,7 +82,7 @@ class Row:
 
 
 def rows(report: Mapping[str, Any], records: Iterable[Record]) -> list[Row]:
-    """The rows of ``report`` (``cost.report``'s data): its instances in order, then the
+    """The rows of ``report`` (the ``--gpu-report`` data): its instances in order, then the
     local tests of ``records``."""
     by_id: dict[str, Row] = {}
     for entry in report["instances"]:
