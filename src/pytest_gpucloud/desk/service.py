@@ -22,6 +22,7 @@ from pytest_gpucloud.features import instance_handle
 from pytest_gpucloud.scheduling import cost
 
 if TYPE_CHECKING:
+    from pytest_gpucloud.core.catalog import GpuType
     from pytest_gpucloud.core.engine import Engine
     from pytest_gpucloud.core.request import GpuRequest, Tests
     from pytest_gpucloud.features.artifacts import ArtifactStore
@@ -95,6 +96,7 @@ class Outcome:
     notes: list[str]
     data_lines: list[str]
     artifacts: ArtifactStore | None
+    catalog: list[GpuType] = field(default_factory=list)
 
 
 class FleetAccess(Protocol):
@@ -272,6 +274,7 @@ class FleetService:
             notes=list(fleet.notes),
             data_lines=fleet.data.summary_lines(),
             artifacts=fleet.artifacts,
+            catalog=fleet.catalog_read,
         )
 
     async def instances(self) -> list[InstanceView]:

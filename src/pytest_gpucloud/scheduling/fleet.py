@@ -116,7 +116,7 @@ class Fleet:
         self.artifacts = artifacts
         expiry = settings.boot_timeout + settings.timeout
         self.data = data or DataSource(settings.s3_endpoint, expiry)
-        self.session_id = uuid.uuid4().hex[:12]
+        self.session_id = settings.session_id or uuid.uuid4().hex[:12]
         self.machines: list[Machine] = []
         self.orphans: list[str] = []
         # What the summary should say about the teardown, beside each machine's error.
@@ -154,6 +154,11 @@ class Fleet:
         if self._catalog is None:
             self._catalog = await self.provider.catalog()
         return self._catalog
+
+    @property
+    def catalog_read(self) -> list[GpuType]:
+        """The catalog as the plan saw it (empty before it was read)."""
+        return self._catalog or []
 
     async def plan(self, tests: Tests) -> Plan:
         """Take the session's items in run order (request None: a local test).

@@ -66,6 +66,7 @@ def report(
                 "count": b.count,
                 "region": b.region,
                 "price_per_hour": b.price_per_hour,
+                "requested_at": b.requested_at,
                 "created_at": b.created_at,
                 "ready_at": b.ready_at,
                 "deleted_at": b.deleted_at,
