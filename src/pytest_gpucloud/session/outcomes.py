@@ -98,10 +98,16 @@ def _outcome(report: pytest.TestReport) -> str:
     if hasattr(report, "wasxfail"):
         return "xfailed" if report.skipped else "xpassed"
     if report.failed:
-        if str(report.longrepr).startswith(PREFIX):  # never a failure of the test itself
+        if is_infrastructure_error(report):  # never a failure of the test itself
             return "infrastructure error"
         return "failed" if report.when == "call" else "error"
     return "skipped" if report.skipped else "passed"
+
+
+def is_infrastructure_error(report: pytest.TestReport) -> bool:
+    """A report the plugin made for a test that could not run or finish on an instance
+    (a time limit passed in a test's body is that test's failure, as pytest-timeout's)."""
+    return report.failed and report.when != "call" and str(report.longrepr).startswith(PREFIX)
 
 
 def counts(records: Iterable[Record]) -> dict[str, int]:
