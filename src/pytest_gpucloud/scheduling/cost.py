@@ -80,6 +80,7 @@ class Bill:
     ready_at: float | None
     deleted_at: float | None
     tests: int
+    requested_at: float | None = None  # when the create call went out
     spot: bool = False
 
     @property
@@ -108,6 +109,7 @@ def bills(machines: Iterable[Machine]) -> list[Bill]:
             m.ready_at,
             m.deleted_at,
             m.tests_run,
+            m.requested_at,
             m.offer.spot,
         )
         for m in machines
