@@ -14,7 +14,8 @@ from pytest_gpucloud import cost
 from pytest_gpucloud.artifacts import ArtifactStore, new_run_id
 from pytest_gpucloud.durations import Durations
 from pytest_gpucloud.engine import Engine
-from pytest_gpucloud.errors import PREFIX, GpuCloudError
+from pytest_gpucloud.errors import PREFIX, GpuCloudError, ServiceError
+from pytest_gpucloud.features import gpu_service
 from pytest_gpucloud.fleet import Fleet
 from pytest_gpucloud.interrupts import Interrupts
 from pytest_gpucloud.ipc import Handoff, IpcClient, IpcServer
@@ -132,6 +133,9 @@ class Controller:
     ) -> contextlib.AbstractContextManager[InstanceHandle]:
         return self.access.lease(request)
 
+    def service_factory(self) -> gpu_service.ServiceFactory:
+        return gpu_service.ServiceFactory(self.access, owns_servers=not self.in_xdist_worker)
+
     def handoff(self) -> Handoff:
         """What an xdist worker needs to reach this process's fleet; serves it from now on."""
         if self._server is None:
@@ -156,11 +160,13 @@ class Controller:
         planned = [
             (item, item.stash[REQUEST_KEY]) for item in session.items if REQUEST_KEY in item.stash
         ]
-        if not planned or self.config.option.collectonly:
+        services = gpu_service.declared(session.items)
+        if not (planned or services) or self.config.option.collectonly:
             return
         try:
             errors = self.access.plan(
-                [(_remote_nodeid(i), i.stash.get(REQUEST_KEY, None)) for i in session.items]
+                [(_remote_nodeid(i), i.stash.get(REQUEST_KEY, None)) for i in session.items],
+                services,
             )
         except GpuCloudError as exc:
             if not self.in_xdist_worker:
@@ -342,6 +348,18 @@ class Controller:
         if self.fleet is not None and self.fleet.orphans and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        """A ``gpu_service`` that could not start is a setup error reading ``gpu-cloud:
+        ...`` (counted as infrastructure), not a traceback through the plugin."""
+        report = yield
+        failure = call.excinfo.value if call.excinfo is not None else None
+        if call.when == "setup" and isinstance(failure, ServiceError):
+            report.longrepr = str(failure)
+        return report
+
     @pytest.hookimpl(tryfirst=True)  # before the terminal's (and xdist's) use of it
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         ran_on = self._ran_on.get(report.nodeid)
@@ -403,6 +421,9 @@ class Controller:
         self._shut_down = True
         if self._interrupts is not None:
             self._interrupts.ending = True
+        if not self.in_xdist_worker:  # before the fleet's shutdown: their logs come home
+            with contextlib.suppress(TimeoutError):
+                self.engine.run(self.service.services.close(), timeout=SHUTDOWN_TIMEOUT)
         self.access.close()
         if self._server is not None:
             # Runs still in flight belong to xdist workers that are gone.

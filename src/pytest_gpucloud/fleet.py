@@ -48,7 +48,7 @@ from pytest_gpucloud.errors import (
 from pytest_gpucloud.failover import Failover
 from pytest_gpucloud.labels import SESSION, session_labels
 from pytest_gpucloud.machine import Launcher, Machine, MachineState
-from pytest_gpucloud.planner import Plan, Tests, hosts, make_plan
+from pytest_gpucloud.planner import Plan, Services, Tests, hosts, make_plan
 from pytest_gpucloud.progress import Progress
 from pytest_gpucloud.transport.worker_link import READ_AHEAD, RunSpec
 
@@ -156,8 +156,9 @@ class Fleet:
             self._catalog = await self.provider.catalog()
         return self._catalog
 
-    async def plan(self, tests: Tests) -> Plan:
-        """Take the session's items in run order (request None: a local test).
+    async def plan(self, tests: Tests, services: Services = ()) -> Plan:
+        """Take the session's items in run order (request None: a local test), and the
+        ``gpu_service`` servers declared in its code (see :func:`planner.make_plan`).
 
         The first call makes the plan and, unless ``--gpu-plan``, starts the instances it
         needs; later calls (from other xdist workers) only queue tests not seen yet.
@@ -170,6 +171,7 @@ class Fleet:
         if self.planned is None:
             self.planned = make_plan(
                 tests,
+                services=services,
                 offers=self._new_offers,
                 explain=lambda pool: explain_infeasible(pool, catalog, self.settings.regions),
                 costs=self.costs,

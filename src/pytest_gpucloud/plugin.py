@@ -26,7 +26,10 @@ from pytest_gpucloud.stash import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from pytest_gpucloud.controller import Controller, GpuCloudHandle
+    from pytest_gpucloud.features.gpu_service import ServiceFactory
     from pytest_gpucloud.ipc import Handoff
 MARKER_DOC = (
     "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None): "
@@ -176,3 +179,16 @@ def gpu_cloud(request: pytest.FixtureRequest) -> GpuCloudHandle:
     if controller is None:
         pytest.skip(SKIP_REASON)
     return controller.handle()
+
+
+@pytest.fixture(scope="session")
+def gpu_service(request: pytest.FixtureRequest) -> Iterator[ServiceFactory]:
+    """``gpu_service(cmd, port=8000, spec="L4")``: a server started on a GPU instance for
+    the session, health-checked, its port forwarded here; ``.url``, ``.base_url``,
+    ``.logs()``, ``.openai_client()``. Skipped without ``--gpu-cloud``."""
+    controller = request.config.stash.get(CONTROLLER_KEY, None)
+    if controller is None:
+        pytest.skip(SKIP_REASON)
+    factory = controller.service_factory()
+    yield factory
+    factory.close()

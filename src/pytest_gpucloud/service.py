@@ -19,9 +19,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pytest_gpucloud import cost, instance_handle
 from pytest_gpucloud.catalog import check_known
 from pytest_gpucloud.errors import PREFIX, GpuCloudError, MarkerError
+from pytest_gpucloud.features.gpu_service import ServiceAccess
+from pytest_gpucloud.features.service_desk import ServiceDesk
 
 if TYPE_CHECKING:
     from pytest_gpucloud.engine import Engine
+    from pytest_gpucloud.features.gpu_service import Declared
+    from pytest_gpucloud.features.service_desk import ServiceSpec, ServiceView
     from pytest_gpucloud.fleet import Fleet
     from pytest_gpucloud.instance_handle import InstanceHandle
     from pytest_gpucloud.machine import Machine
@@ -80,12 +84,14 @@ class InstanceView:
     cost: float
 
 
-class FleetAccess(Protocol):
-    """How a process that owns gpu items reaches the fleet."""
+class FleetAccess(ServiceAccess, Protocol):
+    """How a process that owns gpu items reaches the fleet (and the ``gpu_service``
+    servers that the fleet's owner runs)."""
 
-    def plan(self, tests: Tests) -> dict[str, str]:
+    def plan(self, tests: Tests, services: Sequence[Declared] = ()) -> dict[str, str]:
         """Check the gpu items' requests against the catalog and plan the session's
-        instances (:meth:`Fleet.plan`, which also starts them); nodeid -> marker error.
+        instances (:meth:`Fleet.plan`, which also starts them), the ``gpu_service``
+        servers' included; nodeid -> marker error.
 
         Starts the fleet on first use; a provider that cannot start raises GpuCloudError.
         """
@@ -116,6 +122,7 @@ class FleetService:
         self._starting: asyncio.Future[Fleet] | None = None
         self._fleet: Fleet | None = None
         self._reported: set[Machine] = set()
+        self.services = ServiceDesk(self.fleet)
 
     async def fleet(self) -> Fleet:
         """The fleet, started by the first caller; a failed start fails every call alike."""
@@ -133,7 +140,7 @@ class FleetService:
             ) from None
         return self._fleet
 
-    async def plan(self, tests: Tests) -> dict[str, str]:
+    async def plan(self, tests: Tests, services: Sequence[Declared] = ()) -> dict[str, str]:
         """See :meth:`FleetAccess.plan`."""
         fleet = await self.fleet()
         try:
@@ -150,7 +157,8 @@ class FleetService:
                 check_known(request, catalog)
             except MarkerError as exc:
                 errors[nodeid] = str(exc).replace(PREFIX, f"{PREFIX}{nodeid}: ", 1)
-        await fleet.plan([(nodeid, r) for nodeid, r in tests if nodeid not in errors])
+        kept = [(nodeid, r) for nodeid, r in tests if nodeid not in errors]
+        await fleet.plan(kept, [(s.name, s.request) for s in services])
         return errors
 
     async def run(
@@ -201,8 +209,8 @@ class LocalAccess:
         self._engine = engine
         self._service = service
 
-    def plan(self, tests: Tests) -> dict[str, str]:
-        return self._engine.run(self._service.plan(tests))
+    def plan(self, tests: Tests, services: Sequence[Declared] = ()) -> dict[str, str]:
+        return self._engine.run(self._service.plan(tests, services))
 
     def run(self, nodeid: str, request: GpuRequest, nextid: str | None) -> RunResult:
         return self._engine.run(self._service.run(nodeid, request, nextid, LOCAL_OWNER))
@@ -212,6 +220,15 @@ class LocalAccess:
 
     def lease(self, request: GpuRequest) -> contextlib.AbstractContextManager[InstanceHandle]:
         return instance_handle.lease(self._engine, self._engine.run(self._service.fleet()), request)
+
+    def start_service(self, spec: ServiceSpec) -> ServiceView:
+        return self._engine.run(self._service.services.start(spec))
+
+    def service_logs(self, key: str) -> str:
+        return self._engine.run(self._service.services.logs(key))
+
+    def stop_service(self, key: str) -> None:
+        self._engine.run(self._service.services.stop(key))
 
     def close(self) -> None:
         pass

@@ -27,6 +27,7 @@ from pytest_gpucloud.api_models import SimCommandRecord
 
 SSH_USER = "gpu"
 SSH_HOST = "127.0.0.1"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _CHUNK = 1 << 16
 
 
@@ -69,6 +70,13 @@ class _SshServer(asyncssh.SSHServer):
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         return username == SSH_USER and key.public_data == self._machine.client_key.public_data
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> bool:
+        """Port forwarding as sshd allows it, to the instance's own loopback only (a sim
+        instance's neighbours are this machine's other processes)."""
+        return dest_host in LOOPBACK
 
 
 class Machine:

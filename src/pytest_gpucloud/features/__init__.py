@@ -1,0 +1,1 @@
+"""What tests use beyond the gpu marker: instances of their own, deployed servers."""

@@ -1,0 +1,343 @@
+"""The servers of ``gpu_service``, run for the session by the process that owns the fleet.
+
+Each server gets an instance of its own (:meth:`~pytest_gpucloud.fleet.Fleet.lease_exclusive`:
+billed, reported and deleted with the rest). Its command runs there in the synced workspace,
+inside the runtime's container if there is one, under ``remote/service.py``, which puts it in
+a process group of its own, writes its output to a log in the workspace, says at once when
+it ends, and stops the whole group (SIGTERM, then SIGKILL) when asked or when the SSH
+channel goes. The port is forwarded to 127.0.0.1 here over the fleet's SSH connection
+(``direct-tcpip``: no port of the instance is opened to anyone); with the ``local``
+provider the server already is on this machine and its own port is used. At the end the
+log comes home beside the session's artifacts.
+
+One server per distinct definition: every process that asks for the same one (the session,
+xdist workers through the fleet's socket) gets the same URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+import shlex
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+import httpx
+
+from pytest_gpucloud import instance_handle
+from pytest_gpucloud.errors import GpuCloudError, ServiceError
+from pytest_gpucloud.remote import source
+from pytest_gpucloud.request import GpuRequest
+
+if TYPE_CHECKING:
+    from pytest_gpucloud.fleet import Fleet
+    from pytest_gpucloud.machine import Machine
+
+SERVICE_DIR = ".gpucloud/services"  # in the workspace: never synced, mounted in containers
+POLL_S = 0.5
+POLL_TIMEOUT_S = 5.0
+LAUNCH_TIMEOUT_S = 60.0
+STOP_GRACE_S = 10.0  # SIGTERM to SIGKILL
+LOG_TAIL_LINES = 20
+LOGS_MAX = 1 << 20
+ANSWER_SHOWN = 200
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x9b]")  # the instance's text is untrusted
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One server as the ``gpu_service`` factory was asked for it."""
+
+    cmd: str
+    port: int
+    health: str
+    request: GpuRequest
+    timeout: float
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def key(self) -> str:
+        """Equal for equal definitions (the same server for everyone who asks)."""
+        data = json.dumps([self.cmd, self.port, self.health, self.request.canonical(), self.env])
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        """The log's name: the program's and the key's start (``vllm-3f2a1b0c``)."""
+        words = self.cmd.split()
+        program = re.sub(r"[^A-Za-z0-9_.-]", "", words[0].rsplit("/", 1)[-1]) if words else ""
+        return f"{program or 'service'}-{self.key[:8]}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "request": self.request.canonical(), "env": dict(self.env)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ServiceSpec:
+        env = data["env"]
+        if not isinstance(env, dict):
+            raise TypeError(f"env {env!r}")
+        return cls(
+            str(data["cmd"]),
+            int(data["port"]),
+            str(data["health"]),
+            GpuRequest.parse(str(data["request"])),
+            float(data["timeout"]),
+            tuple((str(k), str(v)) for k, v in env.items()),
+        )
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """A running server as the processes that use it see it (plain JSON data)."""
+
+    key: str
+    url: str
+    instance: str
+    gpu: str
+    log: str  # where its log lands on this machine at the end
+
+
+@dataclass(eq=False)
+class _Running:
+    spec: ServiceSpec
+    machine: Machine
+    process: asyncssh.SSHClientProcess[str]
+    remote_log: str
+    local_log: Path
+    url: str = ""
+    listener: asyncssh.SSHListener | None = None
+    # The launcher's last word: {"exited": status, "tail": text} or {"stopped": status};
+    # {"lost": reason} when the channel ended without one.
+    ended: asyncio.Future[dict[str, Any]] = field(default_factory=asyncio.Future)
+    watcher: asyncio.Task[None] | None = None
+    # Once started, the server holds its machine for the session: its stop releases it.
+    fleet: Fleet | None = None
+
+    def view(self) -> ServiceView:
+        return ServiceView(
+            self.spec.key, self.url, self.machine.id, self.machine.label, str(self.local_log)
+        )
+
+
+class ServiceDesk:
+    """Starts, serves and stops the session's servers; call it on the engine loop.
+
+    ``fleet``: the session's fleet (started by the first caller). Logs come home into the
+    session's artifacts folder, under ``gpu_service/``.
+    """
+
+    def __init__(self, fleet: Callable[[], Awaitable[Fleet]]) -> None:
+        self._fleet = fleet
+        self._services: dict[str, asyncio.Future[_Running]] = {}
+        self._closing = False
+
+    async def start(self, spec: ServiceSpec) -> ServiceView:
+        """The server of ``spec``, started by the first caller and healthy; a server that
+        could not start fails every caller alike (ServiceError)."""
+        if self._closing:
+            raise ServiceError(f"gpu_service({spec.cmd!r}): the session is ending")
+        starting = self._services.get(spec.key)
+        if starting is None:
+            starting = self._services[spec.key] = asyncio.ensure_future(self._start(spec))
+        # Shielded: one caller going away (a crashed xdist worker) stops no one's server.
+        running = await asyncio.shield(starting)
+        if running.ended.done():
+            raise ServiceError(f"gpu_service({spec.cmd!r}) has ended: {_ending(running)}")
+        return running.view()
+
+    async def logs(self, key: str) -> str:
+        """The server's log so far (its last MiB), read on the instance."""
+        running = await self._running(key)
+        command = f"tail -c {LOGS_MAX} {shlex.quote(running.remote_log)}"
+        done = await instance_handle.run_on(running.machine, command, None)
+        return done.stdout.decode(errors="replace")
+
+    async def stop(self, key: str) -> None:
+        """Stop the server, bring its log home, release its instance; idempotent."""
+        await self._stop(await self._running(key))
+
+    async def close(self) -> None:
+        """Stop every server (the session ends)."""
+        self._closing = True
+        for starting in self._services.values():
+            starting.cancel()  # a start under way gives up; a finished one is unaffected
+        done = await asyncio.gather(*self._services.values(), return_exceptions=True)
+        await asyncio.gather(*(self._stop(r) for r in done if isinstance(r, _Running)))
+
+    async def _running(self, key: str) -> _Running:
+        starting = self._services.get(key)
+        if starting is None or not starting.done() or starting.exception() is not None:
+            raise ServiceError(f"no running gpu_service has the key {key}")
+        return starting.result()
+
+    async def _start(self, spec: ServiceSpec) -> _Running:
+        fleet = await self._fleet()
+        machine = await instance_handle.lease_machine(fleet, spec.request)
+        running: _Running | None = None
+        try:
+            running = await _launch(machine, spec, _log_dir(fleet))
+            running.url = await _reach(machine, running, fleet)
+            await _wait_healthy(running)
+        except BaseException:
+            with contextlib.suppress(GpuCloudError):
+                if running is not None:
+                    await _end(running)
+                await fleet.release_lease(machine)
+            raise
+        running.fleet = fleet
+        return running
+
+    async def _stop(self, running: _Running) -> None:
+        await _end(running)
+        fleet, running.fleet = running.fleet, None
+        if fleet is not None:
+            with contextlib.suppress(GpuCloudError):
+                await fleet.release_lease(running.machine)
+
+
+def _log_dir(fleet: Fleet) -> Path:
+    artifacts = fleet.artifacts
+    root = artifacts.root if artifacts is not None else fleet.launcher.rootdir / ".gpucloud"
+    return root / "gpu_service"
+
+
+async def _launch(machine: Machine, spec: ServiceSpec, log_dir: Path) -> _Running:
+    """Start ``spec.cmd`` on ``machine`` under the launcher; back when it runs."""
+    remote_log = f"{machine.remote_root}/{SERVICE_DIR}/{spec.name}.log"
+    line = (
+        f"cd {shlex.quote(machine.remote_root)} && mkdir -p {SERVICE_DIR} && "
+        f"exec python3 -c {shlex.quote(source('service'))}"
+    )
+    if machine.runtime is not None:
+        line = machine.runtime.wrap(line)
+    conn = instance_handle.machine_conn(machine)
+    try:
+        process = await conn.create_process(line, encoding="utf-8")
+    except (OSError, asyncssh.Error) as exc:
+        raise ServiceError(f"instance {machine.id}: cannot start gpu_service: {exc}") from None
+    config = {"cmd": spec.cmd, "log": remote_log, "env": dict(spec.env), "grace": STOP_GRACE_S}
+    process.stdin.write(json.dumps(config) + "\n")
+    running = _Running(spec, machine, process, remote_log, log_dir / f"{spec.name}.log")
+    running.watcher = asyncio.ensure_future(_watch(running))
+    return running
+
+
+async def _watch(running: _Running) -> None:
+    """Read the launcher's answers until its last word."""
+    process, ended = running.process, running.ended
+    try:
+        while line := await process.stdout.readline():
+            answer = json.loads(line)
+            if "exited" in answer or "stopped" in answer:
+                ended.set_result(answer)
+                return
+    except (OSError, asyncssh.Error, ValueError) as exc:
+        ended.set_result({"lost": str(exc) or type(exc).__name__})
+        return
+    stderr = (await _rest(process.stderr)).strip()
+    ended.set_result({"lost": stderr[-2000:] or "the launcher's channel closed"})
+
+
+async def _rest(stream: asyncssh.SSHReader[str]) -> str:
+    with contextlib.suppress(OSError, asyncssh.Error, asyncio.TimeoutError):
+        return await asyncio.wait_for(stream.read(), 2)
+    return ""
+
+
+async def _reach(machine: Machine, running: _Running, fleet: Fleet) -> str:
+    """The server's URL here: its own port on this machine (``local``), else a forward."""
+    port = running.spec.port
+    if fleet.provider.name == "local":
+        return f"http://127.0.0.1:{port}"
+    conn = instance_handle.machine_conn(machine)
+    try:
+        running.listener = await conn.forward_local_port("127.0.0.1", 0, "127.0.0.1", port)
+    except (OSError, asyncssh.Error) as exc:
+        raise ServiceError(f"instance {machine.id}: cannot forward port {port}: {exc}") from None
+    return f"http://127.0.0.1:{running.listener.get_port()}"
+
+
+async def _wait_healthy(running: _Running) -> None:
+    """Poll the health path every 0.5 s until it answers 200; the server's end, or the
+    timeout, raise ServiceError at once."""
+    spec = running.spec
+    started = time.monotonic()
+    last = "none (no connection yet)"
+    async with httpx.AsyncClient(timeout=POLL_TIMEOUT_S, trust_env=False) as client:
+        while not running.ended.done():
+            try:
+                answer = await client.get(running.url + spec.health)
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__} ({_shown(str(exc)) or 'no detail'})"
+            else:
+                if answer.status_code == 200:
+                    return
+                last = f"HTTP {answer.status_code} {_shown(answer.text)!r}"
+            waited = time.monotonic() - started
+            if waited >= spec.timeout:
+                raise ServiceError(
+                    f"gpu_service({spec.cmd!r}) on {running.machine.label}: {spec.health} did "
+                    f"not answer 200 within {spec.timeout:g} s (waited {waited:.1f} s); the "
+                    f"last answer: {last}" + await _log_tail(running)
+                )
+            await asyncio.wait({running.ended}, timeout=POLL_S)
+    raise ServiceError(
+        f"gpu_service({spec.cmd!r}) on {running.machine.label} ended before {spec.health} "
+        f"answered 200: {_ending(running)}" + _tail_text(running.ended.result().get("tail"))
+    )
+
+
+async def _log_tail(running: _Running) -> str:
+    with contextlib.suppress(GpuCloudError, asyncio.TimeoutError):
+        command = f"tail -n {LOG_TAIL_LINES} {shlex.quote(running.remote_log)}"
+        done = await asyncio.wait_for(instance_handle.run_on(running.machine, command, None), 10)
+        return _tail_text(done.stdout.decode(errors="replace"))
+    return ""
+
+
+def _tail_text(text: object) -> str:
+    if not isinstance(text, str) or not text.strip():
+        return "; its log is empty"
+    lines = _UNPRINTABLE.sub("?", text).rstrip().splitlines()[-LOG_TAIL_LINES:]
+    return "; its log ends:\n" + "\n".join(f"    {line}" for line in lines)
+
+
+def _ending(running: _Running) -> str:
+    last = running.ended.result()
+    if "exited" in last:
+        status = int(last["exited"])
+        return f"exit status {status}" if status >= 0 else f"killed by signal {-status}"
+    if "stopped" in last:
+        return "stopped"
+    return f"its connection was lost ({_shown(str(last.get('lost')))})"
+
+
+def _shown(text: str) -> str:
+    return _UNPRINTABLE.sub("?", text[:ANSWER_SHOWN])
+
+
+async def _end(running: _Running) -> None:
+    """Stop the launcher (and with it the server's group), close the forward, bring the
+    log home; idempotent."""
+    if not running.ended.done():
+        with contextlib.suppress(OSError, asyncssh.Error):
+            running.process.stdin.write("stop\n")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(running.ended), STOP_GRACE_S + 5)
+    if running.listener is not None:
+        running.listener.close()
+        running.listener = None
+    running.process.close()
+    if running.watcher is not None:
+        running.watcher.cancel()
+    with contextlib.suppress(GpuCloudError, asyncio.TimeoutError):
+        target = running.local_log.parent
+        pulled = instance_handle.pull_from(running.machine, running.remote_log, target)
+        await asyncio.wait_for(pulled, 60)
