@@ -16,10 +16,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODEL = "tiny-chat"
-WORDS = (
-    "the gpu hums along while tensors flow through layers of weights and every "
-    "batch returns a little wiser than before so the loss falls and the model learns"
-).split()
+WORDS = [
+    *("the", "gpu", "hums", "along", "while", "tensors", "flow", "through", "layers"),
+    *("of", "weights", "and", "every", "batch", "returns", "a", "little", "wiser"),
+    *("than", "before", "so", "the", "loss", "falls", "and", "the", "model", "learns"),
+]
 
 
 def reply_to(messages):

@@ -15,7 +15,7 @@ import pytest
 from pytest_gpucloud.errors import ServiceError
 from pytest_gpucloud.features.gpu_service import GpuService
 from pytest_gpucloud.features.service_desk import ServiceView
-from tests.conftest import GpuRun, Sim
+from tests.conftest import GpuRun, Sim, Standins
 from tests.test_providers import _gpus
 
 SERVER = Path(__file__).parent.parent / "examples" / "openai_server.py"
@@ -115,7 +115,8 @@ def test_a_server_on_an_instance_serves_the_tests_here(
     assert text.count('"POST /v1/chat/completions HTTP/1.1" 200') == 100
     # the command never travelled with the environment's values on its command line
     launched = [c for c in instance["commands"] if "gpucloud/services" in c["command"]]
-    assert launched and all("hello there" not in c["command"] for c in launched)
+    assert launched
+    assert all("hello there" not in c["command"] for c in launched)
 
 
 def _alive(pid: int) -> bool:
@@ -187,7 +188,7 @@ def test_a_health_timeout_says_how_long_it_waited_and_the_last_answer(
     result.stdout.fnmatch_lines(
         [
             "*gpu-cloud: gpu_service(*) on T4 i-*: /health did not answer 200 within 1.5 s "
-            "(waited *s); the last answer: HTTP 503 '{\"status\": \"loading\"}'; its log ends:",
+            '(waited *s); the last answer: HTTP 503 \'{"status": "loading"}\'; its log ends:',
             f"*serving tiny-chat on port {port}",
         ]
     )
@@ -225,7 +226,8 @@ def test_xdist_workers_share_the_controllers_server(
     result = gpu_run.subprocess("-n", "2", "--dist", "loadfile")
     result.assert_outcomes(passed=2)
     urls = {path.read_text() for path in tmp_path.glob("gw*")}
-    assert len(list(tmp_path.glob("gw*"))) == 2 and len(urls) == 1
+    assert len(list(tmp_path.glob("gw*"))) == 2
+    assert len(urls) == 1
     assert len([i for i in sim.instances() if i["id"] not in before]) == 1
     assert refused(port)
 
@@ -254,7 +256,9 @@ def test_local_provider_needs_no_tunnel(
     assert refused(port)
 
 
-def test_the_plan_lists_the_servers_instance(gpu_run: GpuRun, project: pytest.Pytester, sim: Sim) -> None:
+def test_the_plan_lists_the_servers_instance(
+    gpu_run: GpuRun, project: pytest.Pytester, sim: Sim
+) -> None:
     project.makeconftest(
         """
         import pytest
@@ -337,3 +341,33 @@ def test_openai_client_needs_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     service = GpuService(access=None, view=view)  # type: ignore[arg-type]  # not reached
     with pytest.raises(ServiceError, match=r"pip install 'pytest-gpucloud\[openai\]'"):
         service.openai_client()
+
+
+def test_in_a_container_it_starts_through_exec_and_is_reached_through_a_relay(
+    gpu_run: GpuRun, project: pytest.Pytester, standins: Standins
+) -> None:
+    # docker and podman give a container a network of its own: the server's port there is
+    # reached through the launcher's Unix socket in the (shared) workspace.
+    port = free_port()
+    project.makepyfile(
+        f"""
+        from openai_server import reply_to
+
+        def test_chat(gpu_service):
+            server = gpu_service("python3 openai_server.py --port {port}", port={port})
+            client = server.openai_client()
+            for n in range(10):
+                messages = [{{"role": "user", "content": str(n)}}]
+                answer = client.chat.completions.create(model="tiny-chat", messages=messages)
+                assert answer.choices[0].message.content == reply_to(messages)
+        """
+    )
+    result = gpu_run("--gpu-runtime", "podman")
+    result.assert_outcomes(passed=1)
+    [launch] = [
+        c["argv"] for c in standins.calls("podman") if "gpucloud/services" in " ".join(c["argv"])
+    ]
+    assert launch[:2] == ["exec", "-i"]
+    assert refused(port)
+    [log] = project.path.glob(".gpucloud/artifacts/*/gpu_service/*.log")
+    assert log.read_text().count("POST /v1/chat/completions") == 10

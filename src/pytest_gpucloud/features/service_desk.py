@@ -35,6 +35,7 @@ from pytest_gpucloud import instance_handle
 from pytest_gpucloud.errors import GpuCloudError, ServiceError
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.request import GpuRequest
+from pytest_gpucloud.runtime import Docker
 
 if TYPE_CHECKING:
     from pytest_gpucloud.fleet import Fleet
@@ -111,6 +112,10 @@ class _Running:
     process: asyncssh.SSHClientProcess[str]
     remote_log: str
     local_log: Path
+    # For a server in a container: the launcher's Unix socket, as the instance reaches it
+    # (through a short link: a socket's path has at most 107 bytes), and the link's folder.
+    relay: str | None
+    relay_dir: str | None
     url: str = ""
     listener: asyncssh.SSHListener | None = None
     # The launcher's last word: {"exited": status, "tail": text} or {"stopped": status};
@@ -210,7 +215,13 @@ def _log_dir(fleet: Fleet) -> Path:
 
 async def _launch(machine: Machine, spec: ServiceSpec, log_dir: Path) -> _Running:
     """Start ``spec.cmd`` on ``machine`` under the launcher; back when it runs."""
-    remote_log = f"{machine.remote_root}/{SERVICE_DIR}/{spec.name}.log"
+    folder = f"{machine.remote_root}/{SERVICE_DIR}"
+    remote_log = f"{folder}/{spec.name}.log"
+    relay = relay_dir = None
+    socket_name = f"{SERVICE_DIR}/{spec.key[:8]}.sock"  # relative to the workspace
+    if isinstance(machine.runtime, Docker):  # and podman: a network of the container's own
+        relay_dir = await _short_link(machine, folder)
+        relay = f"{relay_dir}/s/{spec.key[:8]}.sock"
     line = (
         f"cd {shlex.quote(machine.remote_root)} && mkdir -p {SERVICE_DIR} && "
         f"exec python3 -c {shlex.quote(source('service'))}"
@@ -222,11 +233,38 @@ async def _launch(machine: Machine, spec: ServiceSpec, log_dir: Path) -> _Runnin
         process = await conn.create_process(line, encoding="utf-8")
     except (OSError, asyncssh.Error) as exc:
         raise ServiceError(f"instance {machine.id}: cannot start gpu_service: {exc}") from None
-    config = {"cmd": spec.cmd, "log": remote_log, "env": dict(spec.env), "grace": STOP_GRACE_S}
+    config = {
+        "cmd": spec.cmd,
+        "log": remote_log,
+        "env": dict(spec.env),
+        "grace": STOP_GRACE_S,
+        "port": spec.port,
+        "relay": socket_name if relay else None,
+    }
     process.stdin.write(json.dumps(config) + "\n")
-    running = _Running(spec, machine, process, remote_log, log_dir / f"{spec.name}.log")
+    local_log = log_dir / f"{spec.name}.log"
+    running = _Running(spec, machine, process, remote_log, local_log, relay, relay_dir)
     running.watcher = asyncio.ensure_future(_watch(running))
     return running
+
+
+async def _short_link(machine: Machine, folder: str) -> str:
+    """A private folder of the instance (outside any container) with a link ``s`` to
+    ``folder``: a short path to the sockets there."""
+    command = (
+        f'd=$(mktemp -d /tmp/gpucloud.XXXXXX) && ln -s {shlex.quote(folder)} "$d/s" && echo "$d"'
+    )
+    try:
+        done = await instance_handle.machine_conn(machine).run(command, check=False)
+    except (OSError, asyncssh.Error) as exc:
+        raise ServiceError(f"instance {machine.id}: {exc}") from None
+    made = str(done.stdout or "").strip()
+    if done.exit_status != 0 or not made.startswith("/tmp/gpucloud."):
+        raise ServiceError(
+            f"instance {machine.id}: no folder for gpu_service's socket in /tmp "
+            f"({_shown(str(done.stderr or '').strip())})"
+        )
+    return made
 
 
 async def _watch(running: _Running) -> None:
@@ -252,13 +290,18 @@ async def _rest(stream: asyncssh.SSHReader[str]) -> str:
 
 
 async def _reach(machine: Machine, running: _Running, fleet: Fleet) -> str:
-    """The server's URL here: its own port on this machine (``local``), else a forward."""
+    """The server's URL here: a forward to the launcher's relay socket (in a container
+    with a network of its own), its own port (``local``: on this machine), or a forward
+    to its port on the instance's loopback."""
     port = running.spec.port
-    if fleet.provider.name == "local":
+    if running.relay is None and fleet.provider.name == "local":
         return f"http://127.0.0.1:{port}"
     conn = instance_handle.machine_conn(machine)
     try:
-        running.listener = await conn.forward_local_port("127.0.0.1", 0, "127.0.0.1", port)
+        if running.relay is not None:
+            running.listener = await conn.forward_local_port_to_path("127.0.0.1", 0, running.relay)
+        else:
+            running.listener = await conn.forward_local_port("127.0.0.1", 0, "127.0.0.1", port)
     except (OSError, asyncssh.Error) as exc:
         raise ServiceError(f"instance {machine.id}: cannot forward port {port}: {exc}") from None
     return f"http://127.0.0.1:{running.listener.get_port()}"
@@ -337,6 +380,11 @@ async def _end(running: _Running) -> None:
     running.process.close()
     if running.watcher is not None:
         running.watcher.cancel()
+    if running.relay_dir is not None:
+        with contextlib.suppress(OSError, asyncssh.Error):
+            conn = instance_handle.machine_conn(running.machine)
+            await conn.run(f"rm -rf {shlex.quote(running.relay_dir)}", check=False)
+        running.relay_dir = None
     with contextlib.suppress(GpuCloudError, asyncio.TimeoutError):
         target = running.local_log.parent
         pulled = instance_handle.pull_from(running.machine, running.remote_log, target)

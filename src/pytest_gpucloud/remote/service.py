@@ -4,7 +4,12 @@ Standalone (stdlib only, Python 3.8+): sent as the ``python3 -c`` program of one
 in the workspace, inside the container if there is one. The first line of stdin is a JSON
 object: ``cmd`` (a shell command line), ``log`` (the file its output goes to), ``env``
 (added to its environment: values never travel on a command line), ``grace`` (seconds
-between SIGTERM and SIGKILL). Answers, one JSON line each on stdout:
+between SIGTERM and SIGKILL), and ``relay``: null, or a Unix socket path (relative to the
+workspace, so never too long) to listen on (mode 0600) and relay each connection to the
+command's ``port`` on 127.0.0.1 here. A container with a network of its own is reached that
+way: the socket is in the workspace, which the container shares with the instance, and SSH
+forwards to it. Answers, one JSON
+line each on stdout:
 
   {"pid": int}                     the command runs, in a process group of its own
   {"exited": int, "tail": str}     it ended by itself (negative: killed by that signal)
@@ -15,9 +20,11 @@ Whatever ends the command, its process group gets SIGTERM, then SIGKILL after ``
 seconds if any of it is left, so no child of the server outlives it.
 """
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +32,7 @@ import time
 from typing import IO, Any
 
 TAIL_BYTES = 4000
+CHUNK = 1 << 16
 
 
 def main() -> None:
@@ -41,6 +49,9 @@ def main() -> None:
             env=dict(os.environ, **config["env"]),
             start_new_session=True,
         )
+    if config["relay"]:
+        listener = listen(config["relay"])
+        threading.Thread(target=relay, args=(listener, config["port"]), daemon=True).start()
     say(out, pid=proc.pid)
     stop = threading.Event()
     threading.Thread(target=wait_for_stop, args=(stop,), daemon=True).start()
@@ -52,6 +63,53 @@ def main() -> None:
         say(out, exited=proc.returncode, tail=tail(config["log"]))
     else:
         say(out, stopped=proc.returncode)
+
+
+def listen(path: str) -> socket.socket:
+    if os.path.exists(path):
+        os.unlink(path)  # left by an earlier session's launcher
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(64)
+    return listener
+
+
+def relay(listener: socket.socket, port: int) -> None:
+    while True:
+        client, _ = listener.accept()
+        threading.Thread(target=bridge, args=(client, port), daemon=True).start()
+
+
+def bridge(client: socket.socket, port: int) -> None:
+    """Copy both ways between ``client`` and a new connection to ``port``, until both end."""
+    try:
+        upstream = socket.create_connection(("127.0.0.1", port))
+    except OSError:
+        client.close()  # as a refused connection, for the health poll
+        return
+    back = threading.Thread(target=pump, args=(upstream, client))
+    back.start()
+    pump(client, upstream)
+    back.join()
+    client.close()
+    upstream.close()
+
+
+def pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while True:
+            data = source.recv(CHUNK)
+            if not data:
+                break
+            sink.sendall(data)
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
 
 
 def wait_for_stop(stop: threading.Event) -> None:

@@ -78,6 +78,10 @@ class _SshServer(asyncssh.SSHServer):
         instance's neighbours are this machine's other processes)."""
         return dest_host in LOOPBACK
 
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        """Forwarding to a Unix socket, in the instance's own home only."""
+        return within_home(dest_path, self._machine.home)
+
 
 class Machine:
     """The SSH side of one instance, from boot to termination."""
@@ -302,6 +306,11 @@ async def _kill_when_closed(
     await process.wait_closed()
     if proc.returncode is None:
         kill_group(proc.pid)
+
+
+def within_home(path: str, home: Path) -> bool:
+    """Whether ``path`` is inside ``home`` (where a forward to a Unix socket may go)."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(home))
 
 
 def kill_group(group_id: int) -> None:
