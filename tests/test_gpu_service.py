@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -371,3 +374,62 @@ def test_in_a_container_it_starts_through_exec_and_is_reached_through_a_relay(
     assert refused(port)
     [log] = project.path.glob(".gpucloud/artifacts/*/gpu_service/*.log")
     assert log.read_text().count("POST /v1/chat/completions") == 10
+
+
+def test_a_stopped_server_asked_for_again_starts_anew(
+    gpu_run: GpuRun, project: pytest.Pytester, sim: Sim
+) -> None:
+    port = free_port()
+    project.makepyfile(
+        f"""
+        import socket
+
+        def test_stop_and_again(gpu_service):
+            first = gpu_service("python3 openai_server.py --port {port}", port={port})
+            first.stop()
+            with socket.socket() as sock:
+                assert sock.connect_ex(("127.0.0.1", {port})) != 0  # gone on the instance
+            again = gpu_service("python3 openai_server.py --port {port}", port={port})
+            assert again.instance != first.instance
+            assert "serving tiny-chat" in again.logs()
+        """
+    )
+    before = {i["id"] for i in sim.instances()}
+    gpu_run().assert_outcomes(passed=1)
+    assert len([i for i in sim.instances() if i["id"] not in before]) == 2
+    assert len(list(project.path.glob(".gpucloud/artifacts/*/gpu_service/*.log"))) == 1
+
+
+def test_a_signal_mid_session_deletes_the_servers_instance(
+    gpu_run: GpuRun, project: pytest.Pytester, sim: Sim, tmp_path: Path
+) -> None:
+    port = free_port()
+    project.makepyfile(
+        f"""
+        import pathlib
+        import time
+
+        def test_long(gpu_service):
+            gpu_service("python3 openai_server.py --port {port}", port={port})
+            pathlib.Path({str(tmp_path / "up")!r}).touch()
+            time.sleep(120)
+        """
+    )
+    before = {i["id"] for i in sim.instances()}
+    command = [sys.executable, "-m", "pytest", *gpu_run.args()]
+    with (project.path / "out.txt").open("wb") as out:
+        session = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=project.path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "up").exists():
+            assert session.poll() is None, (project.path / "out.txt").read_text()
+            assert time.monotonic() < deadline, "the server never came up"
+            time.sleep(0.1)
+        session.send_signal(signal.SIGTERM)
+        assert session.wait(60) == pytest.ExitCode.INTERRUPTED
+    finally:
+        session.kill()
+    assert "Traceback" not in (project.path / "out.txt").read_text()
+    [instance] = [i for i in sim.instances() if i["id"] not in before]
+    assert instance["id"] not in [i["id"] for i in sim.live()]
+    assert refused(port)

@@ -422,8 +422,10 @@ class Controller:
         if self._interrupts is not None:
             self._interrupts.ending = True
         if not self.in_xdist_worker:  # before the fleet's shutdown: their logs come home
+            hurry = self._interrupts is not None and bool(self._interrupts.signalled)
             with contextlib.suppress(TimeoutError):
-                self.engine.run(self.service.services.close(), timeout=SHUTDOWN_TIMEOUT)
+                closing = self.service.services.close(hurry=hurry)
+                self.engine.run(closing, timeout=SHUTDOWN_TIMEOUT)
         self.access.close()
         if self._server is not None:
             # Runs still in flight belong to xdist workers that are gone.

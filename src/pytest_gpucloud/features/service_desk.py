@@ -46,6 +46,7 @@ POLL_S = 0.5
 POLL_TIMEOUT_S = 5.0
 LAUNCH_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0  # SIGTERM to SIGKILL
+HURRY_WAIT_S = 1.0  # a signal ends the session: the deletes go out within 2 s
 LOG_TAIL_LINES = 20
 LOGS_MAX = 1 << 20
 ANSWER_SHOWN = 200
@@ -61,7 +62,7 @@ class ServiceSpec:
     health: str
     request: GpuRequest
     timeout: float
-    env: tuple[tuple[str, str], ...] = ()
+    env: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # values may be secret
 
     @property
     def key(self) -> str:
@@ -124,6 +125,7 @@ class _Running:
     watcher: asyncio.Task[None] | None = None
     # Once started, the server holds its machine for the session: its stop releases it.
     fleet: Fleet | None = None
+    closed: bool = False
 
     def view(self) -> ServiceView:
         return ServiceView(
@@ -149,7 +151,7 @@ class ServiceDesk:
         if self._closing:
             raise ServiceError(f"gpu_service({spec.cmd!r}): the session is ending")
         starting = self._services.get(spec.key)
-        if starting is None:
+        if starting is None or _stopped(starting):
             starting = self._services[spec.key] = asyncio.ensure_future(self._start(spec))
         # Shielded: one caller going away (a crashed xdist worker) stops no one's server.
         running = await asyncio.shield(starting)
@@ -168,13 +170,16 @@ class ServiceDesk:
         """Stop the server, bring its log home, release its instance; idempotent."""
         await self._stop(await self._running(key))
 
-    async def close(self) -> None:
-        """Stop every server (the session ends)."""
+    async def close(self, *, hurry: bool = False) -> None:
+        """Stop every server (the session ends). ``hurry`` (a signal ends the session):
+        give each launcher a second to send its server SIGTERM, and leave the logs; the
+        instances' deletes must go out at once."""
         self._closing = True
         for starting in self._services.values():
             starting.cancel()  # a start under way gives up; a finished one is unaffected
         done = await asyncio.gather(*self._services.values(), return_exceptions=True)
-        await asyncio.gather(*(self._stop(r) for r in done if isinstance(r, _Running)))
+        running = [r for r in done if isinstance(r, _Running)]
+        await asyncio.gather(*(self._stop(r, hurry=hurry) for r in running))
 
     async def _running(self, key: str) -> _Running:
         starting = self._services.get(key)
@@ -199,12 +204,19 @@ class ServiceDesk:
         running.fleet = fleet
         return running
 
-    async def _stop(self, running: _Running) -> None:
-        await _end(running)
+    async def _stop(self, running: _Running, *, hurry: bool = False) -> None:
+        await _end(running, hurry=hurry)
         fleet, running.fleet = running.fleet, None
         if fleet is not None:
             with contextlib.suppress(GpuCloudError):
                 await fleet.release_lease(running.machine)
+
+
+def _stopped(starting: asyncio.Future[_Running]) -> bool:
+    """Whether this server was started and then stopped (asked for again, it starts anew)."""
+    if not starting.done() or starting.cancelled() or starting.exception() is not None:
+        return False
+    return starting.result().closed
 
 
 def _log_dir(fleet: Fleet) -> Path:
@@ -366,20 +378,30 @@ def _shown(text: str) -> str:
     return _UNPRINTABLE.sub("?", text[:ANSWER_SHOWN])
 
 
-async def _end(running: _Running) -> None:
+async def _end(running: _Running, *, hurry: bool = False) -> None:
     """Stop the launcher (and with it the server's group), close the forward, bring the
-    log home; idempotent."""
+    log home (not in a ``hurry``); idempotent."""
+    if running.closed:
+        return
+    running.closed = True
     if not running.ended.done():
         with contextlib.suppress(OSError, asyncssh.Error):
             running.process.stdin.write("stop\n")
+        # In a hurry, long enough for the launcher to send its SIGTERM: an exec server
+        # may kill the launcher as soon as its channel closes (the sim's and local's do).
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(running.ended), STOP_GRACE_S + 5)
+            wait = HURRY_WAIT_S if hurry else STOP_GRACE_S + 5
+            await asyncio.wait_for(asyncio.shield(running.ended), wait)
     if running.listener is not None:
         running.listener.close()
         running.listener = None
-    running.process.close()
+    running.process.close()  # a launcher still there takes its stdin's end as a stop
     if running.watcher is not None:
         running.watcher.cancel()
+    if not running.ended.done():
+        running.ended.set_result({"stopped": None})
+    if hurry:
+        return
     if running.relay_dir is not None:
         with contextlib.suppress(OSError, asyncssh.Error):
             conn = instance_handle.machine_conn(running.machine)
