@@ -309,33 +309,37 @@ def test_without_gpu_cloud_its_users_are_skipped(project: pytest.Pytester) -> No
     result.assert_outcomes(skipped=1)
 
 
-@pytest.mark.parametrize(
-    ("call", "message"),
-    [
-        ('gpu_service("serve", port="8000")', "port='8000' must be a TCP port number (1-65535)"),
-        ('gpu_service("serve", port=8000, health="health")', "health='health' must be a path"),
-        ('gpu_service("serve", port=8000, env={"A": 1})', "env must map variable names to"),
-        ('gpu_service("serve", port=8000, spec="NOPE-GPU")', "*NOPE-GPU*"),
-    ],
-)
+BAD_CALLS = {
+    'gpu_service("serve", port="8000")': "port='8000' must be a TCP port number (1-65535)",
+    'gpu_service("serve", port=8000, health="health")': "health='health' must be a path *",
+    'gpu_service("serve", port=8000, env={"A": 1})': "env must map variable names to strings",
+    'gpu_service("serve", port=8000, timeout=0)': "timeout=0 must be a positive number *",
+    'gpu_service("serve", port=8000, spec="NOPE-GPU")': "*NOPE-GPU*",
+}
+
+
 def test_bad_arguments_are_one_line_setup_errors(
-    gpu_run: GpuRun, project: pytest.Pytester, call: str, message: str
+    gpu_run: GpuRun, project: pytest.Pytester, sim: Sim
 ) -> None:
-    project.makepyfile(
+    tests = [
         f"""
-        import pytest
+@pytest.fixture
+def server_{n}(gpu_service):
+    return {call}
 
-        @pytest.fixture
-        def server(gpu_service):
-            return {call}
-
-        def test_it(server):
-            pass
-        """
+def test_{n}(server_{n}):
+    pass
+"""
+        for n, call in enumerate(BAD_CALLS)
+    ]
+    project.makepyfile("import pytest\n" + "".join(tests))
+    before = {i["id"] for i in sim.instances()}
+    result = gpu_run("-p", "no:randomly")
+    result.assert_outcomes(errors=len(BAD_CALLS))
+    result.stdout.fnmatch_lines(
+        [f"gpu-cloud: gpu_service('serve'): {m}" for m in BAD_CALLS.values()]
     )
-    result = gpu_run()
-    result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines([f"*gpu-cloud: *{message}*"])
+    assert not [i for i in sim.instances() if i["id"] not in before]
 
 
 def test_openai_client_needs_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

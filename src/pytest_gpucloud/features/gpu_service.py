@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pytest_gpucloud.errors import MarkerError, ServiceError
+from pytest_gpucloud.errors import PREFIX, MarkerError, ServiceError
 from pytest_gpucloud.features.service_desk import ServiceSpec, ServiceView
 from pytest_gpucloud.request import GpuRequest, parse_marker
 
@@ -145,8 +145,15 @@ def make_spec(
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ServiceError(f"{where}: timeout={timeout!r} must be a positive number of seconds")
     pairs = _env_pairs(where, env)
-    request = parse_marker((spec,), options)
+    try:
+        request = parse_marker((spec,), options)
+    except MarkerError as exc:
+        raise ServiceError(f"{where}: {_unprefixed(exc)}") from None
     return ServiceSpec(cmd, port, health, request, float(timeout), pairs)
+
+
+def _unprefixed(exc: Exception) -> str:
+    return str(exc).removeprefix(PREFIX)
 
 
 def _env_pairs(where: str, env: object) -> tuple[tuple[str, str], ...]:

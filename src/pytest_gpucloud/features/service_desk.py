@@ -32,7 +32,7 @@ import asyncssh
 import httpx
 
 from pytest_gpucloud import instance_handle
-from pytest_gpucloud.errors import GpuCloudError, ServiceError
+from pytest_gpucloud.errors import PREFIX, GpuCloudError, ServiceError
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.request import GpuRequest
 from pytest_gpucloud.runtime import Docker
@@ -189,7 +189,13 @@ class ServiceDesk:
 
     async def _start(self, spec: ServiceSpec) -> _Running:
         fleet = await self._fleet()
-        machine = await instance_handle.lease_machine(fleet, spec.request)
+        try:
+            machine = await instance_handle.lease_machine(fleet, spec.request)
+        except ServiceError:
+            raise
+        except GpuCloudError as exc:  # no instance: say for which server
+            text = str(exc).removeprefix(PREFIX)
+            raise ServiceError(f"gpu_service({spec.cmd!r}): {text}") from None
         running: _Running | None = None
         try:
             running = await _launch(machine, spec, _log_dir(fleet))
