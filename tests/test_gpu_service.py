@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpucloud.errors import ServiceError
+from pytest_gpucloud.core.errors import ServiceError
 from pytest_gpucloud.features.gpu_service import GpuService
 from pytest_gpucloud.features.service_desk import ServiceView
 from tests.conftest import GpuRun, Sim, Standins

@@ -1,1 +1,5 @@
-"""What tests use beyond the gpu marker: instances of their own, deployed servers."""
+"""What tests use on a machine: artifacts, datasets, S3, ``gpu_cloud.instance()`` and
+``gpu_service`` (a server deployed on an instance).
+
+May import: ``machine``, ``transport``, ``config``, ``core``, ``remote``.
+"""

@@ -21,9 +21,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pytest_gpucloud.errors import PREFIX, MarkerError, ServiceError
+from pytest_gpucloud.core.errors import PREFIX, MarkerError, ServiceError
+from pytest_gpucloud.core.request import GpuRequest, parse_marker
 from pytest_gpucloud.features.service_desk import ServiceSpec, ServiceView
-from pytest_gpucloud.request import GpuRequest, parse_marker
 
 if TYPE_CHECKING:
     import openai

@@ -1,7 +1,8 @@
 """The servers of ``gpu_service``, run for the session by the process that owns the fleet.
 
-Each server gets an instance of its own (:meth:`~pytest_gpucloud.fleet.Fleet.lease_exclusive`:
-billed, reported and deleted with the rest). Its command runs there in the synced workspace,
+Each server gets an instance of its own
+(:meth:`~pytest_gpucloud.scheduling.fleet.Fleet.lease_exclusive`: billed, reported and
+deleted with the rest). Its command runs there in the synced workspace,
 inside the runtime's container if there is one, under ``remote/service.py``, which puts it in
 a process group of its own, writes its output to a log in the workspace, says at once when
 it ends, and stops the whole group (SIGTERM, then SIGKILL) when asked or when the SSH
@@ -31,15 +32,15 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 import httpx
 
-from pytest_gpucloud import instance_handle
-from pytest_gpucloud.errors import PREFIX, GpuCloudError, ServiceError
+from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, ServiceError
+from pytest_gpucloud.core.request import GpuRequest
+from pytest_gpucloud.features import instance_handle
+from pytest_gpucloud.machine.runtime import Docker
 from pytest_gpucloud.remote import source
-from pytest_gpucloud.request import GpuRequest
-from pytest_gpucloud.runtime import Docker
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.fleet import Fleet
-    from pytest_gpucloud.machine import Machine
+    from pytest_gpucloud.machine.machine import Machine
+    from pytest_gpucloud.scheduling.fleet import Fleet
 
 SERVICE_DIR = ".gpucloud/services"  # in the workspace: never synced, mounted in containers
 POLL_S = 0.5

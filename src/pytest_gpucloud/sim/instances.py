@@ -23,7 +23,7 @@ from pathlib import Path
 
 import asyncssh
 
-from pytest_gpucloud.api_models import SimCommandRecord
+from pytest_gpucloud.core.wire import SimCommandRecord
 
 SSH_USER = "gpu"
 SSH_HOST = "127.0.0.1"
@@ -50,7 +50,7 @@ class _Command:
 class _SshServer(asyncssh.SSHServer):
     """Per-connection callbacks: track the connection, check user and key."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: SimMachine) -> None:
         self._machine = machine
         self._conn: asyncssh.SSHServerConnection | None = None
 
@@ -83,7 +83,7 @@ class _SshServer(asyncssh.SSHServer):
         return within_home(dest_path, self._machine.home)
 
 
-class Machine:
+class SimMachine:
     """The SSH side of one instance, from boot to termination."""
 
     def __init__(

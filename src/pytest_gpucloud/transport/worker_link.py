@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import asyncssh
 import pytest
 
-from pytest_gpucloud.errors import RemoteError
+from pytest_gpucloud.core.errors import RemoteError
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.remote.boot import GO
 from pytest_gpucloud.remote.protocol import (
@@ -136,7 +136,7 @@ class WorkerLink:
         the workspace is complete.
 
         ``wrap``: turns the worker's shell command line into the one to run (a container
-        runtime's, see :meth:`pytest_gpucloud.runtime.Runtime.wrap`).
+        runtime's, see :meth:`pytest_gpucloud.machine.runtime.Runtime.wrap`).
         """
         command = (
             f"cd {shlex.quote(workspace)} && PYTHONPATH={shlex.quote(package_dir)} "

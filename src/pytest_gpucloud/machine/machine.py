@@ -7,8 +7,8 @@ A :class:`Machine` moves through :class:`MachineState`::
 
 Bring-up is a pipeline of steps (create with failover, boot, SSH, code sync, the image
 and its container, the setup command, the GPU health check, worker; see
-:mod:`~pytest_gpucloud.preparation`); each step raises a
-:class:`~pytest_gpucloud.errors.GpuCloudError` naming the instance and cause. Without a
+:mod:`~pytest_gpucloud.machine.preparation`); each step raises a
+:class:`~pytest_gpucloud.core.errors.GpuCloudError` naming the instance and cause. Without a
 setup command, the steps after the sync start as soon as the workspace folder exists, and
 only the worker's collection waits for the last file.
 """
@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_gpucloud import preparation, remote
-from pytest_gpucloud.deletion import delete_verified
-from pytest_gpucloud.errors import GpuCloudError, OutOfCapacity, ProviderError
-from pytest_gpucloud.failover import offer_name
+from pytest_gpucloud import remote
+from pytest_gpucloud.core.errors import GpuCloudError, OutOfCapacity, ProviderError
+from pytest_gpucloud.machine import preparation
+from pytest_gpucloud.machine.deletion import delete_verified
+from pytest_gpucloud.machine.runtime import Runtime, runtime_for
 from pytest_gpucloud.providers.base import LeasingProvider
-from pytest_gpucloud.runtime import Runtime, runtime_for
+from pytest_gpucloud.scheduling.failover import offer_name
 from pytest_gpucloud.transport import ssh
 from pytest_gpucloud.transport.sync import sync
 from pytest_gpucloud.transport.worker_link import REMOTE_PACKAGE, Collection, WorkerLink
@@ -38,10 +39,10 @@ from pytest_gpucloud.transport.worker_link import REMOTE_PACKAGE, Collection, Wo
 if TYPE_CHECKING:
     import asyncssh
 
-    from pytest_gpucloud.catalog import Offer
-    from pytest_gpucloud.failover import Failover
+    from pytest_gpucloud.config.settings import Settings
+    from pytest_gpucloud.core.catalog import Offer
     from pytest_gpucloud.providers.base import Instance, Provider
-    from pytest_gpucloud.settings import Settings
+    from pytest_gpucloud.scheduling.failover import Failover
 
 # How long a worker may take to end its session at release: deletes go out soon after.
 WORKER_CLOSE_S = 1.0
