@@ -31,6 +31,7 @@ def reply_to(messages):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as clients expect
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms wait between
     ready_at = 0.0
 
     def do_GET(self):
