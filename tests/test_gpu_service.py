@@ -164,12 +164,15 @@ def test_a_server_that_exits_fails_its_users_at_once_quoting_its_log(
             "answered 200: exit status 3; its log ends:",
             "*    loading weights",
             "*    CUDA out of memory",
+            "(the whole log comes home to */gpu_service/echo-*.log)",
             "*gpu-cloud: 2 infrastructure error(s)*",
         ]
     )
     assert "Traceback" not in result.stdout.str()
     # one try: the failed start is not repeated for the second test
     assert len([i for i in sim.instances() if i["id"] not in before]) == 1
+    [log] = project.path.glob(".gpucloud/artifacts/*/gpu_service/*.log")
+    assert "CUDA out of memory" in log.read_text()
 
 
 def test_a_health_timeout_says_how_long_it_waited_and_the_last_answer(

@@ -347,12 +347,14 @@ async def _wait_healthy(running: _Running) -> None:
                 raise ServiceError(
                     f"gpu_service({spec.cmd!r}) on {running.machine.label}: {spec.health} did "
                     f"not answer 200 within {spec.timeout:g} s (waited {waited:.1f} s); the "
-                    f"last answer: {last}" + await _log_tail(running)
+                    f"last answer: {last}" + await _log_tail(running) + _whole_log(running)
                 )
             await asyncio.wait({running.ended}, timeout=POLL_S)
     raise ServiceError(
         f"gpu_service({spec.cmd!r}) on {running.machine.label} ended before {spec.health} "
-        f"answered 200: {_ending(running)}" + _tail_text(running.ended.result().get("tail"))
+        f"answered 200: {_ending(running)}"
+        + _tail_text(running.ended.result().get("tail"))
+        + _whole_log(running)
     )
 
 
@@ -369,6 +371,10 @@ def _tail_text(text: object) -> str:
         return "; its log is empty"
     lines = _UNPRINTABLE.sub("?", text).rstrip().splitlines()[-LOG_TAIL_LINES:]
     return "; its log ends:\n" + "\n".join(f"    {line}" for line in lines)
+
+
+def _whole_log(running: _Running) -> str:
+    return f"\n(the whole log comes home to {running.local_log})"
 
 
 def _ending(running: _Running) -> str:
