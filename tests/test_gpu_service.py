@@ -18,7 +18,7 @@ import pytest
 from pytest_gpucloud.core.errors import ServiceError
 from pytest_gpucloud.features.gpu_service import GpuService
 from pytest_gpucloud.features.service_desk import ServiceView
-from tests.conftest import GpuRun, Sim, Standins
+from tests.cloud import GpuRun, Sim, Standins
 from tests.test_providers import _gpus
 
 SERVER = Path(__file__).parent.parent / "examples" / "openai_server.py"

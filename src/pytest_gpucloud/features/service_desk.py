@@ -1,7 +1,6 @@
 """The servers of ``gpu_service``, run for the session by the process that owns the fleet.
 
-Each server gets an instance of its own
-(:meth:`~pytest_gpucloud.scheduling.fleet.Fleet.lease_exclusive`: billed, reported and
+Each server gets an instance of its own, leased whole from the fleet (billed, reported and
 deleted with the rest). Its command runs there in the synced workspace,
 inside the runtime's container if there is one, under ``remote/service.py``, which puts it in
 a process group of its own, writes its output to a log in the workspace, says at once when
@@ -24,10 +23,9 @@ import json
 import re
 import shlex
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncssh
 import httpx
@@ -35,12 +33,12 @@ import httpx
 from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, ServiceError
 from pytest_gpucloud.core.request import GpuRequest
 from pytest_gpucloud.features import instance_handle
+from pytest_gpucloud.features.instance_handle import Lessor
 from pytest_gpucloud.machine.runtime import Docker
 from pytest_gpucloud.remote import source
 
 if TYPE_CHECKING:
     from pytest_gpucloud.machine.machine import Machine
-    from pytest_gpucloud.scheduling.fleet import Fleet
 
 SERVICE_DIR = ".gpucloud/services"  # in the workspace: never synced, mounted in containers
 POLL_S = 0.5
@@ -125,7 +123,7 @@ class _Running:
     ended: asyncio.Future[dict[str, Any]] = field(default_factory=asyncio.Future)
     watcher: asyncio.Task[None] | None = None
     # Once started, the server holds its machine for the session: its stop releases it.
-    fleet: Fleet | None = None
+    holds_machine: bool = False
     closed: bool = False
 
     def view(self) -> ServiceView:
@@ -134,15 +132,27 @@ class _Running:
         )
 
 
+@dataclass(frozen=True)
+class ServiceHome:
+    """Where the servers' logs come home, and whether the machines are this one (the
+    ``local`` provider: a server is reached on its own port, without a forward)."""
+
+    log_dir: Path
+    this_machine: bool
+
+
+class ServiceHost(Lessor, Protocol):
+    """What the servers need of the fleet: machines leased whole, and their home."""
+
+    async def service_home(self) -> ServiceHome:
+        """Where logs come home; whether the fleet's machines are this one."""
+
+
 class ServiceDesk:
-    """Starts, serves and stops the session's servers; call it on the engine loop.
+    """Starts, serves and stops the session's servers; call it on the engine loop."""
 
-    ``fleet``: the session's fleet (started by the first caller). Logs come home into the
-    session's artifacts folder, under ``gpu_service/``.
-    """
-
-    def __init__(self, fleet: Callable[[], Awaitable[Fleet]]) -> None:
-        self._fleet = fleet
+    def __init__(self, host: ServiceHost) -> None:
+        self._host = host
         self._services: dict[str, asyncio.Future[_Running]] = {}
         self._closing = False
 
@@ -184,14 +194,16 @@ class ServiceDesk:
 
     async def _running(self, key: str) -> _Running:
         starting = self._services.get(key)
-        if starting is None or not starting.done() or starting.exception() is not None:
+        if starting is None or not starting.done() or starting.cancelled():
+            raise ServiceError(f"no running gpu_service has the key {key}")
+        if starting.exception() is not None:
             raise ServiceError(f"no running gpu_service has the key {key}")
         return starting.result()
 
     async def _start(self, spec: ServiceSpec) -> _Running:
-        fleet = await self._fleet()
         try:
-            machine = await instance_handle.lease_machine(fleet, spec.request)
+            home = await self._host.service_home()
+            machine = (await self._host.lease(spec.request)).machine
         except ServiceError:
             raise
         except GpuCloudError as exc:  # no instance: say for which server
@@ -199,24 +211,24 @@ class ServiceDesk:
             raise ServiceError(f"gpu_service({spec.cmd!r}): {text}") from None
         running: _Running | None = None
         try:
-            running = await _launch(machine, spec, _log_dir(fleet))
-            running.url = await _reach(machine, running, fleet)
+            running = await _launch(machine, spec, home.log_dir)
+            running.url = await _reach(machine, running, home.this_machine)
             await _wait_healthy(running)
         except BaseException:
             with contextlib.suppress(GpuCloudError):
                 if running is not None:
                     await _end(running)
-                await fleet.release_lease(machine)
+                await self._host.release_lease(machine)
             raise
-        running.fleet = fleet
+        running.holds_machine = True
         return running
 
     async def _stop(self, running: _Running, *, hurry: bool = False) -> None:
         await _end(running, hurry=hurry)
-        fleet, running.fleet = running.fleet, None
-        if fleet is not None:
+        if running.holds_machine:
+            running.holds_machine = False
             with contextlib.suppress(GpuCloudError):
-                await fleet.release_lease(running.machine)
+                await self._host.release_lease(running.machine)
 
 
 def _stopped(starting: asyncio.Future[_Running]) -> bool:
@@ -224,12 +236,6 @@ def _stopped(starting: asyncio.Future[_Running]) -> bool:
     if not starting.done() or starting.cancelled() or starting.exception() is not None:
         return False
     return starting.result().closed
-
-
-def _log_dir(fleet: Fleet) -> Path:
-    artifacts = fleet.artifacts
-    root = artifacts.root if artifacts is not None else fleet.launcher.rootdir / ".gpucloud"
-    return root / "gpu_service"
 
 
 async def _launch(machine: Machine, spec: ServiceSpec, log_dir: Path) -> _Running:
@@ -308,12 +314,12 @@ async def _rest(stream: asyncssh.SSHReader[str]) -> str:
     return ""
 
 
-async def _reach(machine: Machine, running: _Running, fleet: Fleet) -> str:
+async def _reach(machine: Machine, running: _Running, this_machine: bool) -> str:
     """The server's URL here: a forward to the launcher's relay socket (in a container
     with a network of its own), its own port (``local``: on this machine), or a forward
     to its port on the instance's loopback."""
     port = running.spec.port
-    if running.relay is None and fleet.provider.name == "local":
+    if running.relay is None and this_machine:
         return f"http://127.0.0.1:{port}"
     conn = instance_handle.machine_conn(machine)
     try:
