@@ -18,7 +18,9 @@ import pytest
 from pytest_gpucloud.core.errors import ServiceError
 from pytest_gpucloud.features.gpu_service import GpuService
 from pytest_gpucloud.features.service_desk import ServiceView
+from tests import engines
 from tests.cloud import GpuRun, Sim, Standins
+from tests.engines import Engine
 from tests.test_providers import _gpus
 
 SERVER = Path(__file__).parent.parent / "examples" / "openai_server.py"
@@ -440,3 +442,51 @@ def test_a_signal_mid_session_deletes_the_servers_instance(
     [instance] = [i for i in sim.instances() if i["id"] not in before]
     assert instance["id"] not in [i["id"] for i in sim.live()]
     assert refused(port)
+
+
+@pytest.fixture(scope="session")
+def podman_engine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Engine:
+    return engines.podman(tmp_path_factory.mktemp("podman-cli"), request.session)
+
+
+def test_podman_a_server_in_a_container_without_a_network_is_reached_through_the_relay(
+    podman_engine: Engine, gpu_run: GpuRun, project: pytest.Pytester, sim: Sim
+) -> None:
+    # The tests' podman gives containers no network (netns none): the server's port exists
+    # only inside the container, and the launcher's socket in the workspace is the way in.
+    port = free_port()
+    project.makepyfile(
+        f"""
+        import socket
+
+        from openai_server import reply_to
+
+        def test_chat(gpu_service):
+            command = (
+                "test -e /run/.containerenv && echo inside a container; "
+                "exec python3 openai_server.py --port {port}"
+            )
+            server = gpu_service(command, port={port}, spec="T4")
+            with socket.socket() as sock:  # not on this machine's loopback
+                assert sock.connect_ex(("127.0.0.1", {port})) != 0
+            client = server.openai_client()
+            for n in range(10):
+                messages = [{{"role": "user", "content": str(n)}}]
+                answer = client.chat.completions.create(model="tiny-chat", messages=messages)
+                assert answer.choices[0].message.content == reply_to(messages)
+            assert "inside a container" in server.logs()
+        """
+    )
+    before = {i["id"] for i in sim.instances()}
+    sim.configure(extra_path=str(podman_engine.path))
+    try:
+        result = gpu_run("--gpu-runtime", "podman", "--gpu-image", podman_engine.image)
+    finally:
+        sim.configure(extra_path=None)
+    result.assert_outcomes(passed=1)
+    [instance] = [i for i in sim.instances() if i["id"] not in before]
+    assert podman_engine.containers(f"gpucloud-{instance['id']}") == []
+    [log] = project.path.glob(".gpucloud/artifacts/*/gpu_service/*.log")
+    assert log.read_text().count("POST /v1/chat/completions") == 10

@@ -40,6 +40,7 @@ def main() -> None:
     os.dup2(2, 1)
     config = json.loads(sys.stdin.readline())
     grace = float(config["grace"])
+    listener = listen(config["relay"]) if config["relay"] else None  # before the server
     with open(config["log"], "ab") as log:
         proc = subprocess.Popen(
             ["/bin/sh", "-c", config["cmd"]],
@@ -49,16 +50,17 @@ def main() -> None:
             env=dict(os.environ, **config["env"]),
             start_new_session=True,
         )
-    if config["relay"]:
-        listener = listen(config["relay"])
-        threading.Thread(target=relay, args=(listener, config["port"]), daemon=True).start()
-    say(out, pid=proc.pid)
-    stop = threading.Event()
-    threading.Thread(target=wait_for_stop, args=(stop,), daemon=True).start()
-    while proc.poll() is None and not stop.wait(0.1):
-        pass
-    ended = proc.poll() is not None
-    end_group(proc, grace)
+    try:
+        if listener is not None:
+            threading.Thread(target=relay, args=(listener, config["port"]), daemon=True).start()
+        say(out, pid=proc.pid)
+        stop = threading.Event()
+        threading.Thread(target=wait_for_stop, args=(stop,), daemon=True).start()
+        while proc.poll() is None and not stop.wait(0.1):
+            pass
+        ended = proc.poll() is not None
+    finally:  # whatever happens here, nothing of the server outlives its launcher's end
+        end_group(proc, grace)
     if ended:
         say(out, exited=proc.returncode, tail=tail(config["log"]))
     else:
