@@ -177,6 +177,8 @@ class Controller:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is None or self.config.get_verbosity() < 0:
             return
+        if events and reporter._tw.width_of_current_line:
+            reporter.line("")  # after the "[100%]" of a progress line, not on it
         for event in events:
             reporter.write_line(event.line())
 
