@@ -36,6 +36,7 @@ from pytest_gpucloud.features import instance_handle
 from pytest_gpucloud.features.instance_handle import Lessor
 from pytest_gpucloud.machine.runtime import Docker
 from pytest_gpucloud.remote import source
+from pytest_gpucloud.transport import forward
 
 if TYPE_CHECKING:
     from pytest_gpucloud.machine.machine import Machine
@@ -202,13 +203,16 @@ class ServiceDesk:
 
     async def _start(self, spec: ServiceSpec) -> _Running:
         try:
-            home = await self._host.service_home()
-            machine = (await self._host.lease(spec.request)).machine
+            return await self._bring_up(spec)
         except ServiceError:
             raise
-        except GpuCloudError as exc:  # no instance: say for which server
+        except GpuCloudError as exc:  # no instance, no forward: say for which server
             text = str(exc).removeprefix(PREFIX)
             raise ServiceError(f"gpu_service({spec.cmd!r}): {text}") from None
+
+    async def _bring_up(self, spec: ServiceSpec) -> _Running:
+        home = await self._host.service_home()
+        machine = (await self._host.lease(spec.request)).machine
         running: _Running | None = None
         try:
             running = await _launch(machine, spec, home.log_dir)
@@ -245,7 +249,7 @@ async def _launch(machine: Machine, spec: ServiceSpec, log_dir: Path) -> _Runnin
     relay = relay_dir = None
     socket_name = f"{SERVICE_DIR}/{spec.key[:8]}.sock"  # relative to the workspace
     if isinstance(machine.runtime, Docker):  # and podman: a network of the container's own
-        relay_dir = await _short_link(machine, folder)
+        relay_dir = await forward.short_link(instance_handle.machine_conn(machine), folder)
         relay = f"{relay_dir}/s/{spec.key[:8]}.sock"
     line = (
         f"cd {shlex.quote(machine.remote_root)} && mkdir -p {SERVICE_DIR} && "
@@ -271,25 +275,6 @@ async def _launch(machine: Machine, spec: ServiceSpec, log_dir: Path) -> _Runnin
     running = _Running(spec, machine, process, remote_log, local_log, relay, relay_dir)
     running.watcher = asyncio.ensure_future(_watch(running))
     return running
-
-
-async def _short_link(machine: Machine, folder: str) -> str:
-    """A private folder of the instance (outside any container) with a link ``s`` to
-    ``folder``: a short path to the sockets there."""
-    command = (
-        f'd=$(mktemp -d /tmp/gpucloud.XXXXXX) && ln -s {shlex.quote(folder)} "$d/s" && echo "$d"'
-    )
-    try:
-        done = await instance_handle.machine_conn(machine).run(command, check=False)
-    except (OSError, asyncssh.Error) as exc:
-        raise ServiceError(f"instance {machine.id}: {exc}") from None
-    made = str(done.stdout or "").strip()
-    if done.exit_status != 0 or not made.startswith("/tmp/gpucloud."):
-        raise ServiceError(
-            f"instance {machine.id}: no folder for gpu_service's socket in /tmp "
-            f"({_shown(str(done.stderr or '').strip())})"
-        )
-    return made
 
 
 async def _watch(running: _Running) -> None:
@@ -322,13 +307,10 @@ async def _reach(machine: Machine, running: _Running, this_machine: bool) -> str
     if running.relay is None and this_machine:
         return f"http://127.0.0.1:{port}"
     conn = instance_handle.machine_conn(machine)
-    try:
-        if running.relay is not None:
-            running.listener = await conn.forward_local_port_to_path("127.0.0.1", 0, running.relay)
-        else:
-            running.listener = await conn.forward_local_port("127.0.0.1", 0, "127.0.0.1", port)
-    except (OSError, asyncssh.Error) as exc:
-        raise ServiceError(f"instance {machine.id}: cannot forward port {port}: {exc}") from None
+    if running.relay is not None:
+        running.listener = await forward.forward_socket(conn, running.relay)
+    else:
+        running.listener = await forward.forward_port(conn, port)
     return f"http://127.0.0.1:{running.listener.get_port()}"
 
 
@@ -422,9 +404,9 @@ async def _end(running: _Running, *, hurry: bool = False) -> None:
     if hurry:
         return
     if running.relay_dir is not None:
-        with contextlib.suppress(OSError, asyncssh.Error):
+        with contextlib.suppress(GpuCloudError):
             conn = instance_handle.machine_conn(running.machine)
-            await conn.run(f"rm -rf {shlex.quote(running.relay_dir)}", check=False)
+            await forward.remove_link(conn, running.relay_dir)
         running.relay_dir = None
     with contextlib.suppress(GpuCloudError, asyncio.TimeoutError):
         target = running.local_log.parent
