@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from pytest_gpucloud.session.handle import GpuCloudHandle
 # The --gpu-cloud session's controller; named here, so the stash needs no controller import.
 CONTROLLER_KEY: pytest.StashKey[Controller] = pytest.StashKey()
+CI_OUTPUTS = "gpucloud-ci-outputs"
 MARKER_DOC = (
     "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None): "
     "run this test on a cloud GPU instance with pytest --gpu-cloud (skipped without it)"
@@ -107,6 +108,10 @@ def pytest_configure(config: pytest.Config) -> None:
     controller = Controller(config, settings, provider, handoff)
     config.stash[CONTROLLER_KEY] = controller
     config.pluginmanager.register(controller, "gpucloud-controller")
+    if workerinput is None:
+        from pytest_gpucloud.session.ci_outputs import CiOutputs
+
+        config.pluginmanager.register(CiOutputs(controller), CI_OUTPUTS)
     if settings.plan and workerinput is None:
         # --gpu-plan runs no test, so it starts no xdist worker (xdist configures after us)
         config.option.dist = "no"
@@ -122,6 +127,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         xdist_hooks.restore()
         config.pluginmanager.unregister(xdist_hooks)
         del config.stash[XDIST_HOOKS_KEY]
+    ci_outputs = config.pluginmanager.get_plugin(CI_OUTPUTS)
+    if ci_outputs is not None:
+        config.pluginmanager.unregister(ci_outputs)
     controller = config.stash.get(CONTROLLER_KEY, None)
     if controller is not None:
         controller.close()

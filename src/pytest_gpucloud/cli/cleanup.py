@@ -3,7 +3,9 @@
 The backstop for sessions that could not delete their instances (killed with SIGKILL, a
 machine that lost power, an API that failed every delete): every instance carries the
 labels of :mod:`pytest_gpucloud.core.labels`, so the project's instances past their expiry (or
-older than ``--older-than``) can be listed and, after confirmation, deleted.
+older than ``--older-than``) can be listed and, after confirmation, deleted. ``--session ID``
+takes every live instance of one session instead, expired or not: the teardown of a CI job
+whose pytest process was killed.
 
 Settings are read as the plugin reads them, less the command line: the ``GPUCLOUD_*``
 environment, then the ``gpu_cloud_*`` keys of the project's pytest configuration file. That
@@ -172,10 +174,10 @@ async def _provider(settings: Settings) -> Provider:
     return await ProviderRegistry.collect([BUILTIN]).make(name, settings)
 
 
-async def _list(settings: Settings, project: str) -> list[Instance]:
+async def _list(settings: Settings, selector: dict[str, str]) -> list[Instance]:
     provider = await _provider(settings)
     try:
-        return await provider.list_instances({labels.PROJECT: project})
+        return await provider.list_instances(selector)
     finally:
         await provider.aclose()
 
@@ -211,6 +213,12 @@ def _parser() -> argparse.ArgumentParser:
         "this, e.g. 2h, 90m, 0",
     )
     parser.add_argument(
+        "--session",
+        metavar="ID",
+        help="instead of the expiry: every live instance of the session with this id "
+        "(pytest's --gpu-session-id), e.g. in a CI job's always-run step",
+    )
+    parser.add_argument(
         "--yes", action="store_true", help="delete without asking (for CI and scripts)"
     )
     return parser
@@ -235,7 +243,10 @@ def main(argv: Sequence[str] | None = None, cwd: Path | None = None) -> int:
     try:
         project = find_project((cwd or Path.cwd()).resolve())
         settings = load_settings(project, dict(os.environ))
-        instances = asyncio.run(_list(settings, project.label))
+        selector = (
+            {labels.SESSION: args.session} if args.session else {labels.PROJECT: project.label}
+        )
+        instances = asyncio.run(_list(settings, selector))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -243,12 +254,17 @@ def main(argv: Sequence[str] | None = None, cwd: Path | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     now = time.time()
-    found = stale(instances, now, args.older_than)
-    what = "past their expiry" if args.older_than is None else "older than that"
+    if args.session:
+        found = [i for i in instances if i.status != "terminated"]
+        what = f"of session {args.session}"
+    else:
+        found = stale(instances, now, args.older_than)
+        when = "past their expiry" if args.older_than is None else "older than that"
+        what = f"of project {project.label} {when}"
     if not found:
-        print(f"no instances of project {project.label} {what}")
+        print(f"no instances {what}")
         return 0
-    print(f"{len(found)} instance(s) of project {project.label} {what}:")
+    print(f"{len(found)} instance(s) {what}:")
     for instance in found:
         print(describe(instance, now))
     if not args.yes:

@@ -213,6 +213,38 @@ OPTIONS: tuple[Option, ...] = (
         metavar="PATH",
     ),
     Option(
+        "session_id",
+        "--gpu-session-id",
+        "label the session's instances with this id (default: a random one); "
+        "python -m pytest_gpucloud cleanup --session ID deletes them whatever became of "
+        "the session",
+        env="GPUCLOUD_SESSION_ID",
+        metavar="ID",
+    ),
+    Option(
+        "summary_md",
+        "--gpu-summary-md",
+        "append the session's summary as markdown to this file (default: "
+        "$GITHUB_STEP_SUMMARY when set)",
+        env="GPUCLOUD_SUMMARY_MD",
+        metavar="PATH",
+    ),
+    Option(
+        "timeline",
+        "--gpu-timeline",
+        "draw the session's timeline (instances, their tests, the local tests) as SVG to this file",
+        env="GPUCLOUD_TIMELINE",
+        metavar="PATH",
+    ),
+    Option(
+        "plan_md",
+        "--gpu-plan-md",
+        "with --gpu-plan: also write the plan as a markdown table to this file, e.g. for "
+        "a pull-request comment",
+        env="GPUCLOUD_PLAN_MD",
+        metavar="PATH",
+    ),
+    Option(
         "artifacts_dir",
         "--gpu-artifacts-dir",
         "where each remote test's gpu_artifacts folder is brought back to, one folder per "
@@ -289,6 +321,10 @@ class Settings(BaseModel):
     start: Literal["jit", "eager", "lazy"] = "jit"
     plan: bool = False
     report: str | None = Field(default=None, min_length=1)
+    session_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,63}$")
+    summary_md: str | None = Field(default=None, min_length=1)
+    timeline: str | None = Field(default=None, min_length=1)
+    plan_md: str | None = Field(default=None, min_length=1)
     artifacts_dir: str | None = Field(default=None, min_length=1)
     artifacts_max: int = Field(default=10**9, gt=0)
     artifacts_s3: str | None = None
@@ -493,6 +529,7 @@ _HINTS = {
     "start": " (choose one of: jit, eager, lazy)",
     "artifacts_max": " (a size such as 500MB, 2GB or 1.5GiB)",
     "artifacts_s3": " (such as s3://my-bucket/ci-artifacts)",
+    "session_id": " (up to 64 letters, digits and ._:@+-, such as gh-1234-1)",
 }
 
 

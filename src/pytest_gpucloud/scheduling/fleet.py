@@ -39,6 +39,7 @@ from pytest_gpucloud.core.errors import (
     OutOfCapacity,
     ProviderError,
     RemoteError,
+    TimeLimitExceeded,
 )
 from pytest_gpucloud.core.labels import SESSION, session_labels
 from pytest_gpucloud.core.units import format_dollars
@@ -115,7 +116,7 @@ class Fleet:
         self.artifacts = artifacts
         expiry = settings.boot_timeout + settings.timeout
         self.data = data or DataSource(settings.s3_endpoint, expiry)
-        self.session_id = uuid.uuid4().hex[:12]
+        self.session_id = settings.session_id or uuid.uuid4().hex[:12]
         self.machines: list[Machine] = []
         self.orphans: list[str] = []
         # What the summary should say about the teardown, beside each machine's error.
@@ -153,6 +154,11 @@ class Fleet:
         if self._catalog is None:
             self._catalog = await self.provider.catalog()
         return self._catalog
+
+    @property
+    def catalog_read(self) -> list[GpuType]:
+        """The catalog as the plan saw it (empty before it was read)."""
+        return self._catalog or []
 
     async def plan(self, tests: Tests, services: Services = ()) -> Plan:
         """Take the session's items in run order (request None: a local test), and the
@@ -217,6 +223,8 @@ class Fleet:
             await self._bring_home(machine, nodeid, run.artifacts)
         except RemoteError as exc:
             machine.error = str(exc)
+            if isinstance(exc, TimeLimitExceeded):
+                exc.remote_root = machine.remote_root
             await self._bring_home(machine, nodeid, None, lost=True)
             await self._recover(machine, request)
             raise
@@ -658,8 +666,13 @@ class Fleet:
         if use is not None and machine.instance is not None and not use.said_released:
             use.said_released = True
             billed = cost.billed(machine.price_per_hour, machine.seconds)
+            # the session's one clock (from the request, as "ready in"), then the bill
+            since = (machine.deleted_at or time.time()) - machine.requested_at
             self.progress.emit(
-                machine.label, "released", f"after {machine.seconds:.1f} s, ${billed:.4f}"
+                machine.label,
+                "released",
+                f"{since:.1f} s after its request; {machine.seconds:.1f} s billed, "
+                f"{format_dollars(billed)}",
             )
         self._after_change()
 

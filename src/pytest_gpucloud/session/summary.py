@@ -66,6 +66,7 @@ def report(
                 "count": b.count,
                 "region": b.region,
                 "price_per_hour": b.price_per_hour,
+                "requested_at": b.requested_at,
                 "created_at": b.created_at,
                 "ready_at": b.ready_at,
                 "deleted_at": b.deleted_at,
@@ -135,7 +136,8 @@ def terminal_lines(
         )
     for machine in outcome.machines:
         if machine.error:
-            lines.append((f"{machine.id}: {machine.error}", {"yellow": True}))
+            # one line a machine: the whole message is its test's ERROR report already
+            lines.append((f"{machine.id}: {_first_line(machine.error)}", {"yellow": True}))
     lines += [(note, {"yellow": True}) for note in outcome.notes]
     if outcome.orphans:
         lines.append(
@@ -147,3 +149,7 @@ def terminal_lines(
             )
         )
     return lines
+
+
+def _first_line(message: str) -> str:
+    return message.splitlines()[0].removesuffix("; its last output:")
