@@ -51,7 +51,7 @@ from pytest_gpucloud.machine.machine import Launcher, Machine, MachineState
 from pytest_gpucloud.scheduling import cost, policy
 from pytest_gpucloud.scheduling.cost import CostModel, Placement
 from pytest_gpucloud.scheduling.durations import Durations
-from pytest_gpucloud.scheduling.planner import Plan, make_plan
+from pytest_gpucloud.scheduling.planner import Plan, Services, make_plan
 from pytest_gpucloud.scheduling.progress import Progress
 from pytest_gpucloud.scheduling.read_ahead import ReadAhead, allowed_env, unset_env
 
@@ -160,8 +160,9 @@ class Fleet:
         """The catalog as the plan saw it (empty before it was read)."""
         return self._catalog or []
 
-    async def plan(self, tests: Tests) -> Plan:
-        """Take the session's items in run order (request None: a local test).
+    async def plan(self, tests: Tests, services: Services = ()) -> Plan:
+        """Take the session's items in run order (request None: a local test), and the
+        ``gpu_service`` servers declared in its code (see :func:`planner.make_plan`).
 
         The first call makes the plan and, unless ``--gpu-plan``, starts the instances it
         needs; later calls (from other xdist workers) only queue tests not seen yet.
@@ -175,6 +176,7 @@ class Fleet:
         if self.planned is None:
             self.planned = make_plan(
                 tests,
+                services=services,
                 offers=self._new_offers,
                 explain=lambda pool: explain_infeasible(pool, catalog, self.settings.regions),
                 costs=self.costs,

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_gpucloud.core.engine import Engine
-from pytest_gpucloud.core.errors import GpuCloudError
+from pytest_gpucloud.core.errors import GpuCloudError, ServiceError
 from pytest_gpucloud.desk.ipc import Handoff, IpcClient, IpcServer
 from pytest_gpucloud.desk.service import FleetAccess, FleetService, LocalAccess
+from pytest_gpucloud.features import gpu_service
 from pytest_gpucloud.providers import vendors
 from pytest_gpucloud.scheduling.durations import Durations
 from pytest_gpucloud.session import summary
@@ -86,6 +87,9 @@ class Controller:
     def handle(self) -> GpuCloudHandle:
         return GpuCloudHandle(self.provider_name, self.access)
 
+    def service_factory(self) -> gpu_service.ServiceFactory:
+        return gpu_service.ServiceFactory(self.access, owns_servers=not self.in_xdist_worker)
+
     def handoff(self) -> Handoff:
         """What an xdist worker needs to reach this process's fleet; serves it from now on."""
         if self._server is None:
@@ -111,11 +115,13 @@ class Controller:
         planned = [
             (item, item.stash[REQUEST_KEY]) for item in session.items if REQUEST_KEY in item.stash
         ]
-        if not planned or self.config.option.collectonly:
+        services = gpu_service.declared(session.items)
+        if not (planned or services) or self.config.option.collectonly:
             return
         try:
             errors = self.access.plan(
-                [(remote_nodeid(i), i.stash.get(REQUEST_KEY, None)) for i in session.items]
+                [(remote_nodeid(i), i.stash.get(REQUEST_KEY, None)) for i in session.items],
+                services,
             )
         except GpuCloudError as exc:
             if not self.in_xdist_worker:
@@ -215,6 +221,18 @@ class Controller:
             summary.write_report(self.config.rootpath / self.settings.report, report)
         if outcome.orphans and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        """A ``gpu_service`` that could not start is a setup error reading ``gpu-cloud:
+        ...`` (counted as infrastructure), not a traceback through the plugin."""
+        report = yield
+        failure = call.excinfo.value if call.excinfo is not None else None
+        if call.when == "setup" and isinstance(failure, ServiceError):
+            report.longrepr = str(failure)
+        return report
 
     @pytest.hookimpl(tryfirst=True)  # before the terminal's (and xdist's) use of it
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
