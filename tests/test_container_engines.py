@@ -24,8 +24,7 @@ import pytest
 from pytest_gpucloud.machine.runtime import runtime_for
 from pytest_gpucloud.remote.fixtures import artifacts_dir_name
 from tests import engines
-from tests.cloud import GpuRun, Sim
-from tests.conftest import STANDINS
+from tests.cloud import STANDINS, GpuRun, Sim
 from tests.engines import INSIDE, Engine
 
 SETUP = "echo ok > /opt/made-by-setup && echo ran >> setup-runs.txt"
@@ -59,13 +58,6 @@ def test_setup_ran_in_it_once():
 @pytest.fixture(autouse=True)
 def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "400")
-
-
-@pytest.fixture(scope="session")
-def podman_engine(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Engine:
-    return engines.podman(tmp_path_factory.mktemp("podman-cli"), request.session)
 
 
 @pytest.fixture(scope="session", params=["podman", "docker"])

@@ -18,10 +18,8 @@ import pytest
 from pytest_gpucloud.core.errors import ServiceError
 from pytest_gpucloud.features.gpu_service import GpuService
 from pytest_gpucloud.features.service_desk import ServiceView
-from tests import engines
-from tests.cloud import GpuRun, Sim, Standins
+from tests.cloud import GpuRun, Sim, Standins, standin_gpus
 from tests.engines import Engine
-from tests.test_providers import _gpus
 
 SERVER = Path(__file__).parent.parent / "examples" / "openai_server.py"
 
@@ -247,7 +245,7 @@ def test_local_provider_needs_no_tunnel(
     folder.mkdir()
     shutil.copy2(Path(__file__).parent / "standins" / "nvidia-smi", folder / "nvidia-smi")
     monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", _gpus("NVIDIA L4"))
+    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", standin_gpus("NVIDIA L4"))
     port = free_port()
     project.makepyfile(
         f"""
@@ -442,13 +440,6 @@ def test_a_signal_mid_session_deletes_the_servers_instance(
     [instance] = [i for i in sim.instances() if i["id"] not in before]
     assert instance["id"] not in [i["id"] for i in sim.live()]
     assert refused(port)
-
-
-@pytest.fixture(scope="session")
-def podman_engine(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Engine:
-    return engines.podman(tmp_path_factory.mktemp("podman-cli"), request.session)
 
 
 def test_podman_a_server_in_a_container_without_a_network_is_reached_through_the_relay(
