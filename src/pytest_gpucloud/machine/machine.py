@@ -122,6 +122,8 @@ class Machine:
     runtime: Runtime | None = None
     # What bring-up did, for its "ready" status line: image pull time, setup, GPUs seen.
     notes: list[str] = field(default_factory=list)
+    # The offers tried before this one that had no capacity, for its "booting" line.
+    passed_over: list[str] = field(default_factory=list)
     phases: Phases = field(default_factory=Phases)
 
     @property
@@ -197,6 +199,7 @@ class Launcher:
                 continue
             machine.instance = instance
             machine.created_at = instance.created_at
+            machine.passed_over = tried
             return
         raise failover.exhausted(request.spec, offers, tried)
 
