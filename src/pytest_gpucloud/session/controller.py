@@ -17,14 +17,16 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_gpucloud.core.engine import Engine
-from pytest_gpucloud.core.errors import PREFIX, GpuCloudError
+from pytest_gpucloud.core.errors import GpuCloudError
 from pytest_gpucloud.desk.ipc import Handoff, IpcClient, IpcServer
 from pytest_gpucloud.desk.service import FleetAccess, FleetService, LocalAccess
+from pytest_gpucloud.providers import vendors
 from pytest_gpucloud.scheduling.durations import Durations
 from pytest_gpucloud.session import summary
 from pytest_gpucloud.session.handle import GpuCloudHandle
 from pytest_gpucloud.session.interrupts import Interrupts
 from pytest_gpucloud.session.order import REMOTE_NODEID_KEY, RunOrder, remote_nodeid
+from pytest_gpucloud.session.outcomes import is_infrastructure_error
 from pytest_gpucloud.session.results import replay_result
 from pytest_gpucloud.session.startup import FleetStarter
 from pytest_gpucloud.session.stash import REQUEST_KEY
@@ -95,7 +97,8 @@ class Controller:
         line = f"gpu-cloud: provider {self.provider_name}"
         if self.provider_name == "sim":
             line += f" ({summary.SIMULATED_NOTE})"
-        return [line]
+        note = vendors.header_note(self.provider_name, self.settings)
+        return [line] if note is None else [line, f"gpu-cloud: {note}"]
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -223,7 +226,7 @@ class Controller:
         if not self.in_xdist_worker:
             self.durations.add_phase(report.nodeid, report.duration)
         # Here, not where errors are replayed: xdist's controller sees its workers' too.
-        if report.failed and str(report.longrepr).startswith(PREFIX):
+        if is_infrastructure_error(report):
             self.infra_errors += 1
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
