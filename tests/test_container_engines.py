@@ -109,7 +109,7 @@ def test_tests_setup_and_artifacts_run_in_the_container_on_the_sim(
     before = {i["id"] for i in engine_sim.instances()}
     result = gpu_run(
         *("--gpu-runtime", engine.name, "--gpu-image", engine.image, "--gpu-setup", SETUP),
-        *("--gpu-artifacts-dir", "arts", "-p", "no:randomly"),
+        *("--gpu-artifacts-dir", "arts"),
     )
     result.assert_outcomes(passed=2)
     (instance,) = _new(engine_sim, before)
@@ -206,9 +206,7 @@ def test_local_provider_runs_tests_in_a_container_of_its_gpu_slot(
         + "\n\ndef test_sees_its_gpu_slot():\n"
         + "    assert os.environ['CUDA_VISIBLE_DEVICES'] == '1'\n"
     )
-    result = pytester.runpytest_inprocess(
-        *local_gpus, "--gpu-artifacts-dir", "arts", "-p", "no:randomly"
-    )
+    result = pytester.runpytest_inprocess(*local_gpus, "--gpu-artifacts-dir", "arts")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(
         [
