@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from pytest_gpucloud.sim import SimConfig, SimServer
-from tests.cloud import BOOT_DELAY, GpuRun, Sim, Standins
-
-STANDINS = Path(__file__).parent / "standins"
+from tests import engines
+from tests.cloud import BOOT_DELAY, STANDINS, GpuRun, Sim, Standins
+from tests.engines import Engine
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +52,11 @@ def standins(tmp_path: Path, sim: Sim) -> Iterator[Standins]:
     sim.configure(extra_path=str(path))
     yield Standins(path)
     sim.configure(extra_path=None)
+
+
+@pytest.fixture(scope="session")
+def podman_engine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Engine:
+    """The real podman engine, set up by the project's own script (tests/engines.py)."""
+    return engines.podman(tmp_path_factory.mktemp("podman-cli"), request.session)

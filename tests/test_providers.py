@@ -30,9 +30,8 @@ from pytest_gpucloud.machine.workspaces import workspace_key
 from pytest_gpucloud.providers.local import LocalProvider
 from pytest_gpucloud.providers.static_hosts import SshProvider
 from pytest_gpucloud.remote.workspaces import WORKSPACES
-from tests.cloud import GpuRun, Sim, Standins
+from tests.cloud import STANDINS, GpuRun, Sim, Standins, standin_gpus
 
-STANDINS = Path(__file__).parent / "standins"
 ONE_TEST = "import pytest\n\n@pytest.mark.gpu('T4')\ndef test_a():\n    pass\n"
 
 
@@ -79,7 +78,7 @@ def test_a_conftest_registers_a_provider(
     unknown.stderr.fnmatch_lines(
         [
             "*--gpu-provider 'othercloud': unknown GPU provider; choose one of: "
-            "local, mycloud, rest, sim, ssh"
+            "lambda, local, lyceum, mycloud, rest, runpod, sim, ssh"
         ]
     )
 
@@ -126,12 +125,6 @@ def test_an_entry_point_registers_a_provider(
 # -- local --------------------------------------------------------------------------------
 
 
-def _gpus(*names: str) -> str:
-    """STANDIN_NVIDIA_GPUS for GPUs of these names, with uuids of their own."""
-    token = secrets.token_hex(4)
-    return ";".join(f"GPU-{token}-{i}|{name}|15360" for i, name in enumerate(names))
-
-
 @pytest.fixture
 def smi_path(tmp_path: Path) -> str:
     """A PATH with the stand-in nvidia-smi first."""
@@ -170,7 +163,7 @@ def test_local_keeps_a_warm_workspace_per_slot_and_cleanup_removes_it(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
     (tmp_path / "temp").mkdir()
     monkeypatch.setenv("PATH", smi_path)
-    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", _gpus("Tesla T4"))
+    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", standin_gpus("Tesla T4"))
     pytester.makepyfile(ONE_TEST)
     inodes = []
     for _ in range(2):
@@ -225,7 +218,7 @@ def test_local_fans_out_over_the_gpus_one_test_per_slot_at_a_time(
     folder.mkdir()
     pytester.makepyfile(test_slots=SLOT_TESTS.format(folder=str(folder)))
     monkeypatch.setenv("PATH", smi_path)
-    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", _gpus("Tesla T4", "Tesla T4", "NVIDIA L4"))
+    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", standin_gpus("Tesla T4", "Tesla T4", "NVIDIA L4"))
     monkeypatch.setenv("GPUCLOUD_API_KEY", "not-for-the-tests")
     result = pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "local", "-n", "2")
     result.assert_outcomes(passed=4)
@@ -249,7 +242,7 @@ def test_local_with_more_workers_than_gpus_queues_tests_for_the_gpu(
         """
     )
     monkeypatch.setenv("PATH", smi_path)
-    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", _gpus("NVIDIA H200"))
+    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", standin_gpus("NVIDIA H200"))
     result = pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "local", "-n", "3")
     result.assert_outcomes(passed=6)
     # The workers asking while the one GPU is leased wait for it, rather than erroring.
@@ -295,7 +288,7 @@ def test_local_release_waits_for_the_output_of_what_the_lease_ran(
     """Like a worker killed with a GPU context, which holds its pipes open a while."""
     pytester.makepyfile(LINGERING_CHILD)
     monkeypatch.setenv("PATH", smi_path)
-    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", _gpus("NVIDIA H200"))
+    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", standin_gpus("NVIDIA H200"))
     result = pytester.runpytest_subprocess("--gpu-cloud", "--gpu-provider", "local")
     result.assert_outcomes(passed=1)
     output = result.stdout.str() + result.stderr.str()
