@@ -18,6 +18,10 @@ from pytest_gpucloud.api_models import LIVE_STATUSES
 from pytest_gpucloud.sim import SimConfig, SimServer
 
 BOOT_DELAY = 0.05
+#: The inner sessions of the suite run without what would change them unasked: the test
+#: order of pytest-randomly and pytest-asyncio's warning about an unset loop scope (both
+#: are installed for tests/test_e2e_plugins.py, which sets what it tests itself).
+INNER_ADDOPTS = "-p no:randomly -o asyncio_default_fixture_loop_scope=function"
 STANDINS = Path(__file__).parent / "standins"
 
 
@@ -67,6 +71,13 @@ class Sim:
 
     def close(self) -> None:
         self._http.close()
+
+
+@pytest.fixture(autouse=True)
+def _plain_inner_sessions(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("pytester")  # which clears PYTEST_ADDOPTS when it starts
+        monkeypatch.setenv("PYTEST_ADDOPTS", INNER_ADDOPTS)
 
 
 @pytest.fixture(scope="session")

@@ -357,7 +357,8 @@ def test_infra_errors_read_as_errors(pytester: pytest.Pytester) -> None:
     assert "<skipped" not in xml
 
 
-def test_remote_pytest_args(pytester: pytest.Pytester) -> None:
+def test_remote_pytest_args(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYTEST_ADDOPTS")
     pytester.makeini("[pytest]\naddopts = -p pytester\n")
     config = pytester.parseconfigure(
         *NO_PLUGIN,

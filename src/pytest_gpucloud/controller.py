@@ -15,6 +15,7 @@ from pytest_gpucloud.artifacts import ArtifactStore, new_run_id
 from pytest_gpucloud.durations import Durations
 from pytest_gpucloud.engine import Engine
 from pytest_gpucloud.errors import PREFIX, GpuCloudError
+from pytest_gpucloud.features import coverage
 from pytest_gpucloud.fleet import Fleet
 from pytest_gpucloud.interrupts import Interrupts
 from pytest_gpucloud.ipc import Handoff, IpcClient, IpcServer
@@ -33,6 +34,7 @@ from pytest_gpucloud.service import (
     LocalAccess,
     RunResult,
 )
+from pytest_gpucloud.session.other_plugins import RemoteSide, forwarded_args
 from pytest_gpucloud.settings import OPTIONS
 from pytest_gpucloud.stash import PROVIDERS_KEY, REQUEST_KEY
 
@@ -123,6 +125,8 @@ class Controller:
         self._interrupts = None if handoff else Interrupts(self._shutdown)
         if self._interrupts is not None:
             self._interrupts.install()
+        self._other_plugins = RemoteSide(self)
+        config.pluginmanager.register(self._other_plugins, "gpucloud-other-plugins")
 
     def handle(self) -> GpuCloudHandle:
         return GpuCloudHandle(self)
@@ -214,12 +218,15 @@ class Controller:
         )
 
     def _worker_start(self) -> dict[str, Any]:
+        measure = coverage.remote_request(self.config)
         return {
-            "args": remote_pytest_args(self.config),
+            "args": [*remote_pytest_args(self.config), *forwarded_args(self.config)],
             "options": [{"name": o.flag, "takes_value": not o.is_switch} for o in OPTIONS],
             "ini": [o.ini for o in OPTIONS],
             # pytest shows full assertion diffs on CI; the remote session must too.
             "environ": {name: os.environ[name] for name in CI_MARKERS if name in os.environ},
+            **({"coverage": measure} if measure is not None else {}),
+            "live_output": self.config.option.capture == "no",
         }
 
     def _plan(self, runnable: list[tuple[pytest.Item, GpuRequest]]) -> None:
@@ -281,6 +288,20 @@ class Controller:
         else:
             frames = _renamed(result.reports, result.nodeid, item.nodeid)
             replay_test(item, frames, **paths, properties=result.properties)
+
+    def remote_coverage(self) -> list[tuple[str, str]]:
+        """With ``--cov``: every machine released now, before pytest-cov combines its data;
+        then each worker's ``(remote workspace, coverage data)``."""
+        if self.fleet is None or "coverage" not in self.fleet.launcher.start:
+            return []
+        self._shutdown()
+        for machine in self.fleet.machines:
+            if machine.tests_run and machine.coverage is None:
+                self.fleet.notes.append(
+                    f"{PREFIX}no coverage data came back from {machine.label}: its worker "
+                    "did not end its session (its lines count as not run)"
+                )
+        return [(m.remote_root, m.coverage) for m in self.fleet.machines if m.coverage]
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         self._session = session
@@ -427,6 +448,7 @@ class Controller:
                 self.engine.run(self.provider.aclose(), timeout=30)
 
     def close(self) -> None:
+        self.config.pluginmanager.unregister(self._other_plugins)
         self._shutdown()
         self.engine.close()
         if self._interrupts is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import re
+import sys
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ from pytest_gpucloud import preparation, remote
 from pytest_gpucloud.deletion import delete_verified
 from pytest_gpucloud.errors import GpuCloudError, OutOfCapacity, ProviderError
 from pytest_gpucloud.failover import offer_name
+from pytest_gpucloud.features import coverage
 from pytest_gpucloud.providers.base import LeasingProvider
 from pytest_gpucloud.runtime import Runtime, runtime_for
 from pytest_gpucloud.transport import ssh
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
 
 # How long a worker may take to end its session at release: deletes go out soon after.
 WORKER_CLOSE_S = 1.0
+# With --cov it also stops measuring and sends its data, which the report needs.
+WORKER_CLOSE_COVERAGE_S = 30.0
 CREATE_SETTLE_S = 30.0
 
 
@@ -113,6 +117,7 @@ class Machine:
     # What bring-up did, for its "ready" status line: image pull time, setup, GPUs seen.
     notes: list[str] = field(default_factory=list)
     phases: Phases = field(default_factory=Phases)
+    coverage: str | None = None  # its worker's coverage data, once released (--cov)
 
     @property
     def id(self) -> str:
@@ -250,11 +255,17 @@ class Launcher:
             machine.conn,
             self.rootdir,
             f"gpucloud/{self.rootdir.name}",
-            extra=_remote_package_files(),
+            extra=self._package_files(),
             root_known=root_known,
         )
         machine.remote_root = result.remote_root
         machine.phases.sync = result.seconds
+
+    def _package_files(self) -> dict[str, Path]:
+        files = _remote_package_files()
+        if self.start.get("coverage"):
+            files.update(coverage.package_files())
+        return files
 
     async def _prepare_and_launch(
         self, machine: Machine, files: list[str] | None, deadline: float
@@ -315,6 +326,7 @@ class Launcher:
             package_dir=f"{machine.remote_root}/.gpucloud/pkg",
             timeout=timeout,
             wrap=machine.runtime.wrap if machine.runtime else None,
+            echo=_echo if self.start.get("live_output") else None,
         )
 
     async def recover(self, machine: Machine) -> bool:
@@ -353,7 +365,9 @@ class Launcher:
             if busy or self.hurry.is_set():
                 machine.link.kill()
             else:
-                await machine.link.close(timeout=WORKER_CLOSE_S)
+                measured = bool(self.start.get("coverage"))
+                await machine.link.close(WORKER_CLOSE_COVERAGE_S if measured else WORKER_CLOSE_S)
+                machine.coverage = machine.link.coverage
         if machine.conn is not None:
             await self._clean(machine, machine.conn)
             machine.conn.close()
@@ -400,3 +414,9 @@ def _remote_package_files() -> dict[str, Path]:
     return {
         f".gpucloud/pkg/{REMOTE_PACKAGE}/{path.name}": path for path in sorted(source.glob("*.py"))
     }
+
+
+def _echo(output: bytes) -> None:
+    """A remote test's own output, shown as it comes (``-s``)."""
+    sys.stdout.write(output.decode(errors="replace"))
+    sys.stdout.flush()
