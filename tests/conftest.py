@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pytest_gpucloud.api_models import LIVE_STATUSES
+from pytest_gpucloud.core.wire import LIVE_STATUSES
 from pytest_gpucloud.sim import SimConfig, SimServer
 
 BOOT_DELAY = 0.05

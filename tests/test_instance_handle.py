@@ -14,7 +14,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from pytest_gpucloud.instance_handle import RemoteCallError
+from pytest_gpucloud.features.instance_handle import RemoteCallError
 
 
 def scaled(values, factor):

@@ -21,9 +21,9 @@ import asyncssh
 import httpx
 import pytest
 
-from pytest_gpucloud.catalog import GpuType, Offer
-from pytest_gpucloud.errors import OutOfCapacity
-from pytest_gpucloud.providers.ssh import SshProvider, StaticHost, parse_hosts
+from pytest_gpucloud.core.catalog import GpuType, Offer
+from pytest_gpucloud.core.errors import OutOfCapacity
+from pytest_gpucloud.providers.static_hosts import SshProvider, StaticHost, parse_hosts
 from tests.conftest import GpuRun, Sim, Standins
 
 STANDINS = Path(__file__).parent / "standins"

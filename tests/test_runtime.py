@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from pytest_gpucloud.gpus import SeenGpu, Sighting, is_type, read_probe, type_name
-from pytest_gpucloud.preparation import setup_key
-from pytest_gpucloud.runtime import Apptainer, Docker, Podman, Runtime, runtime_for
+from pytest_gpucloud.machine.gpus import SeenGpu, Sighting, is_type, read_probe, type_name
+from pytest_gpucloud.machine.preparation import setup_key
+from pytest_gpucloud.machine.runtime import Apptainer, Docker, Podman, Runtime, runtime_for
 from tests.conftest import GpuRun, Sim, Standins
 
 WS = "/home/gpu/gpucloud/my proj"

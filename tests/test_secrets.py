@@ -11,7 +11,7 @@ import asyncssh
 import httpx
 import pytest
 
-from pytest_gpucloud.settings import resolve
+from pytest_gpucloud.config.settings import resolve
 from pytest_gpucloud.sim import SimConfig, SimServer
 from tests.conftest import GpuRun
 

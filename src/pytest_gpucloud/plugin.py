@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_gpucloud import hooks
-from pytest_gpucloud.errors import PREFIX, ConfigError, MarkerError
+from pytest_gpucloud.config.settings import API_KEY_ENV, OPTIONS, from_config
+from pytest_gpucloud.core.errors import PREFIX, ConfigError, MarkerError
+from pytest_gpucloud.core.request import GpuRequest, request_for_item
 from pytest_gpucloud.providers import BUILTIN, ProviderFactory, ProviderRegistry
-from pytest_gpucloud.request import GpuRequest, request_for_item
-from pytest_gpucloud.settings import API_KEY_ENV, OPTIONS, from_config
-from pytest_gpucloud.stash import (
+from pytest_gpucloud.session.stash import (
     CONTROLLER_KEY,
     PROVIDERS_KEY,
     REQUEST_KEY,
@@ -26,8 +26,8 @@ from pytest_gpucloud.stash import (
 )
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.controller import Controller, GpuCloudHandle
-    from pytest_gpucloud.ipc import Handoff
+    from pytest_gpucloud.desk.ipc import Handoff
+    from pytest_gpucloud.session.controller import Controller, GpuCloudHandle
 MARKER_DOC = (
     "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None): "
     "run this test on a cloud GPU instance with pytest --gpu-cloud (skipped without it)"
@@ -96,7 +96,7 @@ def pytest_configure(config: pytest.Config) -> None:
             "with the same --gpu-cloud options"
         )
     # Imported here: a session without --gpu-cloud never loads SSH, HTTP or the fleet.
-    from pytest_gpucloud.controller import Controller
+    from pytest_gpucloud.session.controller import Controller
 
     controller = Controller(config, settings, provider, handoff)
     config.stash[CONTROLLER_KEY] = controller

@@ -1,2 +1,5 @@
-"""What tests get beyond running remotely: artifacts, datasets, S3, instances of their own, and
-coverage."""
+"""What tests use on a machine: artifacts, datasets, S3, ``gpu_cloud.instance()``, and the
+coverage of remote tests (``--cov``).
+
+May import: ``machine``, ``transport``, ``config``, ``core``, ``remote``.
+"""

@@ -11,11 +11,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING
 
-from pytest_gpucloud.errors import ConfigError
+from pytest_gpucloud.core.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pytest_gpucloud.config.settings import Settings
     from pytest_gpucloud.providers.base import Provider
-    from pytest_gpucloud.settings import Settings
 
 ENTRY_POINT_GROUP = "pytest_gpucloud.providers"
 ProviderFactory = Callable[["Settings"], Awaitable["Provider"]]
@@ -46,7 +46,7 @@ async def _local(settings: Settings) -> Provider:
 
 
 async def _ssh(settings: Settings) -> Provider:
-    from pytest_gpucloud.providers.ssh import SshProvider
+    from pytest_gpucloud.providers.static_hosts import SshProvider
 
     return SshProvider.from_settings(settings)
 

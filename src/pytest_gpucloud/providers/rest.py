@@ -18,14 +18,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from pytest_gpucloud.api_models import (
-    CreateInstanceRequest,
-    ErrorBody,
-    GpuTypeModel,
-    InstanceModel,
-)
-from pytest_gpucloud.catalog import GpuType, Offer
-from pytest_gpucloud.errors import (
+from pytest_gpucloud.core.catalog import GpuType, Offer
+from pytest_gpucloud.core.errors import (
     AuthError,
     BadAnswer,
     InstanceError,
@@ -35,6 +29,12 @@ from pytest_gpucloud.errors import (
     ProviderError,
     RateLimited,
     Transient,
+)
+from pytest_gpucloud.core.wire import (
+    CreateInstanceRequest,
+    ErrorBody,
+    GpuTypeModel,
+    InstanceModel,
 )
 from pytest_gpucloud.providers.base import Instance
 

@@ -1,1 +1,6 @@
-"""The pytest session with --gpu-cloud: what runs in the process that owns the items."""
+"""The ``--gpu-cloud`` pytest session: controller, replay of remote reports, interrupts, the
+engine thread and the stash keys. Only this layer (and ``plugin.py``) calls pytest hooks.
+
+May import: every layer below it (``desk``, ``features``, ``scheduling``, ``machine``,
+``providers``, ``transport``, ``config``, ``core``, ``remote``).
+"""

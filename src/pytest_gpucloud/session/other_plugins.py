@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_gpucloud.errors import PREFIX
+from pytest_gpucloud.core.errors import PREFIX
 from pytest_gpucloud.features import coverage
-from pytest_gpucloud.stash import REQUEST_KEY
+from pytest_gpucloud.session.stash import REQUEST_KEY
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.controller import Controller
+    from pytest_gpucloud.session.controller import Controller
 
 # Per plugin (its registered name): (option dest, flag) of the options that change what a
 # test does where it runs. Options read only at the end of the session stay here.

@@ -1,6 +1,6 @@
 """The simulated GPU cloud: the REST API over real HTTP, instances as real SSH servers.
 
-It never imports the plugin: it shares only ``pytest_gpucloud.api_models`` with it.
+It never imports the plugin: it shares only ``pytest_gpucloud.core.wire`` with it.
 """
 
 from __future__ import annotations

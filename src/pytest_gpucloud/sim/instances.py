@@ -23,7 +23,7 @@ from pathlib import Path
 
 import asyncssh
 
-from pytest_gpucloud.api_models import SimCommandRecord
+from pytest_gpucloud.core.wire import SimCommandRecord
 
 SSH_USER = "gpu"
 SSH_HOST = "127.0.0.1"
@@ -49,7 +49,7 @@ class _Command:
 class _SshServer(asyncssh.SSHServer):
     """Per-connection callbacks: track the connection, check user and key."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: SimMachine) -> None:
         self._machine = machine
         self._conn: asyncssh.SSHServerConnection | None = None
 
@@ -71,7 +71,7 @@ class _SshServer(asyncssh.SSHServer):
         return username == SSH_USER and key.public_data == self._machine.client_key.public_data
 
 
-class Machine:
+class SimMachine:
     """The SSH side of one instance, from boot to termination."""
 
     def __init__(

@@ -11,7 +11,7 @@ import time
 
 import asyncssh
 
-from pytest_gpucloud.errors import HostKeyMismatch, InstanceError
+from pytest_gpucloud.core.errors import HostKeyMismatch, InstanceError
 from pytest_gpucloud.providers.base import Instance
 
 # AES-GCM first: one AES-NI call per packet where asyncssh's chacha20-poly1305 makes

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import asyncssh
 import pytest
 
-from pytest_gpucloud.errors import RemoteError
+from pytest_gpucloud.core.errors import RemoteError
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.remote.boot import GO
 from pytest_gpucloud.remote.protocol import (
@@ -144,8 +144,9 @@ class WorkerLink:
         the workspace is complete.
 
         ``wrap``: turns the worker's shell command line into the one to run (a container
-        runtime's, see :meth:`pytest_gpucloud.runtime.Runtime.wrap`). ``echo``: called with
-        the worker's stderr as it comes (the tests' own output, with a ``live_output`` start).
+        runtime's, see :meth:`pytest_gpucloud.machine.runtime.Runtime.wrap`). ``echo``: called
+        with the worker's stderr as it comes (the tests' own output, with a ``live_output``
+        start).
         """
         command = (
             f"cd {shlex.quote(workspace)} && PYTHONPATH={shlex.quote(package_dir)} "

@@ -10,40 +10,40 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_gpucloud import cost
-from pytest_gpucloud.artifacts import ArtifactStore, new_run_id
-from pytest_gpucloud.durations import Durations
-from pytest_gpucloud.engine import Engine
-from pytest_gpucloud.errors import PREFIX, GpuCloudError
-from pytest_gpucloud.features import coverage
-from pytest_gpucloud.fleet import Fleet
-from pytest_gpucloud.interrupts import Interrupts
-from pytest_gpucloud.ipc import Handoff, IpcClient, IpcServer
-from pytest_gpucloud.replay import (
-    remote_pytest_args,
-    replay_collectreport,
-    replay_infra_error,
-    replay_test,
-    replay_warning,
-)
-from pytest_gpucloud.request import GpuRequest, parse_marker
-from pytest_gpucloud.service import (
+from pytest_gpucloud.config.settings import OPTIONS
+from pytest_gpucloud.core.errors import PREFIX, GpuCloudError
+from pytest_gpucloud.core.request import GpuRequest, parse_marker
+from pytest_gpucloud.desk.ipc import Handoff, IpcClient, IpcServer
+from pytest_gpucloud.desk.service import (
     FleetAccess,
     FleetService,
     InstanceView,
     LocalAccess,
     RunResult,
 )
+from pytest_gpucloud.features import coverage
+from pytest_gpucloud.features.artifacts import ArtifactStore, new_run_id
+from pytest_gpucloud.scheduling import cost
+from pytest_gpucloud.scheduling.durations import Durations
+from pytest_gpucloud.scheduling.fleet import Fleet
+from pytest_gpucloud.session.engine import Engine
+from pytest_gpucloud.session.interrupts import Interrupts
 from pytest_gpucloud.session.other_plugins import RemoteSide, forwarded_args
-from pytest_gpucloud.settings import OPTIONS
-from pytest_gpucloud.stash import PROVIDERS_KEY, REQUEST_KEY
+from pytest_gpucloud.session.replay import (
+    remote_pytest_args,
+    replay_collectreport,
+    replay_infra_error,
+    replay_test,
+    replay_warning,
+)
+from pytest_gpucloud.session.stash import PROVIDERS_KEY, REQUEST_KEY
 
 if TYPE_CHECKING:
     from collections.abc import Generator
 
-    from pytest_gpucloud.instance_handle import InstanceHandle
+    from pytest_gpucloud.config.settings import Settings
+    from pytest_gpucloud.features.instance_handle import InstanceHandle
     from pytest_gpucloud.providers.base import Provider
-    from pytest_gpucloud.settings import Settings
 
 # The nodeid the remote session knows an item by: xdist's --dist loadgroup appends
 # "@group" to the local one.
@@ -188,15 +188,18 @@ class Controller:
             self.provider_name, self.settings
         )
         artifacts = self._artifact_store()
+        start = {**self._worker_start(), "artifacts": artifacts.remote_root}
         self.fleet = Fleet(
             self.provider,
             self.settings,
             rootdir=self.config.rootpath,
-            start={**self._worker_start(), "artifacts": artifacts.remote_root},
+            start=start,
             project=self.config.rootpath.name,
             durations=self.durations,
             workers=_xdist_workers(self.config),
             artifacts=artifacts,
+            # coverage travels to the instances only with --cov
+            packages=coverage.package_files() if "coverage" in start else {},
         )
         return self.fleet
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Literal, cast
 
-from pytest_gpucloud.errors import MarkerError
-from pytest_gpucloud.settings import SECRET_ENV
+from pytest_gpucloud.config.settings import SECRET_ENV
+from pytest_gpucloud.core.errors import MarkerError
 
 if TYPE_CHECKING:
     import pytest

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from pytest_gpucloud.config.settings import Settings
+from pytest_gpucloud.core.request import GpuRequest
 from pytest_gpucloud.providers import ProviderRegistry
-from pytest_gpucloud.request import GpuRequest
-from pytest_gpucloud.settings import Settings
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.controller import Controller
+    from pytest_gpucloud.session.controller import Controller
 
 REQUEST_KEY = pytest.StashKey[GpuRequest]()
 PROVIDERS_KEY = pytest.StashKey[ProviderRegistry]()

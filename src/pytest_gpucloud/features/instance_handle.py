@@ -1,6 +1,6 @@
 """``gpu_cloud.instance(spec)``: an instance of the session's fleet for a local test to drive.
 
-The instance is leased whole from the fleet (:meth:`~pytest_gpucloud.fleet.Fleet.
+The instance is leased whole from the fleet (:meth:`~pytest_gpucloud.scheduling.fleet.Fleet.
 lease_exclusive`): created, booted and synced like any, billed and reported with the others,
 deleted when the ``with`` block ends (or with the fleet, whatever ends the session). Commands
 run over the fleet's SSH connection to it, in the synced workspace, inside the container of
@@ -33,16 +33,16 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import asyncssh
 
-from pytest_gpucloud.errors import GpuCloudError, InstanceError
-from pytest_gpucloud.transport.filepipe import pull, push
+from pytest_gpucloud.core.errors import GpuCloudError, InstanceError
+from pytest_gpucloud.transport.files import pull, push
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
 
-    from pytest_gpucloud.engine import Engine
-    from pytest_gpucloud.fleet import Fleet
-    from pytest_gpucloud.machine import Machine
-    from pytest_gpucloud.request import GpuRequest
+    from pytest_gpucloud.core.request import GpuRequest
+    from pytest_gpucloud.machine.machine import Machine
+    from pytest_gpucloud.scheduling.fleet import Fleet
+    from pytest_gpucloud.session.engine import Engine
 
 T = TypeVar("T")
 LEASE_MARGIN_S = 120.0

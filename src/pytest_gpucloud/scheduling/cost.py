@@ -1,7 +1,8 @@
 """The money: the cost model that choices use, the meter, and the cost report.
 
 Cost model (all in USD, prices per hour of the whole instance; ``d`` is a test's expected
-seconds and ``b`` a GPU type's expected boot seconds, see :mod:`pytest_gpucloud.durations`):
+seconds and ``b`` a GPU type's expected boot seconds, see
+:mod:`pytest_gpucloud.scheduling.durations`):
 
 - a test on a new instance of offer ``o`` costs ``o.price * (b + d) / 3600``;
 - a test on a running, idle instance ``m`` costs ``m.price * d / 3600``;
@@ -23,10 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.catalog import Offer
-    from pytest_gpucloud.durations import Durations
-    from pytest_gpucloud.machine import Machine
-    from pytest_gpucloud.planner import Plan
+    from pytest_gpucloud.core.catalog import Offer
+    from pytest_gpucloud.machine.machine import Machine
+    from pytest_gpucloud.scheduling.durations import Durations
+    from pytest_gpucloud.scheduling.planner import Plan
 
 
 def billed(price_per_hour: float, seconds: float) -> float:

@@ -1,6 +1,6 @@
 """GPU types and offers: what a provider can create, and at what price.
 
-:func:`feasible_offers` turns a :class:`~pytest_gpucloud.request.GpuRequest` into the offers
+:func:`feasible_offers` turns a :class:`~pytest_gpucloud.core.request.GpuRequest` into the offers
 that satisfy it, best first; :func:`check_known` and :func:`explain_infeasible` say why a
 request cannot be served.
 """
@@ -14,10 +14,10 @@ from fnmatch import fnmatchcase
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from pytest_gpucloud.errors import MarkerError
+from pytest_gpucloud.core.errors import MarkerError
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.request import GpuRequest
+    from pytest_gpucloud.core.request import GpuRequest
 
 _MAX_REASONS = 5
 

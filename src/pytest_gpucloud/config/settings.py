@@ -25,9 +25,9 @@ from pydantic import (
     field_validator,
 )
 
-from pytest_gpucloud.errors import ConfigError
-from pytest_gpucloud.s3 import split_url
-from pytest_gpucloud.units import parse_duration, parse_size
+from pytest_gpucloud.core.errors import ConfigError
+from pytest_gpucloud.core.units import parse_duration, parse_size
+from pytest_gpucloud.features.s3 import split_url
 
 API_KEY_ENV = "GPUCLOUD_API_KEY"
 # Environment variables that no allow-list (--gpu-env, gpu(env=...)) may pass to instances.
@@ -342,7 +342,7 @@ class Settings(BaseModel):
     @field_validator("hosts")
     @classmethod
     def _hosts(cls, value: str | None) -> str | None:
-        from pytest_gpucloud.providers.ssh import parse_hosts
+        from pytest_gpucloud.providers.static_hosts import parse_hosts
 
         if value is not None:
             parse_hosts(value)

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pytest_gpucloud import s3
-from pytest_gpucloud.units import format_size
+from pytest_gpucloud.core.units import format_size
+from pytest_gpucloud.features import s3
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

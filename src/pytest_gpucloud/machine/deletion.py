@@ -9,7 +9,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from pytest_gpucloud.errors import AuthError, InvalidRequest, NotFound, ProviderError
+from pytest_gpucloud.core.errors import AuthError, InvalidRequest, NotFound, ProviderError
 
 if TYPE_CHECKING:
     from pytest_gpucloud.providers.base import Provider

@@ -3,7 +3,7 @@
 The fleet lives in the controlling process only (the one process without xdist, xdist's
 controller with it). :class:`FleetService` is its front desk there, on the engine loop. A
 process that owns items reaches it through a :class:`FleetAccess`: :class:`LocalAccess` in
-the same process, :class:`pytest_gpucloud.ipc.IpcClient` from an xdist worker. Both hand back
+the same process, :class:`pytest_gpucloud.desk.ipc.IpcClient` from an xdist worker. Both hand back
 the same :class:`RunResult`, which that process replays; one code path, two transports.
 """
 
@@ -16,17 +16,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pytest_gpucloud import cost, instance_handle
-from pytest_gpucloud.catalog import check_known
-from pytest_gpucloud.errors import PREFIX, GpuCloudError, MarkerError
+from pytest_gpucloud.core.catalog import check_known
+from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, MarkerError
+from pytest_gpucloud.features import instance_handle
+from pytest_gpucloud.scheduling import cost
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.engine import Engine
-    from pytest_gpucloud.fleet import Fleet
-    from pytest_gpucloud.instance_handle import InstanceHandle
-    from pytest_gpucloud.machine import Machine
+    from pytest_gpucloud.core.request import GpuRequest
+    from pytest_gpucloud.features.instance_handle import InstanceHandle
+    from pytest_gpucloud.machine.machine import Machine
     from pytest_gpucloud.remote.protocol import Message
-    from pytest_gpucloud.request import GpuRequest
+    from pytest_gpucloud.scheduling.fleet import Fleet
+    from pytest_gpucloud.session.engine import Engine
 
 START_TIMEOUT = 120.0
 # The owner of the runs of a session without xdist; xdist workers use their worker id.

@@ -12,7 +12,7 @@ import re
 import threading
 from typing import TYPE_CHECKING
 
-from pytest_gpucloud.errors import GpuCloudError
+from pytest_gpucloud.core.errors import GpuCloudError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -7,8 +7,8 @@ A :class:`Machine` moves through :class:`MachineState`::
 
 Bring-up is a pipeline of steps (create with failover, boot, SSH, code sync, the image
 and its container, the setup command, the GPU health check, worker; see
-:mod:`~pytest_gpucloud.preparation`); each step raises a
-:class:`~pytest_gpucloud.errors.GpuCloudError` naming the instance and cause. Without a
+:mod:`~pytest_gpucloud.machine.preparation`); each step raises a
+:class:`~pytest_gpucloud.core.errors.GpuCloudError` naming the instance and cause. Without a
 setup command, the steps after the sync start as soon as the workspace folder exists, and
 only the worker's collection waits for the last file.
 """
@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_gpucloud import preparation, remote
-from pytest_gpucloud.deletion import delete_verified
-from pytest_gpucloud.errors import GpuCloudError, OutOfCapacity, ProviderError
-from pytest_gpucloud.failover import offer_name
-from pytest_gpucloud.features import coverage
+from pytest_gpucloud import remote
+from pytest_gpucloud.core.errors import GpuCloudError, OutOfCapacity, ProviderError
+from pytest_gpucloud.machine import preparation
+from pytest_gpucloud.machine.deletion import delete_verified
+from pytest_gpucloud.machine.runtime import Runtime, runtime_for
 from pytest_gpucloud.providers.base import LeasingProvider
-from pytest_gpucloud.runtime import Runtime, runtime_for
+from pytest_gpucloud.scheduling.failover import offer_name
 from pytest_gpucloud.transport import ssh
 from pytest_gpucloud.transport.sync import sync
 from pytest_gpucloud.transport.worker_link import REMOTE_PACKAGE, Collection, WorkerLink
@@ -40,10 +40,10 @@ from pytest_gpucloud.transport.worker_link import REMOTE_PACKAGE, Collection, Wo
 if TYPE_CHECKING:
     import asyncssh
 
-    from pytest_gpucloud.catalog import Offer
-    from pytest_gpucloud.failover import Failover
+    from pytest_gpucloud.config.settings import Settings
+    from pytest_gpucloud.core.catalog import Offer
     from pytest_gpucloud.providers.base import Instance, Provider
-    from pytest_gpucloud.settings import Settings
+    from pytest_gpucloud.scheduling.failover import Failover
 
 # How long a worker may take to end its session at release: deletes go out soon after.
 WORKER_CLOSE_S = 1.0
@@ -151,6 +151,8 @@ class Launcher:
     rootdir: Path
     labels: dict[str, str]
     start: dict[str, Any]
+    # More files of the worker's package folder (coverage's, with --cov): path there -> here.
+    packages: dict[str, Path] = field(default_factory=dict)
     key: asyncssh.SSHKey = field(default_factory=ssh.new_client_key)
     # Every create call sent, so the teardown can wait for those in flight.
     creates: list[asyncio.Future[Instance]] = field(default_factory=list)
@@ -255,17 +257,11 @@ class Launcher:
             machine.conn,
             self.rootdir,
             f"gpucloud/{self.rootdir.name}",
-            extra=self._package_files(),
+            extra={**_remote_package_files(), **self.packages},
             root_known=root_known,
         )
         machine.remote_root = result.remote_root
         machine.phases.sync = result.seconds
-
-    def _package_files(self) -> dict[str, Path]:
-        files = _remote_package_files()
-        if self.start.get("coverage"):
-            files.update(coverage.package_files())
-        return files
 
     async def _prepare_and_launch(
         self, machine: Machine, files: list[str] | None, deadline: float

@@ -1,15 +1,15 @@
 """The fleet: every instance of a session, leased to the tests that fit it.
 
 The fleet lives in the controlling process only. :meth:`Fleet.plan` takes the session's
-items when collection ends, makes the :class:`~pytest_gpucloud.planner.Plan` and starts the
-instances it needs (``--gpu-start``: all now, each about when its first test is due, or at
-first use). :meth:`Fleet.run` runs one test; it may be awaited concurrently, once per owner
-(an xdist worker; a constant without xdist). A test takes, in this order:
+items when collection ends, makes the :class:`~pytest_gpucloud.scheduling.planner.Plan` and
+starts the instances it needs (``--gpu-start``: all now, each about when its first test is
+due, or at first use). :meth:`Fleet.run` runs one test; it may be awaited concurrently, once
+per owner (an xdist worker; a constant without xdist). A test takes, in this order:
 
 1. an idle machine that can host it: the one its owner's last test named it as next on
    (same remote session: fixtures stay up), then one its owner used last, then one of its
    own pool, then one of another pool where sharing is not dearer
-   (:meth:`~pytest_gpucloud.cost.CostModel.share_ok`), cheapest first;
+   (:meth:`~pytest_gpucloud.scheduling.cost.CostModel.share_ok`), cheapest first;
 2. a machine still starting that can host it and that no other owner waits for;
 3. a new machine, if ``--gpu-max-instances``, ``--gpu-max-creates`` and ``--gpu-budget``
    allow; at the instance limit an idle machine that cannot host it is released first;
@@ -29,13 +29,8 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pytest_gpucloud import cost
-from pytest_gpucloud.catalog import GpuType, check_known, explain_infeasible, feasible_offers
-from pytest_gpucloud.cost import CostModel, Placement
-from pytest_gpucloud.data import DataSource
-from pytest_gpucloud.deletion import delete_verified
-from pytest_gpucloud.durations import Durations
-from pytest_gpucloud.errors import (
+from pytest_gpucloud.core.catalog import GpuType, check_known, explain_infeasible, feasible_offers
+from pytest_gpucloud.core.errors import (
     PREFIX,
     BudgetError,
     GpuCloudError,
@@ -45,23 +40,28 @@ from pytest_gpucloud.errors import (
     ProviderError,
     RemoteError,
 )
-from pytest_gpucloud.failover import Failover
-from pytest_gpucloud.labels import SESSION, session_labels
-from pytest_gpucloud.machine import Launcher, Machine, MachineState
-from pytest_gpucloud.planner import Plan, Tests, hosts, make_plan
-from pytest_gpucloud.progress import Progress
+from pytest_gpucloud.core.labels import SESSION, session_labels
+from pytest_gpucloud.features.data import DataSource
+from pytest_gpucloud.machine.deletion import delete_verified
+from pytest_gpucloud.machine.machine import Launcher, Machine, MachineState
+from pytest_gpucloud.scheduling import cost
+from pytest_gpucloud.scheduling.cost import CostModel, Placement
+from pytest_gpucloud.scheduling.durations import Durations
+from pytest_gpucloud.scheduling.failover import Failover
+from pytest_gpucloud.scheduling.planner import Plan, Tests, hosts, make_plan
+from pytest_gpucloud.scheduling.progress import Progress
 from pytest_gpucloud.transport.worker_link import READ_AHEAD, RunSpec
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
     from pathlib import Path
 
-    from pytest_gpucloud.artifacts import ArtifactStore
-    from pytest_gpucloud.catalog import Offer
+    from pytest_gpucloud.config.settings import Settings
+    from pytest_gpucloud.core.catalog import Offer
+    from pytest_gpucloud.core.request import GpuRequest
+    from pytest_gpucloud.features.artifacts import ArtifactStore
     from pytest_gpucloud.providers.base import Provider
     from pytest_gpucloud.remote.protocol import Message
-    from pytest_gpucloud.request import GpuRequest
-    from pytest_gpucloud.settings import Settings
     from pytest_gpucloud.transport.worker_link import TestRun
 
 # --gpu-start jit starts an instance this share of its expected boot early.
@@ -106,6 +106,7 @@ class Fleet:
         workers: int = 1,
         artifacts: ArtifactStore | None = None,
         data: DataSource | None = None,
+        packages: dict[str, Path] | None = None,
     ) -> None:
         self.provider = provider
         self.settings = settings
@@ -132,6 +133,7 @@ class Fleet:
             rootdir,
             session_labels(self.session_id, project, settings.lifetime_s),
             start,
+            packages or {},
         )
         # nodeid -> (its request, the test after it on its machine): the order in which
         # this process will ask for tests, where it knows it. Quick tests are then read

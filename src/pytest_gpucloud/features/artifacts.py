@@ -5,7 +5,7 @@ On the instance, a test's folder is ``<workspace>/.gpucloud/artifacts/<run-id>/<
 test that wrote there (its ``artifacts`` frame says so), and after every test whose worker
 died or timed out (no frame then: the folder is looked for), the folder is copied to
 ``--gpu-artifacts-dir/<test>`` over the machine's SSH connection. The instance is not
-trusted with this machine's files: see :mod:`pytest_gpucloud.transport.filepipe`.
+trusted with this machine's files: see :mod:`pytest_gpucloud.transport.files`.
 
 Files past ``--gpu-artifacts-max`` (per test, in name order) stay on the instance and are
 named in the summary. With ``--gpu-artifacts-s3 s3://bucket/prefix``, each test's folder is
@@ -24,17 +24,17 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pytest_gpucloud import s3
-from pytest_gpucloud.errors import InstanceError
+from pytest_gpucloud.core.errors import InstanceError
+from pytest_gpucloud.core.units import format_size
+from pytest_gpucloud.features import s3
 from pytest_gpucloud.remote.fixtures import artifacts_dir_name
-from pytest_gpucloud.transport.filepipe import pull, pull_listed
-from pytest_gpucloud.units import format_size
+from pytest_gpucloud.transport.files import pull, pull_listed
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
     from pathlib import Path
 
-    from pytest_gpucloud.machine import Machine
+    from pytest_gpucloud.machine.machine import Machine
     from pytest_gpucloud.remote.protocol import Message
 
 SHOWN = 5  # left-behind files named per test in the summary

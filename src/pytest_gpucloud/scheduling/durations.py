@@ -4,7 +4,7 @@ Two tables: each test's duration (setup + call + teardown, by nodeid; local and 
 tests alike) under ``gpucloud/durations``, and each GPU type's boot (from the create call
 to a remote worker that has collected) under ``gpucloud/boot``. The last observation
 wins. Unknown values: :data:`DEFAULT_TEST_S` and :data:`DEFAULT_BOOT_S` where a cost is
-estimated, nothing (0 s) where a start time is (see :mod:`pytest_gpucloud.planner`).
+estimated, nothing (0 s) where a start time is (see :mod:`pytest_gpucloud.scheduling.planner`).
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pytest_gpucloud.errors import OutOfCapacity, ProviderError
+from pytest_gpucloud.core.errors import OutOfCapacity, ProviderError
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.catalog import Offer
+    from pytest_gpucloud.core.catalog import Offer
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import pytest
 
-from pytest_gpucloud.errors import PREFIX
+from pytest_gpucloud.core.errors import PREFIX
 from pytest_gpucloud.remote.protocol import Message
 
 # Plugins the remote session must not be asked for: this plugin itself, and the two the

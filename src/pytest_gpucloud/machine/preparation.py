@@ -1,8 +1,8 @@
 """What bring-up does on a machine between the code sync and the worker: the image and its
 container, the setup command, the GPU health check; and what release undoes.
 
-Every step is one SSH exec of a command line from :mod:`pytest_gpucloud.runtime`, bounded
-in time, and raises :class:`~pytest_gpucloud.errors.InstanceError` naming the instance.
+Every step is one SSH exec of a command line from :mod:`pytest_gpucloud.machine.runtime`, bounded
+in time, and raises :class:`~pytest_gpucloud.core.errors.InstanceError` naming the instance.
 Each returns a short note for the machine's status line.
 
 The setup command runs once per container: a marker named by :func:`setup_key` (a hash of
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import asyncssh
 
-from pytest_gpucloud.errors import GpuMismatch, InstanceError
-from pytest_gpucloud.gpus import PROBE, read_probe
-from pytest_gpucloud.runtime import Runtime
+from pytest_gpucloud.core.errors import GpuMismatch, InstanceError
+from pytest_gpucloud.machine.gpus import PROBE, read_probe
+from pytest_gpucloud.machine.runtime import Runtime
 
 STEP_TIMEOUT_S = 60.0
 CLEAN_TIMEOUT_S = 20.0

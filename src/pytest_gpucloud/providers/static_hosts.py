@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from pytest_gpucloud.catalog import GpuType, Offer
-from pytest_gpucloud.errors import ConfigError, InstanceError, OutOfCapacity
+from pytest_gpucloud.core.catalog import GpuType, Offer
+from pytest_gpucloud.core.errors import ConfigError, InstanceError, OutOfCapacity
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.leasing import LeaseBook, lease
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.settings import Settings
+    from pytest_gpucloud.config.settings import Settings
 
 REGION = "static"
 HOSTS_FORMAT = "user@host[:port]=TYPE[:COUNT]"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from pytest_gpucloud.errors import InstanceError
+from pytest_gpucloud.core.errors import InstanceError
 from pytest_gpucloud.remote import filepipe, source
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ async def _receive(
             filepipe.extract, reader, str(local_dir), max_bytes, tar=tar
         )
         await _drain(proc)
-    except filepipe.Refused as exc:
+    except filepipe.PipeRefused as exc:
         raise InstanceError(f"{failed}: {await _why(proc) or exc}") from None
     except (OSError, asyncssh.Error) as exc:
         raise InstanceError(f"{failed}: {exc}") from None

@@ -1,7 +1,7 @@
 """The fleet over a local socket, for pytest-xdist workers.
 
 xdist's controller owns the fleet (and with it the API key and SSH keys); its workers own
-the items. A worker reaches the controller's :class:`~pytest_gpucloud.service.FleetService`
+the items. A worker reaches the controller's :class:`~pytest_gpucloud.desk.service.FleetService`
 through a Unix socket in a private directory (the directory 0700, the socket 0600). The
 socket's path and a random token reach the worker in ``workerinput``; a connection whose
 first frame does not carry the token is closed unanswered.
@@ -49,16 +49,16 @@ from pathlib import Path
 from traceback import format_exc
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from pytest_gpucloud import instance_handle
-from pytest_gpucloud.errors import PREFIX, GpuCloudError, InstanceError
-from pytest_gpucloud.instance_handle import Completed, InstanceHandle, leased, within
+from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, InstanceError
+from pytest_gpucloud.core.request import GpuRequest
+from pytest_gpucloud.desk.service import InstanceView, RunResult
+from pytest_gpucloud.features import instance_handle
+from pytest_gpucloud.features.instance_handle import Completed, InstanceHandle, leased, within
 from pytest_gpucloud.remote.protocol import Message, decode, encode
-from pytest_gpucloud.request import GpuRequest
-from pytest_gpucloud.service import InstanceView, RunResult
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.machine import Machine
-    from pytest_gpucloud.service import FleetService, Tests
+    from pytest_gpucloud.desk.service import FleetService, Tests
+    from pytest_gpucloud.machine.machine import Machine
 
 # Requests are small; a plan of a very large suite is the largest.
 REQUEST_LIMIT = 64 * 1024 * 1024
@@ -265,7 +265,7 @@ async def _unless_gone(
 
 
 class IpcClient:
-    """An xdist worker's :class:`~pytest_gpucloud.service.FleetAccess`: the controller's
+    """An xdist worker's :class:`~pytest_gpucloud.desk.service.FleetAccess`: the controller's
     fleet over its socket. Blocking; connects on first use."""
 
     def __init__(self, handoff: Handoff, owner: str) -> None:
@@ -350,7 +350,7 @@ class IpcClient:
 
 
 class IpcInstanceLink:
-    """An :class:`~pytest_gpucloud.instance_handle.InstanceLink` to a machine leased by the
+    """An :class:`~pytest_gpucloud.features.instance_handle.InstanceLink` to a machine leased by the
     xdist controller for this worker: each call goes over the fleet's socket."""
 
     def __init__(self, client: IpcClient, instance_id: str, label: str, workspace: str) -> None:

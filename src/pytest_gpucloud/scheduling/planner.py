@@ -1,12 +1,13 @@
 """The plan: which instances a session needs, which tests go where, and when each is needed.
 
 Made once, when collection finishes, from the session's items in run order. Each pool of
-tests (equal :attr:`~pytest_gpucloud.request.GpuRequest.pool_key`) gets the cheapest
+tests (equal :attr:`~pytest_gpucloud.core.request.GpuRequest.pool_key`) gets the cheapest
 feasible offer, on ``min(workers, tests, max_instances)`` machines (``workers``: xdist
 workers, 1 without), unless every one of its tests is cheaper on the instance of another
-pool (:meth:`~pytest_gpucloud.cost.CostModel.share_ok`, see :func:`_sharing`). ``lead_s`` is when a
-machine's first test is expected to start: the known durations of the items before it
-(unknown ones count 0 s, so a start is never late for want of data), divided by the workers.
+pool (:meth:`~pytest_gpucloud.scheduling.cost.CostModel.share_ok`, see :func:`_sharing`).
+``lead_s`` is when a machine's first test is expected to start: the known durations of the
+items before it (unknown ones count 0 s, so a start is never late for want of data), divided
+by the workers.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pytest_gpucloud.cost import CostModel, billed
+from pytest_gpucloud.scheduling.cost import CostModel, billed
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.catalog import Offer
-    from pytest_gpucloud.request import GpuRequest
+    from pytest_gpucloud.core.catalog import Offer
+    from pytest_gpucloud.core.request import GpuRequest
 
 # Every item of a session in run order, with its request (None: a local test).
 Tests = Sequence[tuple[str, "GpuRequest | None"]]

@@ -2,7 +2,7 @@
 
 The backstop for sessions that could not delete their instances (killed with SIGKILL, a
 machine that lost power, an API that failed every delete): every instance carries the
-labels of :mod:`pytest_gpucloud.labels`, so the project's instances past their expiry (or
+labels of :mod:`pytest_gpucloud.core.labels`, so the project's instances past their expiry (or
 older than ``--older-than``) can be listed and, after confirmation, deleted.
 
 Settings are read as the plugin reads them, less the command line: the ``GPUCLOUD_*``
@@ -29,13 +29,13 @@ from typing import Any
 
 import iniconfig
 
-from pytest_gpucloud import labels
-from pytest_gpucloud.deletion import delete_verified
-from pytest_gpucloud.errors import ConfigError, GpuCloudError
+from pytest_gpucloud.config.settings import Settings, resolve
+from pytest_gpucloud.core import labels
+from pytest_gpucloud.core.errors import ConfigError, GpuCloudError
+from pytest_gpucloud.core.units import parse_duration
+from pytest_gpucloud.machine.deletion import delete_verified
 from pytest_gpucloud.providers import BUILTIN, ProviderRegistry
 from pytest_gpucloud.providers.base import Instance, Provider
-from pytest_gpucloud.settings import Settings, resolve
-from pytest_gpucloud.units import parse_duration
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -1,0 +1,4 @@
+"""Options, ini keys and environment turned into one ``Settings``: pytest is read here.
+
+May import: ``core``.
+"""
