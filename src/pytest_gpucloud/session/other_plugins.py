@@ -57,6 +57,8 @@ FORWARDED: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "asyncio": (("asyncio_mode", "--asyncio-mode"), ("asyncio_debug", "--asyncio-debug")),
 }
+# Defaults that are not None: not sent, so an older release on the instance need not know them.
+DEFAULTS = {"reruns_mode": "strict"}
 
 
 def forwarded_args(config: pytest.Config) -> list[str]:
@@ -69,7 +71,9 @@ def forwarded_args(config: pytest.Config) -> list[str]:
         if not plugins.hasplugin(plugin):
             continue
         for dest, flag in options:
-            args += _flag(flag, getattr(option, dest, None))
+            value = getattr(option, dest, None)
+            if value != DEFAULTS.get(dest):
+                args += _flag(flag, value)
     if plugins.hasplugin("timeout"):
         args += _flag("--timeout", option.timeout or os.environ.get("PYTEST_TIMEOUT"))
     if plugins.hasplugin("randomly"):
