@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GpuRun
+from tests.conftest import GpuRun, Sim
 
 MARK_ALL = """
 import pytest
@@ -48,9 +48,10 @@ def both(
 
 
 def remote_ran(result: pytest.RunResult, count: int) -> None:
-    """The tests did run on instances: the cost summary counts them."""
+    """The tests did run on instances (the cost summary counts them), and no warning came."""
     out = result.stdout.str()
     assert sum(int(n) for n in re.findall(r"i-\w+ +T4 .* (\d+) tests ", out)) == count, out
+    assert "warnings summary" not in out, out
 
 
 def test_timeout_stops_a_hanging_remote_test_as_locally(
@@ -83,6 +84,31 @@ def test_timeout_stops_a_hanging_remote_test_as_locally(
         )
     assert "INTERNALERROR" not in remote.stdout.str()
     remote_ran(remote, 3)
+
+
+def test_a_plugin_missing_on_the_instance_is_named(
+    project: pytest.Pytester, gpu_run: GpuRun, sim: Sim, tmp_path: Path
+) -> None:
+    # An image without pytest-timeout: the instances' python3 runs pytest with it blocked.
+    bin_dir = tmp_path / "image-bin"
+    bin_dir.mkdir()
+    python3 = bin_dir / "python3"
+    python3.write_text(f"#!/bin/sh\nPYTEST_ADDOPTS='-p no:timeout' exec {sys.executable} \"$@\"\n")
+    python3.chmod(0o755)
+    project.makepyfile(test_one="def test_one():\n    pass\n")
+    sim.configure(extra_path=str(bin_dir))
+    try:
+        result = gpu_run("--timeout=5")
+    finally:
+        sim.configure(extra_path=None)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "gpu-cloud: the remote worker on instance i-* stopped while collecting: remote pytest "
+            "could not start: --timeout=5.0 needs pytest-timeout on the instance, as here; "
+            "install it in the image or with --gpu-setup"
+        ]
+    )
 
 
 def test_reruns_and_flaky_marker_rerun_remote_tests(

@@ -16,7 +16,9 @@ Local -> remote:
             ``coverage``: present with the local ``--cov``: ``{"source": [str]|None, "branch":
             bool, "config_file": str|bool}`` for coverage.Coverage, paths relative to the
             workspace (see remote/measure.py). ``live_output``: true with the local ``-s``:
-            the tests' output goes to stderr as it comes, the remote terminal's nowhere
+            the tests' output goes to stderr as it comes, the remote terminal's nowhere.
+            ``plugin_options``: ``{option: package}`` of the options forwarded for other
+            plugins, so a worker without one names the package
   run       {"nodeid": str, "nextid": str|None, "timeout": float|None, "env": {str: str}}
             run one collected test; ``nextid`` is the test the local session runs next on
             this worker (None: none, tear all down). ``timeout``: seconds after which the

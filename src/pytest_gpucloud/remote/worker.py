@@ -181,6 +181,8 @@ class WorkerPlugin:
         self._uncollected: dict[str, str] = {}
         # The tests' own output goes to stderr as it comes, the terminal's nowhere (``-s``).
         self._live_output = bool(start.get("live_output"))
+        # option -> the package it comes from, for options the local session forwards
+        self._plugin_options: dict[str, str] = start.get("plugin_options", {})
         self._stdout: Any = None
         self.collected = False
         self.crashed = False
@@ -206,8 +208,21 @@ class WorkerPlugin:
         try:
             yield
         except Exception as exc:  # pytest prints it to stderr; the local side gets it too
-            self.crash(f"remote pytest {'failed' if self.collected else 'could not start'}: {exc}")
+            why = self._missing_plugin(str(exc)) or str(exc)
+            self.crash(f"remote pytest {'failed' if self.collected else 'could not start'}: {why}")
             raise
+
+    def _missing_plugin(self, error: str) -> str | None:
+        """An option the local session forwarded is unknown here: which package it needs."""
+        _, found, unknown = error.rpartition("unrecognized arguments: ")
+        for arg in unknown.split() if found else []:
+            package = self._plugin_options.get(arg.split("=")[0])
+            if package is not None:
+                return (
+                    f"{arg} needs {package} on the instance, as here; install it in the "
+                    "image or with --gpu-setup"
+                )
+        return None
 
     @pytest.hookimpl(wrapper=True)
     def pytest_cmdline_parse(self) -> Generator[None, pytest.Config, pytest.Config]:

@@ -28,7 +28,7 @@ from pytest_gpucloud.scheduling.durations import Durations
 from pytest_gpucloud.scheduling.fleet import Fleet
 from pytest_gpucloud.session.engine import Engine
 from pytest_gpucloud.session.interrupts import Interrupts
-from pytest_gpucloud.session.other_plugins import RemoteSide, forwarded_args
+from pytest_gpucloud.session.other_plugins import RemoteSide, forwarded_args, option_packages
 from pytest_gpucloud.session.replay import (
     remote_pytest_args,
     replay_collectreport,
@@ -230,6 +230,7 @@ class Controller:
             "environ": {name: os.environ[name] for name in CI_MARKERS if name in os.environ},
             **({"coverage": measure} if measure is not None else {}),
             "live_output": self.config.option.capture == "no",
+            "plugin_options": option_packages(),
         }
 
     def _plan(self, runnable: list[tuple[pytest.Item, GpuRequest]]) -> None:

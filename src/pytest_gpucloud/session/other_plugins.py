@@ -57,6 +57,15 @@ FORWARDED: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "asyncio": (("asyncio_mode", "--asyncio-mode"), ("asyncio_debug", "--asyncio-debug")),
 }
+PACKAGES = {
+    "rerunfailures": "pytest-rerunfailures",
+    "timeout": "pytest-timeout",
+    "randomly": "pytest-randomly",
+    "hypothesispytest": "hypothesis",
+    "asyncio": "pytest-asyncio",
+}
+# Forwarded beside those of FORWARDED, from other values.
+EXTRA_FLAGS = {"--timeout": "timeout", "--randomly-dont-reset-seed": "randomly"}
 # Defaults that are not None: not sent, so an older release on the instance need not know them.
 DEFAULTS = {"reruns_mode": "strict"}
 
@@ -83,6 +92,12 @@ def forwarded_args(config: pytest.Config) -> list[str]:
         # Not here, then not there: it would reseed random in remote tests only.
         args += ["-p", "no:randomly"]
     return args
+
+
+def option_packages() -> dict[str, str]:
+    """Each forwarded option's package, for the instance to name one it lacks."""
+    plugins = {flag: plugin for plugin, options in FORWARDED.items() for _, flag in options}
+    return {flag: PACKAGES[plugin] for flag, plugin in {**plugins, **EXTRA_FLAGS}.items()}
 
 
 def _flag(flag: str, value: object) -> list[str]:
