@@ -382,6 +382,8 @@ def test_s_shows_remote_prints_as_they_happen(project: pytest.Pytester, gpu_run:
         out, _ = proc.communicate(timeout=60)
     assert b"remote says hi" in seen, seen.decode(errors="replace")
     assert b"1 passed" in out, (seen + out).decode(errors="replace")
+    # Only the test's output came: the remote session's own terminal lines did not.
+    assert (seen + out).count(b"test session starts") == 1, (seen + out).decode(errors="replace")
 
 
 def _read_until(proc: subprocess.Popen[bytes], wanted: bytes, limit: float) -> bytes:
