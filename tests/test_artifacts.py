@@ -16,7 +16,7 @@ import pytest
 
 from pytest_gpucloud.remote.filepipe import PipeRefused, chunks, extract, walk
 from pytest_gpucloud.remote.fixtures import artifacts_dir_name
-from tests.conftest import GpuRun
+from tests.cloud import GpuRun
 
 PROJECT = """
 import os

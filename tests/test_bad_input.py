@@ -24,7 +24,7 @@ from pytest_gpucloud.core.catalog import GpuType, Offer
 from pytest_gpucloud.core.errors import GpuCloudError
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.rest import MAX_BODY, RestProvider
-from tests.conftest import GpuRun, Sim
+from tests.cloud import GpuRun, Sim
 
 USAGE = pytest.ExitCode.USAGE_ERROR
 COLLECTION = pytest.ExitCode.INTERRUPTED  # pytest stops after collection errors

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import GpuRun, Sim
+from tests.cloud import GpuRun, Sim
 
 
 def _new(sim: Sim, before: set[str]) -> list[dict[str, Any]]:

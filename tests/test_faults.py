@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from pytest_gpucloud.core.labels import project_label
-from tests.conftest import GpuRun, Sim
+from tests.cloud import GpuRun, Sim
 
 ONE_TEST = "import pytest\n\n@pytest.mark.gpu('T4')\ndef test_a():\n    pass\n"
 

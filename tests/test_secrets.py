@@ -13,7 +13,7 @@ import pytest
 
 from pytest_gpucloud.config.settings import resolve
 from pytest_gpucloud.sim import SimConfig, SimServer
-from tests.conftest import GpuRun
+from tests.cloud import GpuRun
 
 # Recognisable; the remote tests (whose source and bytecode are synced) never spell it out.
 CANARY_PREFIX = "gpucloud-canary-"

@@ -1,7 +1,7 @@
 """pytest hooks: options, the ``gpu`` marker, and the controller when ``--gpu-cloud`` is on.
 
-Thin by design: settings live in settings.py, the grammar in request.py, and the running
-of gpu tests in controller.py.
+Thin by design: settings live in config/settings.py, the grammar in core/request.py, and the
+running of gpu tests in session/controller.py.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_gpucloud import hooks
-from pytest_gpucloud.config.settings import API_KEY_ENV, OPTIONS, from_config
+from pytest_gpucloud.config.settings import OPTIONS, from_config
+from pytest_gpucloud.core.environment import API_KEY_ENV
 from pytest_gpucloud.core.errors import PREFIX, ConfigError, MarkerError
 from pytest_gpucloud.core.request import GpuRequest, request_for_item
 from pytest_gpucloud.providers import BUILTIN, ProviderFactory, ProviderRegistry
 from pytest_gpucloud.session.stash import (
-    CONTROLLER_KEY,
     PROVIDERS_KEY,
     REQUEST_KEY,
     SETTINGS_KEY,
@@ -27,7 +27,10 @@ from pytest_gpucloud.session.stash import (
 
 if TYPE_CHECKING:
     from pytest_gpucloud.desk.ipc import Handoff
-    from pytest_gpucloud.session.controller import Controller, GpuCloudHandle
+    from pytest_gpucloud.session.controller import Controller
+    from pytest_gpucloud.session.handle import GpuCloudHandle
+# The --gpu-cloud session's controller; named here, so the stash needs no controller import.
+CONTROLLER_KEY: pytest.StashKey[Controller] = pytest.StashKey()
 MARKER_DOC = (
     "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None): "
     "run this test on a cloud GPU instance with pytest --gpu-cloud (skipped without it)"

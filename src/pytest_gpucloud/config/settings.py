@@ -25,13 +25,10 @@ from pydantic import (
     field_validator,
 )
 
+from pytest_gpucloud.core.addresses import parse_hosts, split_url
+from pytest_gpucloud.core.environment import API_KEY_ENV, env_name_fault
 from pytest_gpucloud.core.errors import ConfigError
 from pytest_gpucloud.core.units import parse_duration, parse_size
-from pytest_gpucloud.features.s3 import split_url
-
-API_KEY_ENV = "GPUCLOUD_API_KEY"
-# Environment variables that no allow-list (--gpu-env, gpu(env=...)) may pass to instances.
-SECRET_ENV = frozenset({API_KEY_ENV})
 
 
 @dataclass(frozen=True)
@@ -342,8 +339,6 @@ class Settings(BaseModel):
     @field_validator("hosts")
     @classmethod
     def _hosts(cls, value: str | None) -> str | None:
-        from pytest_gpucloud.providers.static_hosts import parse_hosts
-
         if value is not None:
             parse_hosts(value)
         return value
@@ -393,14 +388,14 @@ class Settings(BaseModel):
 
 def check_env_name(name: str) -> str:
     """``name`` if the remote tests may be given this environment variable."""
-    if not _ENV_NAME.fullmatch(name):
+    fault = env_name_fault(name)
+    if fault == "not a name":
         raise ValueError(f"{name!r} is not an environment variable name")
-    if name in SECRET_ENV:
+    if fault == "secret":
         raise ValueError(f"{name} never travels to instances")
     return name
 
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _REGION = re.compile(r"[A-Za-z0-9*?\[\]!-]{1,64}")
 
 

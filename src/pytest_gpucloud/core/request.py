@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Literal, cast
 
-from pytest_gpucloud.config.settings import SECRET_ENV
+from pytest_gpucloud.core.environment import env_name_fault
 from pytest_gpucloud.core.errors import MarkerError
+from pytest_gpucloud.core.units import hms_seconds
 
 if TYPE_CHECKING:
     import pytest
@@ -59,9 +60,6 @@ _SIZE = re.compile(r"([0-9]{1,9})\s*GB", re.IGNORECASE)
 _COUNT = re.compile(r"[0-9]{1,9}")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _S3 = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](?:/\S*)?")
-_DURATION = re.compile(
-    r"(?:([0-9]+(?:\.[0-9]+)?)h)?(?:([0-9]+(?:\.[0-9]+)?)m)?(?:([0-9]+(?:\.[0-9]+)?)s)?"
-)
 
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 60
@@ -128,6 +126,10 @@ class GpuRequest:
             return _parse(*_canonical_args(text))
         except _Bad as bad:
             raise MarkerError(f"request {_show(text)}: {bad}") from None
+
+
+# Every item of a session in run order, with its request (None: a local test).
+Tests = Sequence[tuple[str, "GpuRequest | None"]]
 
 
 def parse_marker(args: Sequence[object], kwargs: Mapping[str, object]) -> GpuRequest:
@@ -307,29 +309,21 @@ def _timeout(value: object) -> float | None:
         seconds = float.__float__(cast(float, value))
     text = _str(value)
     if text is not None:
-        seconds = _seconds(text)
+        seconds = hms_seconds(text)
     # compared before float(): a huge int does not fit a float; NaN and inf fail too
     if seconds is None or not 0 < seconds <= MAX_TIMEOUT_S:
         raise _Bad(f"timeout must be {TIMEOUT_FORMS}; got {_got(value)}")
     return float(seconds)
 
 
-@functools.lru_cache(maxsize=1024)
-def _seconds(duration: str) -> float | None:
-    match = _DURATION.fullmatch(duration.strip().lower())
-    if match is None or not any(match.groups()):
-        return None
-    parts = zip(match.groups(), (3600, 60, 1), strict=True)
-    return sum(float(number) * unit for number, unit in parts if number)
-
-
 def _env(value: object) -> tuple[str, ...]:
     text = _str(value)
     names = [text] if text is not None else _entries(value, "env", ENV_FORMS)
     for name in names:
-        if _IDENT.fullmatch(name) is None:
+        fault = env_name_fault(name)
+        if fault == "not a name":
             raise _Bad(f"env must be {ENV_FORMS}; got {_got(name)} (not a variable name)")
-        if name in SECRET_ENV:
+        if fault == "secret":
             raise _Bad(f"env may not name {name}: it never travels to instances; remove it")
     return tuple(sorted(set(names)))
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+_DURATION = re.compile(
+    r"(?:([0-9]+(?:\.[0-9]+)?)h)?(?:([0-9]+(?:\.[0-9]+)?)m)?(?:([0-9]+(?:\.[0-9]+)?)s)?"
+)
 
 
 def parse_duration(text: str) -> float:
@@ -14,11 +17,20 @@ def parse_duration(text: str) -> float:
         return float(text)
     except ValueError:
         pass
-    match = _DURATION.fullmatch(text)
-    if not text or match is None or not any(match.groups()):
+    seconds = hms_seconds(text)
+    if seconds is None:
         raise ValueError(f"{text!r} is not a duration")
-    hours, minutes, seconds = (float(part) if part else 0.0 for part in match.groups())
-    return hours * 3600 + minutes * 60 + seconds
+    return seconds
+
+
+@functools.lru_cache(maxsize=1024)
+def hms_seconds(text: str) -> float | None:
+    """Seconds in h/m/s parts such as ``90s`` or ``1h30m`` (None: not such a duration)."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None or not any(match.groups()):
+        return None
+    parts = zip(match.groups(), (3600, 60, 1), strict=True)
+    return sum(float(number) * unit for number, unit in parts if number)
 
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])(i)?)?b?")

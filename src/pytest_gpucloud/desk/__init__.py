@@ -1,5 +1,5 @@
-"""The fleet's front desk: ``FleetService`` for this process, the IPC channel for xdist workers.
+"""The fleet's front desk: ``FleetService`` in the controlling process, the IPC channel for
+xdist workers. Callers above use the desk, never the fleet's internals.
 
-May import: ``features``, ``scheduling``, ``machine``, ``transport``, ``config``, ``core``,
-``remote`` (its wire protocol).
+May import: ``scheduling`` and the layers below it.
 """

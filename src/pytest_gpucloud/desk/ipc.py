@@ -57,7 +57,8 @@ from pytest_gpucloud.features.instance_handle import Completed, InstanceHandle, 
 from pytest_gpucloud.remote.protocol import Message, decode, encode
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.desk.service import FleetService, Tests
+    from pytest_gpucloud.core.request import Tests
+    from pytest_gpucloud.desk.service import FleetService
     from pytest_gpucloud.machine.machine import Machine
 
 # Requests are small; a plan of a very large suite is the largest.
@@ -193,16 +194,15 @@ class IpcServer:
         return encode("instances", instances=[dataclasses.asdict(v) for v in views])
 
     async def _lease(self, request: GpuRequest, leases: dict[str, Machine]) -> bytes:
-        fleet = await self._service.fleet()
-        machine = await instance_handle.lease_machine(fleet, request)
-        leases[machine.id] = machine
+        lease = await self._service.lease(request)
+        machine = leases[lease.machine.id] = lease.machine
         return encode(
             "leased",
             id=machine.id,
             label=machine.label,
             workspace=machine.remote_root,
-            timeout=fleet.settings.timeout,
-            rootdir=str(fleet.launcher.rootdir),
+            timeout=lease.timeout,
+            rootdir=str(lease.rootdir),
         )
 
     async def _on_lease(
@@ -211,7 +211,7 @@ class IpcServer:
         """exec, push, pull or release on a machine this worker leased."""
         if kind == "release":
             leases.pop(machine.id, None)
-            await (await self._service.fleet()).release_lease(machine)
+            await self._service.release_lease(machine)
             return encode("done")
         timeout = float(request["timeout"])
         if kind == "exec":
@@ -231,9 +231,8 @@ class IpcServer:
 
     def _release_later(self, machine: Machine) -> None:
         async def release() -> None:
-            fleet = await self._service.fleet()
             with contextlib.suppress(GpuCloudError):
-                await fleet.release_lease(machine)
+                await self._service.release_lease(machine)
 
         task = asyncio.ensure_future(release())
         self._releases.add(task)

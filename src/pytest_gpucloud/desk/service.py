@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -22,19 +22,20 @@ from pytest_gpucloud.features import instance_handle
 from pytest_gpucloud.scheduling import cost
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.core.request import GpuRequest
-    from pytest_gpucloud.features.instance_handle import InstanceHandle
+    from pytest_gpucloud.core.engine import Engine
+    from pytest_gpucloud.core.request import GpuRequest, Tests
+    from pytest_gpucloud.features.artifacts import ArtifactStore
+    from pytest_gpucloud.features.instance_handle import InstanceHandle, Lease
     from pytest_gpucloud.machine.machine import Machine
     from pytest_gpucloud.remote.protocol import Message
+    from pytest_gpucloud.scheduling.cost import Placement
     from pytest_gpucloud.scheduling.fleet import Fleet
-    from pytest_gpucloud.session.engine import Engine
+    from pytest_gpucloud.scheduling.planner import Plan
+    from pytest_gpucloud.scheduling.progress import Event
 
 START_TIMEOUT = 120.0
 # The owner of the runs of a session without xdist; xdist workers use their worker id.
 LOCAL_OWNER = "main"
-
-# Every item of a session in run order, with its request (None: a local test).
-Tests = Sequence[tuple[str, "GpuRequest | None"]]
 
 
 @dataclass
@@ -79,6 +80,19 @@ class InstanceView:
     state: str
     seconds: float
     cost: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The fleet at the end of the session, for the terminal summary and the report."""
+
+    machines: list[Machine]
+    placements: dict[str, Placement]
+    plan: Plan | None
+    orphans: list[str]
+    notes: list[str]
+    data_lines: list[str]
+    artifacts: ArtifactStore | None
 
 
 class FleetAccess(Protocol):
@@ -184,6 +198,72 @@ class FleetService:
         artifacts = self._fleet.artifacts if self._fleet is not None else None
         return artifacts.properties(nodeid) if artifacts is not None else []
 
+    async def lease(self, request: GpuRequest) -> Lease:
+        """A machine leased whole (``gpu_cloud.instance()``); see :meth:`Fleet.lease`."""
+        return await (await self.fleet()).lease(request)
+
+    async def release_lease(self, machine: Machine) -> None:
+        await (await self.fleet()).release_lease(machine)
+
+    # -- for the controlling process's own session: its order, progress and end ------------
+
+    @property
+    def started(self) -> bool:
+        """Whether the fleet has started (in this process)."""
+        return self._fleet is not None
+
+    async def expect(self, order: dict[str, tuple[GpuRequest, str | None]]) -> None:
+        """See :meth:`Fleet.expect`; nothing before the fleet has started."""
+        if self._fleet is not None:
+            self._fleet.expect(order)
+
+    def forget(self) -> None:
+        """No queued test will run (``-x``, ``--maxfail``): their machines go now."""
+        if self._fleet is not None:
+            self._fleet.forget()
+
+    def progress(self) -> list[Event]:
+        """The fleet's status events since the last call (from any thread)."""
+        return self._fleet.progress.drain() if self._fleet is not None else []
+
+    async def shutdown(self, *, hurry: bool) -> None:
+        """Release every machine (``hurry``: no goodbyes to workers, CI kills soon)."""
+        if self._fleet is None:
+            return
+        if hurry:
+            self._fleet.hurry()
+        await self._fleet.shutdown()
+
+    def give_up(self) -> None:
+        """The shutdown did not finish in time: see :meth:`Fleet.give_up`."""
+        if self._fleet is not None:
+            self._fleet.give_up()
+
+    async def finish_uploads(self) -> None:
+        """Wait for the artifact uploads to S3 still running (after the deletes)."""
+        if self._fleet is not None and self._fleet.artifacts is not None:
+            await self._fleet.artifacts.finish()
+
+    def note(self, text: str) -> None:
+        """A line for the terminal summary about the teardown."""
+        if self._fleet is not None:
+            self._fleet.notes.append(text)
+
+    def outcome(self) -> Outcome | None:
+        """What the session's end reports (None: the fleet never started)."""
+        fleet = self._fleet
+        if fleet is None:
+            return None
+        return Outcome(
+            machines=list(fleet.machines),
+            placements=dict(fleet.placements),
+            plan=fleet.planned,
+            orphans=list(fleet.orphans),
+            notes=list(fleet.notes),
+            data_lines=fleet.data.summary_lines(),
+            artifacts=fleet.artifacts,
+        )
+
     async def instances(self) -> list[InstanceView]:
         machines = self._fleet.machines if self._fleet is not None else []
         return [
@@ -212,7 +292,7 @@ class LocalAccess:
         return self._engine.run(self._service.instances())
 
     def lease(self, request: GpuRequest) -> contextlib.AbstractContextManager[InstanceHandle]:
-        return instance_handle.lease(self._engine, self._engine.run(self._service.fleet()), request)
+        return instance_handle.lease(self._engine, self._service, request)
 
     def close(self) -> None:
         pass

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pytest_gpucloud.core.addresses import split_url
 from pytest_gpucloud.core.errors import InstanceError
 from pytest_gpucloud.core.units import format_size
 from pytest_gpucloud.features import s3
@@ -153,7 +154,7 @@ class ArtifactStore:
     def _s3_place(self, record: TestArtifacts) -> tuple[str, str]:
         """``(bucket, key prefix)`` of ``record``'s files: ``prefix/<run-id>/<test>``."""
         assert self.s3_url is not None
-        bucket, prefix = s3.split_url(self.s3_url)
+        bucket, prefix = split_url(self.s3_url)
         return bucket, posixpath.join(prefix, self.run_id, record.path.name)
 
     async def finish(self) -> None:

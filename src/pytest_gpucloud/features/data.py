@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pytest_gpucloud.core.addresses import split_url
 from pytest_gpucloud.core.units import format_size
 from pytest_gpucloud.features import s3
 
@@ -104,7 +105,7 @@ class DataSource:
         cached = self._listings.get(url)
         if cached is not None and time.monotonic() - cached.at < self.expiry_s / 2:
             return cached
-        bucket, key = s3.split_url(url)
+        bucket, key = split_url(url)
         client = self._clients.get()
         listing = None
         if key and not key.endswith("/"):

@@ -1,7 +1,7 @@
 """``gpu_cloud.instance(spec)``: an instance of the session's fleet for a local test to drive.
 
 The instance is leased whole from the fleet (:meth:`~pytest_gpucloud.scheduling.fleet.Fleet.
-lease_exclusive`): created, booted and synced like any, billed and reported with the others,
+lease`): created, booted and synced like any, billed and reported with the others,
 deleted when the ``with`` block ends (or with the fleet, whatever ends the session). Commands
 run over the fleet's SSH connection to it, in the synced workspace, inside the container of
 ``--gpu-runtime`` if there is one. An :class:`InstanceHandle` drives an
@@ -39,13 +39,11 @@ from pytest_gpucloud.transport.files import pull, push
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
 
+    from pytest_gpucloud.core.engine import Engine
     from pytest_gpucloud.core.request import GpuRequest
     from pytest_gpucloud.machine.machine import Machine
-    from pytest_gpucloud.scheduling.fleet import Fleet
-    from pytest_gpucloud.session.engine import Engine
 
 T = TypeVar("T")
-LEASE_MARGIN_S = 120.0
 RELEASE_TIMEOUT_S = 120.0
 NO_CLOUDPICKLE = 3  # the loader's exit status when the image has no cloudpickle
 
@@ -233,12 +231,32 @@ class InstanceHandle:
         return self.timeout if timeout is None else timeout
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A machine leased whole, and what a handle on it needs to know."""
+
+    machine: Machine
+    timeout: float  # a step's limit unless the call gives one (--gpu-timeout)
+    rootdir: Path  # where relative local paths start
+
+
+class Lessor(Protocol):
+    """Who leases machines whole: the fleet, and its front desk."""
+
+    async def lease(self, request: GpuRequest) -> Lease:
+        """A machine for ``request``, brought up without a worker; InstanceError past the
+        bring-up's limits."""
+
+    async def release_lease(self, machine: Machine) -> None:
+        """Delete a machine of :meth:`lease`."""
+
+
 class MachineLink:
     """A leased machine of this process's fleet, driven through its engine."""
 
-    def __init__(self, engine: Engine, fleet: Fleet, machine: Machine) -> None:
+    def __init__(self, engine: Engine, lessor: Lessor, machine: Machine) -> None:
         self._engine = engine
-        self._fleet = fleet
+        self._lessor = lessor
         self._machine = machine
         self.id = machine.id
         self.label = machine.label
@@ -257,17 +275,7 @@ class MachineLink:
 
     def release(self) -> None:
         with contextlib.suppress(TimeoutError, GpuCloudError):
-            self._engine.run(self._fleet.release_lease(self._machine), timeout=RELEASE_TIMEOUT_S)
-
-
-async def lease_machine(fleet: Fleet, request: GpuRequest) -> Machine:
-    """A machine of ``fleet`` for ``request``, leased whole; InstanceError past the limit."""
-    # Bring-up has limits of its own; this one covers them all: boot, --gpu-setup, the rest.
-    limit = fleet.settings.boot_timeout + fleet.settings.timeout + LEASE_MARGIN_S
-    try:
-        return await asyncio.wait_for(fleet.lease_exclusive(request), limit)
-    except asyncio.TimeoutError:
-        raise InstanceError(f"no instance for {request.spec} within {limit:g} s") from None
+            self._engine.run(self._lessor.release_lease(self._machine), timeout=RELEASE_TIMEOUT_S)
 
 
 async def run_on(machine: Machine, command: str, stdin: bytes | None) -> Completed:
@@ -313,13 +321,13 @@ def leased(link: InstanceLink, timeout: float, rootdir: Path) -> Iterator[Instan
 
 
 def lease(
-    engine: Engine, fleet: Fleet, request: GpuRequest
+    engine: Engine, lessor: Lessor, request: GpuRequest
 ) -> contextlib.AbstractContextManager[InstanceHandle]:
-    """An instance of this process's ``fleet`` for ``request`` while the ``with`` block
-    runs; deleted after it."""
-    machine = engine.run(lease_machine(fleet, request))
-    link = MachineLink(engine, fleet, machine)
-    return leased(link, fleet.settings.timeout, fleet.launcher.rootdir)
+    """An instance of this process's fleet for ``request`` while the ``with`` block runs;
+    deleted after it."""
+    lease = engine.run(lessor.lease(request))
+    link = MachineLink(engine, lessor, lease.machine)
+    return leased(link, lease.timeout, lease.rootdir)
 
 
 def machine_conn(machine: Machine) -> asyncssh.SSHClientConnection:

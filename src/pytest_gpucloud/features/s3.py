@@ -8,7 +8,6 @@ boto3 is imported on first use, so a session without S3 never pays for it.
 
 from __future__ import annotations
 
-import re
 import threading
 from typing import TYPE_CHECKING
 
@@ -17,20 +16,9 @@ from pytest_gpucloud.core.errors import GpuCloudError
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-_URL = re.compile(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(.*))?", re.DOTALL)
-URL_FORM = "an s3://bucket/prefix URL"
-
 
 class S3Error(GpuCloudError):
     """An S3 request failed, or S3 is not set up; the message names the object and the fix."""
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """``(bucket, key)`` of ``s3://bucket/key``; the key may be empty. ValueError if not one."""
-    match = _URL.fullmatch(url)
-    if match is None:
-        raise ValueError(f"must be {URL_FORM} (a bucket name of 3-63 lowercase letters, digits)")
-    return match.group(1), match.group(2) or ""
 
 
 class Clients:

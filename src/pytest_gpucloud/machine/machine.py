@@ -2,8 +2,11 @@
 
 A :class:`Machine` moves through :class:`MachineState`::
 
-    requested -> booting -> connecting -> ready <-> busy -> releasing -> released
-    any state before released -> failed -> released
+    requested -> booting -> connecting -> ready <-> busy
+    any of these -> releasing (or failed: it could not be brought up or kept) -> released
+
+The state lives here only: the fleet marks a machine ``releasing`` when it decides to let
+it go, however far its bring-up got.
 
 Bring-up is a pipeline of steps (create with failover, boot, SSH, code sync, the image
 and its container, the setup command, the GPU health check, worker; see
@@ -30,20 +33,26 @@ from pytest_gpucloud import remote
 from pytest_gpucloud.core.errors import GpuCloudError, OutOfCapacity, ProviderError
 from pytest_gpucloud.machine import preparation
 from pytest_gpucloud.machine.deletion import delete_verified
+from pytest_gpucloud.machine.failover import offer_name
 from pytest_gpucloud.machine.runtime import Runtime, runtime_for
 from pytest_gpucloud.providers.base import LeasingProvider
-from pytest_gpucloud.scheduling.failover import offer_name
 from pytest_gpucloud.transport import ssh
 from pytest_gpucloud.transport.sync import sync
-from pytest_gpucloud.transport.worker_link import REMOTE_PACKAGE, Collection, WorkerLink
+from pytest_gpucloud.transport.worker_link import (
+    REMOTE_PACKAGE,
+    Collection,
+    WorkerLink,
+    WorkerStart,
+)
 
 if TYPE_CHECKING:
     import asyncssh
 
     from pytest_gpucloud.config.settings import Settings
     from pytest_gpucloud.core.catalog import Offer
+    from pytest_gpucloud.core.request import GpuRequest
+    from pytest_gpucloud.machine.failover import Failover
     from pytest_gpucloud.providers.base import Instance, Provider
-    from pytest_gpucloud.scheduling.failover import Failover
 
 # How long a worker may take to end its session at release: deletes go out soon after.
 WORKER_CLOSE_S = 1.0
@@ -95,7 +104,7 @@ class Phases:
 class Machine:
     """One instance and the remote pytest session on it."""
 
-    pool: Any
+    pool: GpuRequest
     offer: Offer
     count: int
     state: MachineState = MachineState.REQUESTED
@@ -111,7 +120,7 @@ class Machine:
     remote_root: str = ""
     collection: Collection | None = None
     # The worker's start frame, files included: a restarted worker gets the same.
-    worker_start: dict[str, Any] = field(default_factory=dict)
+    worker_start: WorkerStart | None = None
     released: asyncio.Future[bool] | None = None
     runtime: Runtime | None = None
     # What bring-up did, for its "ready" status line: image pull time, setup, GPUs seen.
@@ -150,7 +159,7 @@ class Launcher:
     settings: Settings
     rootdir: Path
     labels: dict[str, str]
-    start: dict[str, Any]
+    start: WorkerStart
     # More files of the worker's package folder (coverage's, with --cov): path there -> here.
     packages: dict[str, Path] = field(default_factory=dict)
     key: asyncssh.SSHKey = field(default_factory=ssh.new_client_key)
@@ -243,6 +252,7 @@ class Launcher:
                 syncing.cancel()
                 await asyncio.wait({syncing})
         if machine.link is not None:
+            assert machine.worker_start is not None
             machine.collection = await machine.link.begin(
                 machine.worker_start, timeout=_left(deadline)
             )
@@ -271,8 +281,7 @@ class Launcher:
         await self._prepare(machine)
         machine.phases.prepare = time.perf_counter() - started
         if files is not None:
-            machine.worker_start = dict(self.start)
-            machine.worker_start["args"] = [*self.start["args"], *files]
+            machine.worker_start = {**self.start, "args": [*self.start["args"], *files]}
             machine.link = await self._launch_worker(machine, timeout=_left(deadline))
             machine.phases.worker_start = machine.link.start_s
 
@@ -322,7 +331,7 @@ class Launcher:
             package_dir=f"{machine.remote_root}/.gpucloud/pkg",
             timeout=timeout,
             wrap=machine.runtime.wrap if machine.runtime else None,
-            echo=_echo if self.start.get("live_output") else None,
+            echo=_echo if self.start["live_output"] else None,
         )
 
     async def recover(self, machine: Machine) -> bool:
@@ -336,6 +345,7 @@ class Launcher:
             if (await self.provider.get(machine.id)).status != "running":
                 return False
             timeout = self.settings.boot_timeout
+            assert machine.worker_start is not None
             machine.link = await self._launch_worker(machine, timeout)
             machine.collection = await machine.link.begin(machine.worker_start, timeout)
         except GpuCloudError as exc:
@@ -343,25 +353,26 @@ class Launcher:
             return False
         return True
 
-    async def release(self, machine: Machine, *, failed: bool = False) -> bool:
-        """Stop the worker, close SSH, delete the instance and verify it is gone.
+    async def release(self, machine: Machine, *, failed: bool = False, busy: bool = False) -> bool:
+        """Stop the worker, close SSH, delete the instance and verify it is gone. ``busy``:
+        a test was running on it (also when its state says so).
 
         Returns False when the instance may still be alive (an orphan). Idempotent: later
         calls wait for the first, which goes on even if its caller is cancelled.
         """
         if machine.released is None:
-            machine.released = asyncio.ensure_future(self._release(machine, failed))
+            machine.released = asyncio.ensure_future(self._release(machine, failed, busy))
         return await asyncio.shield(machine.released)
 
-    async def _release(self, machine: Machine, failed: bool) -> bool:
+    async def _release(self, machine: Machine, failed: bool, busy: bool) -> bool:
         # A machine still busy had its test cut short: no goodbyes; nor in a hurry.
-        busy = machine.state is MachineState.BUSY
+        busy = busy or machine.state is MachineState.BUSY
         machine.state = MachineState.FAILED if failed else MachineState.RELEASING
         if machine.link is not None:
             if busy or self.hurry.is_set():
                 machine.link.kill()
             else:
-                measured = bool(self.start.get("coverage"))
+                measured = self.start["coverage"] is not None
                 await machine.link.close(WORKER_CLOSE_COVERAGE_S if measured else WORKER_CLOSE_S)
                 machine.coverage = machine.link.coverage
         if machine.conn is not None:

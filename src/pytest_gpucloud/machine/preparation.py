@@ -23,7 +23,7 @@ from pathlib import Path
 import asyncssh
 
 from pytest_gpucloud.core.errors import GpuMismatch, InstanceError
-from pytest_gpucloud.machine.gpus import PROBE, read_probe
+from pytest_gpucloud.core.gpus import PROBE, read_probe
 from pytest_gpucloud.machine.runtime import Runtime
 
 STEP_TIMEOUT_S = 60.0
@@ -87,7 +87,7 @@ async def start_container(
     doing = f"starting the {runtime.name} container on {where}"
     started_container = await run(conn, start, timeout=STEP_TIMEOUT_S, doing=doing)
     if started_container.exit_status != 0:
-        raise InstanceError(f"{doing} failed: {_last_line(started_container)}")
+        raise InstanceError(f"{doing} failed: {runtime.explain(_last_line(started_container))}")
     lines = _text(started_container.stdout).split()
     notes.append(f"{runtime.name} container {runtime.container}")
     return (lines[-1] if lines else runtime.container), notes

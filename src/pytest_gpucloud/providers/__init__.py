@@ -3,6 +3,9 @@
 They come from a registry, filled by the hook ``pytest_gpucloud_register_providers`` (see
 :mod:`pytest_gpucloud.hooks`) and by the entry-point group ``pytest_gpucloud.providers``.
 The built-in ones register through the hook, like any other.
+
+Providers obey rather than decide, and know no pytest. May import: ``transport``,
+``config``, ``core`` (and ``sim``: ``providers/sim.py`` only).
 """
 
 from __future__ import annotations

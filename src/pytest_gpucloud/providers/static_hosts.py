@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
+from pytest_gpucloud.core.addresses import HOSTS_FORMAT, StaticHost, parse_hosts
 from pytest_gpucloud.core.catalog import GpuType, Offer
 from pytest_gpucloud.core.errors import ConfigError, InstanceError, OutOfCapacity
 from pytest_gpucloud.providers.base import Instance
@@ -32,11 +33,6 @@ if TYPE_CHECKING:
     from pytest_gpucloud.config.settings import Settings
 
 REGION = "static"
-HOSTS_FORMAT = "user@host[:port]=TYPE[:COUNT]"
-_HOST = re.compile(
-    r"(?P<user>[A-Za-z0-9._-]+)@(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(?P<port>\d{1,5}))?"
-    r"=(?P<gpu>[A-Za-z0-9][A-Za-z0-9._-]{0,31})(?::(?P<count>\d{1,2}))?"
-)
 _GB = re.compile(r"(\d+)GB$", re.IGNORECASE)
 # Holds the host's lease lock until its stdin closes (the lease's SSH connection ends).
 _HOLD_LEASE = """
@@ -52,44 +48,6 @@ except OSError:
 print("leased", flush=True)
 sys.stdin.read()
 """
-
-
-@dataclass(frozen=True)
-class StaticHost:
-    """One entry of ``--gpu-hosts``."""
-
-    user: str
-    host: str
-    port: int
-    gpu: str
-    count: int
-
-    @property
-    def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.user}@{host}:{self.port}"
-
-    @property
-    def instance_id(self) -> str:
-        return "ssh-" + re.sub(r"[^A-Za-z0-9.-]+", "-", f"{self.host}-{self.port}").strip("-")
-
-
-def parse_hosts(text: str) -> list[StaticHost]:
-    """``--gpu-hosts``; a bad entry raises ValueError naming it."""
-    hosts: list[StaticHost] = []
-    for entry in (e.strip() for e in text.split(",")):
-        match = _HOST.fullmatch(entry)
-        if match is None:
-            raise ValueError(f"{entry!r} is not {HOSTS_FORMAT}")
-        port = int(match["port"] or 22)
-        count = int(match["count"] or 1)
-        if not 1 <= port <= 65535 or count < 1:
-            raise ValueError(f"{entry!r}: port 1-65535 and a GPU count of at least 1")
-        host = StaticHost(match["user"], match["host"].strip("[]"), port, match["gpu"], count)
-        if any(h.instance_id == host.instance_id for h in hosts):
-            raise ValueError(f"{host.address} is named twice")
-        hosts.append(host)
-    return hosts
 
 
 @dataclass(eq=False)

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
@@ -22,7 +22,6 @@ from .filepipe import walk
 
 if TYPE_CHECKING:
     from .protocol import Message
-    from .worker import Channel
 
 PREFIX = "gpu-cloud: "
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -36,10 +35,16 @@ def artifacts_dir_name(nodeid: str) -> str:
     return f"{readable}-{hashlib.sha1(nodeid.encode()).hexdigest()[:8]}"
 
 
+class Frames(Protocol):
+    """Where the fixtures queue their frames (the worker's channel)."""
+
+    def queue(self, kind: str, **fields: Any) -> None: ...
+
+
 class GpuFixtures:
     """Registered into the remote session beside the worker plugin."""
 
-    def __init__(self, channel: Channel, artifacts: str | None) -> None:
+    def __init__(self, channel: Frames, artifacts: str | None) -> None:
         self._channel = channel
         # The worker starts in the workspace; a test may change directory later.
         self._artifacts = os.path.abspath(artifacts) if artifacts else None

@@ -1,6 +1,6 @@
-"""Scheduling: the async orchestration of the fleet, the plan, the cost model, expected
-durations, failover and progress events. Knows no pytest hooks.
+"""Scheduling: the fleet's async orchestration, the pure policy it applies, the plan, the cost
+model, expected durations and progress events. Knows no pytest hooks.
 
-May import: ``machine``, ``features``, ``providers``, ``transport``, ``config``, ``core``,
+May import: ``features``, ``machine``, ``providers``, ``transport``, ``config``, ``core``,
 ``remote`` (its wire protocol).
 """

@@ -1,4 +1,4 @@
-"""The money: the cost model that choices use, the meter, and the cost report.
+"""The money: the cost model that choices use, and the meter.
 
 Cost model (all in USD, prices per hour of the whole instance; ``d`` is a test's expected
 seconds and ``b`` a GPU type's expected boot seconds, see
@@ -15,19 +15,16 @@ request; the report also shows what billing by the started hour would have cost.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pytest_gpucloud.core.catalog import Offer
     from pytest_gpucloud.machine.machine import Machine
     from pytest_gpucloud.scheduling.durations import Durations
-    from pytest_gpucloud.scheduling.planner import Plan
 
 
 def billed(price_per_hour: float, seconds: float) -> float:
@@ -119,79 +116,3 @@ def bills(machines: Iterable[Machine]) -> list[Bill]:
 def spent(machines: Iterable[Machine]) -> float:
     """The meter: what every instance of the session has cost so far."""
     return sum(bill.cost for bill in bills(machines))
-
-
-def summary_lines(entries: list[Bill], budget: float | None = None) -> list[str]:
-    if not entries:
-        return ["no instance was created"]
-    lines = [
-        f"{b.instance_id:<12} {_gpu(b):<12} {b.region:<14} {b.tests:>5} tests "
-        f"{b.seconds:>8.1f} s  ${b.cost:.4f}"
-        for b in entries
-    ]
-    total = sum(b.cost for b in entries)
-    hourly = sum(b.hourly_cost for b in entries)
-    seconds = sum(b.seconds for b in entries)
-    lines.append(
-        f"total: {len(entries)} instance(s), {seconds:.1f} s, ${total:.4f} billed per second "
-        f"(${hourly:.2f} if billed by the started hour)"
-    )
-    if budget is not None:
-        lines.append(f"budget: ${budget:.4f}, ${total:.4f} spent")
-    return lines
-
-
-def report(
-    machines: Iterable[Machine],
-    placements: Mapping[str, Placement],
-    *,
-    budget: float | None,
-    plan: Plan | None,
-) -> dict[str, Any]:
-    """The JSON run report (``--gpu-report``); its fields are documented in the README."""
-    machines = list(machines)
-    phases = {m.id: m.phases.to_json() for m in machines}
-    entries = bills(machines)
-    return {
-        "currency": "USD",
-        "instances": [
-            {
-                "id": b.instance_id,
-                "gpu_type": b.gpu,
-                "count": b.count,
-                "region": b.region,
-                "price_per_hour": b.price_per_hour,
-                "created_at": b.created_at,
-                "ready_at": b.ready_at,
-                "deleted_at": b.deleted_at,
-                "seconds": round(b.seconds, 3),
-                "billed_seconds": math.ceil(max(0.0, b.seconds)),
-                "cost": round(b.cost, 6),
-                "tests": b.tests,
-                "phases": phases[b.instance_id],
-            }
-            for b in entries
-        ],
-        "tests": [
-            {
-                "nodeid": nodeid,
-                "instance": p.instance_id,
-                "started_at": p.started_at,
-                "seconds": round(p.seconds, 3),
-            }
-            for nodeid, p in placements.items()
-        ],
-        "total_cost": round(sum(b.cost for b in entries), 6),
-        "hourly_cost": round(sum(b.hourly_cost for b in entries), 6),
-        "budget": budget,
-        "plan": None if plan is None else plan.to_json(),
-    }
-
-
-def write_report(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def _gpu(bill: Bill) -> str:
-    return bill.gpu if bill.count == 1 else f"{bill.gpu}:{bill.count}"

@@ -15,7 +15,8 @@ per owner (an xdist worker; a constant without xdist). A test takes, in this ord
    allow; at the instance limit an idle machine that cannot host it is released first;
 4. else it waits for one of these, or ends as an error that says why none can come.
 
-Every test is checked against the budget before it runs (:meth:`Fleet._check_budget`). A
+The decisions are :mod:`~pytest_gpucloud.scheduling.policy`'s; the fleet gathers the facts
+and applies them. Every test is checked against the budget before it runs. A
 machine is released as soon as no queued test could use it (early release: no idle
 seconds billed for nothing), and every machine at the end.
 """
@@ -42,13 +43,14 @@ from pytest_gpucloud.core.errors import (
 )
 from pytest_gpucloud.core.labels import SESSION, session_labels
 from pytest_gpucloud.features.data import DataSource
+from pytest_gpucloud.features.instance_handle import Lease
 from pytest_gpucloud.machine.deletion import delete_verified
+from pytest_gpucloud.machine.failover import Failover
 from pytest_gpucloud.machine.machine import Launcher, Machine, MachineState
-from pytest_gpucloud.scheduling import cost
+from pytest_gpucloud.scheduling import cost, policy
 from pytest_gpucloud.scheduling.cost import CostModel, Placement
 from pytest_gpucloud.scheduling.durations import Durations
-from pytest_gpucloud.scheduling.failover import Failover
-from pytest_gpucloud.scheduling.planner import Plan, Tests, hosts, make_plan
+from pytest_gpucloud.scheduling.planner import Plan, make_plan
 from pytest_gpucloud.scheduling.progress import Progress
 from pytest_gpucloud.transport.worker_link import READ_AHEAD, RunSpec
 
@@ -58,14 +60,14 @@ if TYPE_CHECKING:
 
     from pytest_gpucloud.config.settings import Settings
     from pytest_gpucloud.core.catalog import Offer
-    from pytest_gpucloud.core.request import GpuRequest
+    from pytest_gpucloud.core.request import GpuRequest, Tests
     from pytest_gpucloud.features.artifacts import ArtifactStore
     from pytest_gpucloud.providers.base import Provider
     from pytest_gpucloud.remote.protocol import Message
-    from pytest_gpucloud.transport.worker_link import TestRun
+    from pytest_gpucloud.transport.worker_link import TestRun, WorkerStart
 
-# --gpu-start jit starts an instance this share of its expected boot early.
-JIT_MARGIN = 0.05
+# gpu_cloud.instance(): on top of boot and --gpu-setup limits, for the rest of bring-up.
+LEASE_MARGIN_S = 120.0
 _UP = (MachineState.READY, MachineState.BUSY)
 _GONE = (MachineState.RELEASING, MachineState.RELEASED, MachineState.FAILED)
 
@@ -84,7 +86,6 @@ class _Use:
     failure: GpuCloudError | None = None  # why it could not be brought up
     replaces: GpuMismatch | None = None  # it replaces an instance that showed other GPUs
     abandoned: bool = False  # release it as soon as its create answers
-    releasing: bool = False
     said_busy: bool = False
     said_released: bool = False
     task: asyncio.Task[None] | None = None
@@ -100,7 +101,7 @@ class Fleet:
         settings: Settings,
         *,
         rootdir: Path,
-        start: dict[str, Any],
+        start: WorkerStart,
         project: str,
         durations: Durations | None = None,
         workers: int = 1,
@@ -142,8 +143,8 @@ class Fleet:
         self._specs: dict[str, RunSpec] = {}
         self._catalog: list[GpuType] | None = None
         self._feasible: dict[GpuRequest, list[Offer]] = {}
-        self._pool_errors: dict[Any, str] = {}
-        self._replacements: dict[Any, int] = {}
+        self._pool_errors: dict[GpuRequest, str] = {}
+        self._replacements: dict[GpuRequest, int] = {}
         # pool -> nodeid -> request: the planned tests that have not started
         self._queued: dict[GpuRequest, dict[str, GpuRequest]] = {}
         self._seen: set[str] = set()
@@ -183,7 +184,7 @@ class Fleet:
         return self.planned
 
     async def run(
-        self, nodeid: str, request: GpuRequest, nextid: str | None, *, owner: str = "main"
+        self, nodeid: str, request: GpuRequest, nextid: str | None, *, owner: str
     ) -> tuple[TestRun, Machine]:
         """Run one test on a machine that can host ``request``; infrastructure trouble raises.
 
@@ -229,6 +230,19 @@ class Fleet:
         self._after_change()
         return run, machine
 
+    def expect(self, order: dict[str, tuple[GpuRequest, str | None]]) -> None:
+        """The order in which this process will ask for tests: nodeid -> (its request, the
+        test after it on its machine). Quick tests are then read ahead."""
+        self.read_ahead.update(order)
+
+    def hurry(self) -> None:
+        """The session was interrupted: releases stop workers without goodbyes."""
+        self.launcher.hurry.set()
+
+    def give_up(self) -> None:
+        """The teardown ran out of time: every machine not released counts as an orphan."""
+        self.orphans.extend(m.id for m in self.machines if m.state is not MachineState.RELEASED)
+
     async def _bring_home(
         self, machine: Machine, nodeid: str, frame: Message | None, *, lost: bool = False
     ) -> None:
@@ -237,10 +251,20 @@ class Fleet:
         if self.artifacts is not None:
             await self.artifacts.collect(machine, nodeid, frame, lost=lost)
 
-    async def lease_exclusive(self, request: GpuRequest) -> Machine:
-        """A machine of its own for ``request`` (``gpu_cloud.instance()``): brought up like
-        any but without a worker, and never given a test. It is billed, reported and torn
-        down with the others; :meth:`release_lease` deletes it."""
+    async def lease(self, request: GpuRequest) -> Lease:
+        """A machine of its own for ``request`` (``gpu_cloud.instance()``), with what a
+        handle on it needs: brought up like any but without a worker, never given a test,
+        billed, reported and torn down with the others; InstanceError past the bring-up's
+        limits (boot, --gpu-setup, the rest). :meth:`release_lease` deletes it."""
+        limit = self.settings.boot_timeout + self.settings.timeout + LEASE_MARGIN_S
+        try:
+            machine = await asyncio.wait_for(self._lease_whole(request), limit)
+        except asyncio.TimeoutError:
+            raise InstanceError(f"no instance for {request.spec} within {limit:g} s") from None
+        return Lease(machine, self.settings.timeout, self.launcher.rootdir)
+
+    async def _lease_whole(self, request: GpuRequest) -> Machine:
+        """The machine of :meth:`lease`, without its time limit."""
         pool = request.pool_key
         check_known(pool, await self.catalog())
         offers = self._new_offers(pool)
@@ -265,7 +289,7 @@ class Fleet:
         return machine
 
     async def release_lease(self, machine: Machine) -> None:
-        """Delete a machine of :meth:`lease_exclusive`."""
+        """Delete a machine of :meth:`lease`."""
         await self._release(machine)
 
     def _ahead(self, nodeid: str | None) -> list[RunSpec]:
@@ -351,45 +375,40 @@ class Fleet:
                     raise use.failure
                 return None  # still starting
         starting = [
-            m
+            self._seat(m)
             for m, use in self._uses.items()
             if m.state not in _UP + _GONE
-            and not use.releasing
             and use.claimed_by is None
             and self._can_host(m, request, nodeid)
         ]
-        if starting:
-            pool = request.pool_key
-            chosen = min(starting, key=lambda m: (m.pool != pool, m.requested_at))
+        chosen = policy.pick_starting(starting, request.pool_key)
+        if chosen is not None:
             self._uses[chosen].claimed_by = owner
         else:
             self._create_for(nodeid, request, owner)
         return None
 
     def _idle_hosts(self, nodeid: str, request: GpuRequest, owner: str) -> list[Machine]:
-        pool = request.pool_key
         idle = [
-            m
+            self._seat(m)
             for m, use in self._uses.items()
             if m.state is MachineState.READY
             and use.claimed_by in (None, owner)
-            and not use.releasing
             and self._can_host(m, request, nodeid)
         ]
+        return policy.rank_idle(idle, nodeid, request.pool_key, owner)
 
-        def preference(machine: Machine) -> tuple[bool, bool, bool, bool, bool, float]:
-            use = self._uses[machine]
-            reserved = use.promise not in (None, nodeid) and use.last_owner != owner
-            return (
-                use.claimed_by != owner,
-                use.promise != nodeid,
-                reserved,
-                use.last_owner != owner,
-                machine.pool != pool,
-                machine.price_per_hour,
-            )
-
-        return sorted(idle, key=preference)
+    def _seat(self, machine: Machine) -> policy.Seat[Machine]:
+        use = self._uses[machine]
+        return policy.Seat(
+            machine,
+            machine.pool,
+            machine.price_per_hour,
+            claimed_by=use.claimed_by,
+            last_owner=use.last_owner,
+            promise=use.promise,
+            requested_at=machine.requested_at,
+        )
 
     def _take(self, machine: Machine, nodeid: str, request: GpuRequest, owner: str) -> Machine:
         use = self._uses[machine]
@@ -426,11 +445,7 @@ class Fleet:
         offers = self._new_offers(pool)
         # A machine that can host it but is busy, or starting for another owner, will do
         # if no new one can be made.
-        others = any(
-            self._can_host(m, request, nodeid)
-            for m, use in self._uses.items()
-            if m.state not in _GONE and not use.releasing
-        )
+        others = any(self._can_host(m, request, nodeid) for m in self._uses if m.state not in _GONE)
         if not offers:
             if others:
                 return
@@ -456,9 +471,9 @@ class Fleet:
         idle = [
             m
             for m, use in self._uses.items()
-            if m.state is MachineState.READY and use.claimed_by is None and not use.releasing
+            if m.state is MachineState.READY and use.claimed_by is None
         ]
-        return min(idle, key=self._queued_users, default=None)
+        return policy.victim(idle, self._queued_users)
 
     # -- provisioning -----------------------------------------------------------------------
 
@@ -466,16 +481,8 @@ class Fleet:
         """eager: every planned machine now; jit: each pool's first one about when its first
         test is due. The rest (with xdist, a pool may have one per worker) start when a
         test asks while the others are busy: xdist does not say which worker gets what."""
-        if self.settings.start == "lazy":
-            return
-        nth: dict[GpuRequest, int] = {}
-        for planned in sorted(plan.machines, key=lambda m: m.lead_s):
-            nth[planned.pool] = nth.get(planned.pool, 0) + 1
-            if self.settings.start == "eager":
-                self._warming.append(self._spawn(self._warm(planned.pool, 0.0, nth[planned.pool])))
-            elif nth[planned.pool] == 1:
-                delay = max(0.0, planned.lead_s - planned.boot_s * (1 + JIT_MARGIN))
-                self._warming.append(self._spawn(self._warm(planned.pool, delay, 1)))
+        for start in policy.warm_starts(plan.machines, self.settings.start):
+            self._warming.append(self._spawn(self._warm(start.pool, start.delay_s, start.nth)))
 
     async def _warm(self, pool: GpuRequest, delay: float, nth: int) -> None:
         """Start the ``nth`` machine of ``pool`` after ``delay`` unless it is not needed then:
@@ -558,7 +565,6 @@ class Fleet:
             for m, u in self._uses.items()
             if m is not machine
             and m.state not in _GONE
-            and not u.releasing
             and self._can_host(m, machine.pool, use.asked_by or "")
         ]
         if not others:
@@ -618,7 +624,6 @@ class Fleet:
         for machine, use in self._uses.items():
             if (
                 use.claimed_by is None
-                and not use.releasing
                 and machine.state not in (MachineState.BUSY, *_GONE)
                 and self._queued_users(machine) == 0
             ):
@@ -626,23 +631,30 @@ class Fleet:
 
     def _retire(self, machine: Machine) -> None:
         """Release ``machine`` in the background, however far its bring-up got."""
-        use = self._uses[machine]
-        if use.releasing:
+        if machine.state in _GONE:
             return
-        use.releasing = True
+        use = self._uses[machine]
+        busy = self._releasing(machine)
         if use.task is not None and not use.task.done():
             if machine.instance is None:
                 use.abandoned = True  # the create call goes on; its answer is released
             else:
                 use.task.cancel()
             return
-        self._spawn(self._release(machine))
+        self._spawn(self._release(machine, busy=busy))
 
-    async def _release(self, machine: Machine, *, failed: bool = False) -> None:
+    @staticmethod
+    def _releasing(machine: Machine) -> bool:
+        """Mark ``machine`` as on its way out; whether a test was running on it."""
+        busy = machine.state is MachineState.BUSY
+        if machine.state not in _GONE:
+            machine.state = MachineState.RELEASING
+        return busy
+
+    async def _release(self, machine: Machine, *, failed: bool = False, busy: bool = False) -> None:
         use = self._uses.get(machine)
-        if use is not None:
-            use.releasing = True
-        if not await self.launcher.release(machine, failed=failed) and (
+        busy = self._releasing(machine) or busy
+        if not await self.launcher.release(machine, failed=failed, busy=busy) and (
             machine.id not in self.orphans
         ):
             self.orphans.append(machine.id)
@@ -707,13 +719,18 @@ class Fleet:
         """Whether ``nodeid`` may run on ``machine``: its own pool's, or sharing it is not
         dearer than a new machine of its own."""
         pool = request.pool_key
-        if machine.pool == pool:
+        if machine.pool == pool:  # the common case, without the offers' lookup
             return True
-        if not hosts(machine.pool, machine.offer, pool, self._feasible_offers(pool)):
-            return False
-        offers = self._new_offers(pool)
-        return not offers or self.costs.share_ok(
-            machine.price_per_hour, offers[0], pool.count, nodeid
+        feasible = self._feasible_offers(pool)
+        return policy.may_share(
+            machine.pool,
+            machine.offer,
+            machine.price_per_hour,
+            pool,
+            nodeid,
+            feasible=feasible,
+            new_offers=self.failover.usable(feasible),
+            costs=self.costs,
         )
 
     def _queued_users(self, machine: Machine) -> int:
@@ -745,7 +762,7 @@ class Fleet:
             return
         spent = cost.spent(self.machines)
         under_way = self._under_way()
-        if spent + under_way + extra > budget:
+        if policy.over_budget(budget, spent, under_way, extra):
             raise BudgetError(
                 f"the budget of ${budget:.2f} would be passed by {what}: "
                 f"${spent:.4f} spent, ${under_way:.4f} expected for work under way, "
@@ -757,7 +774,7 @@ class Fleet:
         now = time.monotonic()
         total = 0.0
         for machine, use in self._uses.items():
-            if machine.state in _GONE or use.releasing:
+            if machine.state in _GONE:
                 continue
             if use.test is not None:
                 left = self.durations.test_s(use.test) - (now - use.test_started)
@@ -766,7 +783,7 @@ class Fleet:
                 left = boot - (time.time() - machine.requested_at)
             else:
                 continue
-            total += machine.price_per_hour * max(0.0, left) / 3600
+            total += policy.left_to_pay(machine.price_per_hour, left)
         return total
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

@@ -12,18 +12,17 @@ by the workers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pytest_gpucloud.scheduling.cost import CostModel, billed
+from pytest_gpucloud.scheduling.policy import hosts
 
 if TYPE_CHECKING:
     from pytest_gpucloud.core.catalog import Offer
-    from pytest_gpucloud.core.request import GpuRequest
+    from pytest_gpucloud.core.request import GpuRequest, Tests
 
-# Every item of a session in run order, with its request (None: a local test).
-Tests = Sequence[tuple[str, "GpuRequest | None"]]
 SHOWN_TESTS = 10
 
 
@@ -120,15 +119,6 @@ class Plan:
             "seconds": round(self.seconds, 3),
             "cost": round(self.cost, 6),
         }
-
-
-def hosts(host: GpuRequest, offer: Offer, request: GpuRequest, feasible: Sequence[Offer]) -> bool:
-    """Whether an instance of ``offer`` made for ``host`` satisfies ``request`` too."""
-    return (
-        host.count == request.count
-        and host.image == request.image
-        and any(o.key == offer.key for o in feasible)
-    )
 
 
 def make_plan(

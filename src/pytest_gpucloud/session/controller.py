@@ -1,87 +1,43 @@
-"""The plugin object registered when ``--gpu-cloud`` is on: it plans the gpu items, runs
-each on the fleet, replays the results into this session, and tears everything down."""
+"""The plugin object registered when ``--gpu-cloud`` is on: the session's pytest hooks.
+
+It holds the roles' objects and wires them to pytest: the front desk (a
+:class:`~pytest_gpucloud.desk.service.FleetAccess`: the fleet in this process, or the
+controller's over IPC in an xdist worker), the fleet's making (:mod:`.startup`), the order of
+gpu tests (:mod:`.order`), the replay of their results (:mod:`.results`), the signals
+(:mod:`.interrupts`), the summary and report (:mod:`.summary`) and the teardown
+(:meth:`Controller.close`).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_gpucloud.config.settings import OPTIONS
+from pytest_gpucloud.core.engine import Engine
 from pytest_gpucloud.core.errors import PREFIX, GpuCloudError
-from pytest_gpucloud.core.request import GpuRequest, parse_marker
 from pytest_gpucloud.desk.ipc import Handoff, IpcClient, IpcServer
-from pytest_gpucloud.desk.service import (
-    FleetAccess,
-    FleetService,
-    InstanceView,
-    LocalAccess,
-    RunResult,
-)
+from pytest_gpucloud.desk.service import FleetAccess, FleetService, LocalAccess
 from pytest_gpucloud.features import coverage
-from pytest_gpucloud.features.artifacts import ArtifactStore, new_run_id
-from pytest_gpucloud.scheduling import cost
 from pytest_gpucloud.scheduling.durations import Durations
-from pytest_gpucloud.scheduling.fleet import Fleet
-from pytest_gpucloud.session.engine import Engine
+from pytest_gpucloud.session import summary
+from pytest_gpucloud.session.handle import GpuCloudHandle
 from pytest_gpucloud.session.interrupts import Interrupts
-from pytest_gpucloud.session.other_plugins import RemoteSide, forwarded_args, option_packages
-from pytest_gpucloud.session.replay import (
-    remote_pytest_args,
-    replay_collectreport,
-    replay_infra_error,
-    replay_test,
-    replay_warning,
-)
-from pytest_gpucloud.session.stash import PROVIDERS_KEY, REQUEST_KEY
+from pytest_gpucloud.session.order import REMOTE_NODEID_KEY, RunOrder, remote_nodeid
+from pytest_gpucloud.session.other_plugins import RemoteSide
+from pytest_gpucloud.session.results import replay_result
+from pytest_gpucloud.session.startup import FleetStarter
+from pytest_gpucloud.session.stash import REQUEST_KEY
 
 if TYPE_CHECKING:
     from collections.abc import Generator
 
     from pytest_gpucloud.config.settings import Settings
-    from pytest_gpucloud.features.instance_handle import InstanceHandle
-    from pytest_gpucloud.providers.base import Provider
+    from pytest_gpucloud.core.request import GpuRequest
 
-# The nodeid the remote session knows an item by: xdist's --dist loadgroup appends
-# "@group" to the local one.
-REMOTE_NODEID_KEY = pytest.StashKey[str]()
 SHUTDOWN_TIMEOUT = 120.0
-#: The variables by which pytest knows it runs on CI (see _pytest.assertion.util).
-CI_MARKERS = ("CI", "BUILD_NUMBER")
-SIMULATED_NOTE = (
-    "the simulated GPU cloud: instances are processes on this machine and "
-    '"GPU" tests run on its CPU'
-)
-
-
-class GpuCloudHandle:
-    """What the ``gpu_cloud`` fixture gives a test: the fleet as it is now."""
-
-    def __init__(self, controller: Controller) -> None:
-        self._controller = controller
-
-    @property
-    def provider(self) -> str:
-        return self._controller.provider_name
-
-    @property
-    def instances(self) -> list[InstanceView]:
-        return self._controller.access.instances()
-
-    @property
-    def cost_so_far(self) -> float:
-        return sum(view.cost for view in self.instances)
-
-    def instance(
-        self, spec: object = None, **options: object
-    ) -> contextlib.AbstractContextManager[InstanceHandle]:
-        """``with gpu_cloud.instance("A100") as gpu:`` an instance of this test's own, deleted
-        after the block: ``gpu.run(cmd)``, ``put``, ``get``, ``call(fn, ...)``. ``spec`` and
-        ``options`` as for the ``gpu`` marker (``count``, ``vram``, ``image``)."""
-        return self._controller.lease_instance(parse_marker((spec,), options))
 
 
 class Controller:
@@ -102,20 +58,21 @@ class Controller:
         self.settings = settings
         self.provider_name = provider_name
         self.engine = Engine()
-        self.provider: Provider | None = None
-        self.fleet: Fleet | None = None
-        self.service = FleetService(self._start_fleet)
-        self.access: FleetAccess
         self.in_xdist_worker = handoff is not None
+        # Expected durations from earlier runs; the process that owns the fleet keeps them.
+        self.durations = Durations.load(None if handoff else getattr(config, "cache", None))
+        self.starter = FleetStarter(
+            config, settings, provider_name, self.durations, _xdist_workers(config)
+        )
+        self.service = FleetService(self.starter)
+        self.access: FleetAccess
         if handoff is None:
             self.access = LocalAccess(self.engine, self.service)
         else:
             self.access = IpcClient(handoff, owner=config.workerinput["workerid"])  # type: ignore[attr-defined]
+        self.order = RunOrder(self.in_xdist_worker)
         self._server: IpcServer | None = None
-        self._next: dict[str, str | None] = {}
         self._shut_down = False
-        # Expected durations from earlier runs; the process that owns the fleet keeps them.
-        self.durations = Durations.load(None if handoff else getattr(config, "cache", None))
         # nodeid -> the machine label its remote test ran on, for -v lines
         self._ran_on: dict[str, str] = {}
         self._session: pytest.Session | None = None
@@ -125,16 +82,11 @@ class Controller:
         self._interrupts = None if handoff else Interrupts(self._shutdown)
         if self._interrupts is not None:
             self._interrupts.install()
-        self._other_plugins = RemoteSide(self)
+        self._other_plugins = RemoteSide(config, self.remote_coverage)
         config.pluginmanager.register(self._other_plugins, "gpucloud-other-plugins")
 
     def handle(self) -> GpuCloudHandle:
-        return GpuCloudHandle(self)
-
-    def lease_instance(
-        self, request: GpuRequest
-    ) -> contextlib.AbstractContextManager[InstanceHandle]:
-        return self.access.lease(request)
+        return GpuCloudHandle(self.provider_name, self.access)
 
     def handoff(self) -> Handoff:
         """What an xdist worker needs to reach this process's fleet; serves it from now on."""
@@ -146,7 +98,7 @@ class Controller:
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         line = f"gpu-cloud: provider {self.provider_name}"
         if self.provider_name == "sim":
-            line += f" ({SIMULATED_NOTE})"
+            line += f" ({summary.SIMULATED_NOTE})"
         return [line]
 
     @pytest.hookimpl(tryfirst=True)
@@ -164,7 +116,7 @@ class Controller:
             return
         try:
             errors = self.access.plan(
-                [(_remote_nodeid(i), i.stash.get(REQUEST_KEY, None)) for i in session.items]
+                [(remote_nodeid(i), i.stash.get(REQUEST_KEY, None)) for i in session.items]
             )
         except GpuCloudError as exc:
             if not self.in_xdist_worker:
@@ -173,94 +125,20 @@ class Controller:
             errors = {}
         runnable: list[tuple[pytest.Item, GpuRequest]] = []
         for item, request in planned:
-            if _remote_nodeid(item) in errors:
+            if remote_nodeid(item) in errors:
                 session.items.remove(item)
                 report = pytest.CollectReport(
-                    item.nodeid, "failed", errors[_remote_nodeid(item)], []
+                    item.nodeid, "failed", errors[remote_nodeid(item)], []
                 )
                 session.ihook.pytest_collectreport(report=report)
                 continue
             runnable.append((item, request))
-        self._plan(runnable)
-
-    async def _start_fleet(self) -> Fleet:
-        self.provider = await self.config.stash[PROVIDERS_KEY].make(
-            self.provider_name, self.settings
-        )
-        artifacts = self._artifact_store()
-        start = {**self._worker_start(), "artifacts": artifacts.remote_root}
-        self.fleet = Fleet(
-            self.provider,
-            self.settings,
-            rootdir=self.config.rootpath,
-            start=start,
-            project=self.config.rootpath.name,
-            durations=self.durations,
-            workers=_xdist_workers(self.config),
-            artifacts=artifacts,
-            # coverage travels to the instances only with --cov
-            packages=coverage.package_files() if "coverage" in start else {},
-        )
-        return self.fleet
-
-    def _artifact_store(self) -> ArtifactStore:
-        run_id = new_run_id()
-        settings = self.settings
-        if settings.artifacts_dir is not None:
-            given = os.path.expanduser(settings.artifacts_dir)
-            root = self.config.invocation_params.dir / given
-        else:
-            root = self.config.rootpath / ".gpucloud" / "artifacts" / run_id
-        return ArtifactStore(
-            root,
-            run_id,
-            max_bytes=settings.artifacts_max,
-            timeout=settings.timeout,
-            s3_url=settings.artifacts_s3,
-            s3_endpoint=settings.s3_endpoint,
-        )
-
-    def _worker_start(self) -> dict[str, Any]:
-        measure = coverage.remote_request(self.config)
-        return {
-            "args": [*remote_pytest_args(self.config), *forwarded_args(self.config)],
-            "options": [{"name": o.flag, "takes_value": not o.is_switch} for o in OPTIONS],
-            "ini": [o.ini for o in OPTIONS],
-            # pytest shows full assertion diffs on CI; the remote session must too.
-            "environ": {name: os.environ[name] for name in CI_MARKERS if name in os.environ},
-            **({"coverage": measure} if measure is not None else {}),
-            "live_output": self.config.option.capture == "no",
-            "plugin_options": option_packages(),
-        }
-
-    def _plan(self, runnable: list[tuple[pytest.Item, GpuRequest]]) -> None:
-        # A pool's consecutive tests share one remote session: each run names the next
-        # test of the pool, so fixtures of wider scope stay up between them. An xdist
-        # worker does not know its schedule: it names its own next item (see _nextid).
-        if self.in_xdist_worker:
-            return
-        by_pool: dict[Any, list[pytest.Item]] = {}
-        for item, request in runnable:
-            by_pool.setdefault(request.pool_key, []).append(item)
         # With -x, --maxfail or --stepwise the session may stop at any test: none is sent
         # ahead of its turn.
         stops = self.config.option.maxfail or self.config.getoption("stepwise", False)
-        read_ahead = self.fleet.read_ahead if self.fleet is not None and not stops else None
-        for items in by_pool.values():
-            remote_ids = [_remote_nodeid(item) for item in items]
-            for item, following in zip(items, [*remote_ids[1:], None], strict=True):
-                self._next[item.nodeid] = following
-                if read_ahead is not None:
-                    read_ahead[_remote_nodeid(item)] = (item.stash[REQUEST_KEY], following)
-
-    def _nextid(self, item: pytest.Item, nextitem: pytest.Item | None) -> str | None:
-        if not self.in_xdist_worker:
-            return self._next.pop(item.nodeid, None)
-        following = nextitem.stash.get(REQUEST_KEY, None) if nextitem else None
-        if nextitem is None or following is None:
-            return None
-        same_pool = following.pool_key == item.stash[REQUEST_KEY].pool_key
-        return _remote_nodeid(nextitem) if same_pool else None
+        order = self.order.plan(runnable, read_ahead=not stops)
+        if order:
+            self.engine.run(self.service.expect(order))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(
@@ -269,43 +147,27 @@ class Controller:
         request = item.stash.get(REQUEST_KEY, None)
         if request is None:
             return None
-        result = self.access.run(_remote_nodeid(item), request, self._nextid(item, nextitem))
-        self._replay(item, result)
+        result = self.access.run(remote_nodeid(item), request, self.order.nextid(item, nextitem))
+        if result.error is None:
+            self._ran_on[item.nodeid] = sys.intern(result.machine_label)  # one string a machine
+        replay_result(item, result, self.config.rootpath)
         return True
-
-    def _replay(self, item: pytest.Item, result: RunResult) -> None:
-        if result.error is not None:
-            replay_infra_error(item, result.error, result.properties)
-            return
-        self._ran_on[item.nodeid] = sys.intern(result.machine_label)  # one string a machine
-        paths = {"remote_root": result.remote_root, "local_root": str(self.config.rootpath)}
-        for report in result.collection_errors:
-            replay_collectreport(item.session, report, **paths)
-        for warning in result.collection_warnings:
-            replay_warning(self.config, warning, **paths)
-        for warning in _renamed(result.warnings, result.nodeid, item.nodeid):
-            replay_warning(self.config, warning, **paths)
-        if result.missing:
-            replay_infra_error(
-                item, f"gpu-cloud: {item.nodeid} was not collected on instance {result.machine_id}"
-            )
-        else:
-            frames = _renamed(result.reports, result.nodeid, item.nodeid)
-            replay_test(item, frames, **paths, properties=result.properties)
 
     def remote_coverage(self) -> list[tuple[str, str]]:
         """With ``--cov``: every machine released now, before pytest-cov combines its data;
         then each worker's ``(remote workspace, coverage data)``."""
-        if self.fleet is None or "coverage" not in self.fleet.launcher.start:
+        if not self.service.started or coverage.remote_request(self.config) is None:
             return []
         self._shutdown()
-        for machine in self.fleet.machines:
+        outcome = self.service.outcome()
+        machines = outcome.machines if outcome is not None else []
+        for machine in machines:
             if machine.tests_run and machine.coverage is None:
-                self.fleet.notes.append(
+                self.service.note(
                     f"{PREFIX}no coverage data came back from {machine.label}: its worker "
                     "did not end its session (its lines count as not run)"
                 )
-        return [(m.remote_root, m.coverage) for m in self.fleet.machines if m.coverage]
+        return [(m.remote_root, m.coverage) for m in machines if m.coverage]
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         self._session = session
@@ -319,15 +181,13 @@ class Controller:
     def pytest_runtest_logfinish(self) -> None:
         self._write_progress()
         session = self._session
-        if self.fleet is not None and session and (session.shouldstop or session.shouldfail):
+        if not self.in_xdist_worker and session and (session.shouldstop or session.shouldfail):
             # -x, --maxfail: no queued test will run; their machines go now
-            self.engine.loop.call_soon_threadsafe(self.fleet.forget)
+            self.engine.loop.call_soon_threadsafe(self.service.forget)
 
     def _write_progress(self) -> None:
         """The fleet's status lines since the last call, on the main thread (not with -q)."""
-        if self.fleet is None:
-            return
-        events = self.fleet.progress.drain()
+        events = self.service.progress()
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is None or self.config.get_verbosity() < 0:
             return
@@ -354,17 +214,19 @@ class Controller:
         self._session_ended = True
         self._shutdown()
         self._write_progress()
-        if self.fleet is not None and not self.in_xdist_worker:
-            self.durations.save(getattr(self.config, "cache", None))
-            if self.settings.report is not None:
-                report = cost.report(
-                    self.fleet.machines,
-                    self.fleet.placements,
-                    budget=self.settings.budget,
-                    plan=self.fleet.planned,
-                )
-                cost.write_report(self.config.rootpath / self.settings.report, report)
-        if self.fleet is not None and self.fleet.orphans and session.exitstatus == 0:
+        outcome = self.service.outcome()
+        if outcome is None:
+            return
+        self.durations.save(getattr(self.config, "cache", None))
+        if self.settings.report is not None:
+            report = summary.report(
+                outcome.machines,
+                outcome.placements,
+                budget=self.settings.budget,
+                plan=outcome.plan,
+            )
+            summary.write_report(self.config.rootpath / self.settings.report, report)
+        if outcome.orphans and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     @pytest.hookimpl(tryfirst=True)  # before the terminal's (and xdist's) use of it
@@ -381,46 +243,21 @@ class Controller:
             self.infra_errors += 1
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if self.fleet is None:
+        outcome = self.service.outcome()
+        if outcome is None:
             return
         terminalreporter.section("gpu-cloud")
-        if self.provider_name == "sim":
-            terminalreporter.write_line(f"provider sim: {SIMULATED_NOTE}")
-        planned = self.fleet.planned
-        if self.settings.plan and planned is not None:
-            verbose = self.config.get_verbosity() > 0
-            for line in planned.lines(verbose=verbose, budget=self.settings.budget):
-                terminalreporter.write_line(line)
-            terminalreporter.write_line("--gpu-plan: no instance was created and no test ran")
-            return
-        bills = cost.bills(self.fleet.machines)
-        for line in cost.summary_lines(bills, self.settings.budget):
-            terminalreporter.write_line(line)
-        for line in self.fleet.data.summary_lines():
-            terminalreporter.write_line(line)
-        if self.fleet.artifacts is not None:
-            stats = terminalreporter.stats
-            failed = [r.nodeid for r in [*stats.get("failed", []), *stats.get("error", [])]]
-            for line, warn in self.fleet.artifacts.summary_lines(failed):
-                terminalreporter.write_line(line, yellow=warn)
-        if self.infra_errors:
-            terminalreporter.write_line(
-                f"gpu-cloud: {self.infra_errors} infrastructure error(s): test(s) that could "
-                "not run or finish on an instance (not test failures; see the ERRORs above)",
-                yellow=True,
-            )
-        for machine in self.fleet.machines:
-            if machine.error:
-                terminalreporter.write_line(f"{machine.id}: {machine.error}", yellow=True)
-        for note in self.fleet.notes:
-            terminalreporter.write_line(note, yellow=True)
-        if self.fleet.orphans:
-            terminalreporter.write_line(
-                "gpu-cloud: these instances could not be deleted and may still cost money: "
-                + ", ".join(self.fleet.orphans)
-                + " (delete them in your cloud console or with python -m pytest_gpucloud cleanup)",
-                red=True,
-            )
+        stats = terminalreporter.stats
+        failed = [r.nodeid for r in [*stats.get("failed", []), *stats.get("error", [])]]
+        for line, markup in summary.terminal_lines(
+            outcome,
+            settings=self.settings,
+            simulated=self.provider_name == "sim",
+            verbose=self.config.get_verbosity() > 0,
+            failed=failed,
+            infra_errors=self.infra_errors,
+        ):
+            terminalreporter.write_line(line, **markup)
 
     def _shutdown(self) -> None:
         if self._shut_down:
@@ -433,23 +270,21 @@ class Controller:
             # Runs still in flight belong to xdist workers that are gone.
             with contextlib.suppress(TimeoutError):
                 self.engine.run(self._server.close(), timeout=30)
-        if self.fleet is not None:
-            if self._interrupts is not None and self._interrupts.signalled:
-                self.fleet.launcher.hurry.set()  # CI kills 10 s after its first signal
+        if self.service.started:
+            # CI kills 10 s after its first signal: no goodbyes then.
+            hurry = self._interrupts is not None and bool(self._interrupts.signalled)
             try:
-                self.engine.run(self.fleet.shutdown(), timeout=SHUTDOWN_TIMEOUT)
+                self.engine.run(self.service.shutdown(hurry=hurry), timeout=SHUTDOWN_TIMEOUT)
             except TimeoutError:
-                self.fleet.orphans.extend(
-                    m.id for m in self.fleet.machines if m.state.value != "released"
-                )
-            if self.fleet.artifacts is not None:  # after the deletes: no instance waits
-                try:
-                    self.engine.run(self.fleet.artifacts.finish(), timeout=self.settings.timeout)
-                except TimeoutError:
-                    self.fleet.notes.append("gpu-cloud: artifact uploads to S3 did not finish")
-        if self.provider is not None:
+                self.service.give_up()
+            try:  # after the deletes: no instance waits
+                self.engine.run(self.service.finish_uploads(), timeout=self.settings.timeout)
+            except TimeoutError:
+                self.service.note("gpu-cloud: artifact uploads to S3 did not finish")
+        provider = self.starter.provider
+        if provider is not None:
             with contextlib.suppress(TimeoutError):
-                self.engine.run(self.provider.aclose(), timeout=30)
+                self.engine.run(provider.aclose(), timeout=30)
 
     def close(self) -> None:
         self.config.pluginmanager.unregister(self._other_plugins)
@@ -463,14 +298,3 @@ def _xdist_workers(config: pytest.Config) -> int:
     """How many xdist workers run tests at once (1 without xdist); --gpu-plan, which turns
     xdist off, plans for the workers asked for."""
     return max(1, int(getattr(config.option, "numprocesses", None) or 1))
-
-
-def _remote_nodeid(item: pytest.Item) -> str:
-    return item.stash.get(REMOTE_NODEID_KEY, item.nodeid)
-
-
-def _renamed(frames: list[dict[str, Any]], remote: str, local: str) -> list[dict[str, Any]]:
-    """Frames of the remote test ``remote`` as the local item ``local`` reports them."""
-    if remote == local:
-        return frames
-    return [{**f, "nodeid": local} if f.get("nodeid") == remote else f for f in frames]

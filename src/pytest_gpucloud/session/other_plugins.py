@@ -17,17 +17,14 @@ this module adds:
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Generator
+from typing import Any
 
 import pytest
 
 from pytest_gpucloud.core.errors import PREFIX
 from pytest_gpucloud.features import coverage
 from pytest_gpucloud.session.stash import REQUEST_KEY
-
-if TYPE_CHECKING:
-    from pytest_gpucloud.session.controller import Controller
 
 # Per plugin (its registered name): (option dest, flag) of the options that change what a
 # test does where it runs. Options read only at the end of the session stay here.
@@ -111,10 +108,17 @@ def _flag(flag: str, value: object) -> list[str]:
 
 
 class RemoteSide:
-    """Registered beside the controller: the other plugins' hooks for remote tests."""
+    """Registered beside the controller: the other plugins' hooks for remote tests.
 
-    def __init__(self, controller: Controller) -> None:
-        self._controller = controller
+    ``remote_coverage``: with ``--cov``, ends the remote sessions and gives each one's
+    ``(remote workspace, coverage data)``.
+    """
+
+    def __init__(
+        self, config: pytest.Config, remote_coverage: Callable[[], list[tuple[str, str]]]
+    ) -> None:
+        self._config = config
+        self._remote_coverage = remote_coverage
 
     @pytest.hookimpl(tryfirst=True, optionalhook=True)
     def pytest_timeout_set_timer(self, item: pytest.Item) -> bool | None:
@@ -128,12 +132,12 @@ class RemoteSide:
     @pytest.hookimpl(wrapper=True, trylast=True)  # inside pytest-cov's, which then combines
     def pytest_runtestloop(self) -> Generator[None, object, object]:
         result = yield
-        coverage.merge(self._controller.config, self._controller.remote_coverage())
+        coverage.merge(self._config, self._remote_coverage())
         return result
 
     @pytest.hookimpl(trylast=True)  # after the test's letter
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        config = self._controller.config
+        config = self._config
         if not getattr(report, "gpu_instance", None) or report.when != "call":
             return
         debugger = "--pdb" if report.failed and config.option.usepdb else None

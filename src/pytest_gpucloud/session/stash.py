@@ -6,21 +6,15 @@ A module of its own so that ``plugin.py`` can name these without importing the m
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import pytest
 
 from pytest_gpucloud.config.settings import Settings
 from pytest_gpucloud.core.request import GpuRequest
 from pytest_gpucloud.providers import ProviderRegistry
 
-if TYPE_CHECKING:
-    from pytest_gpucloud.session.controller import Controller
-
 REQUEST_KEY = pytest.StashKey[GpuRequest]()
 PROVIDERS_KEY = pytest.StashKey[ProviderRegistry]()
 SETTINGS_KEY = pytest.StashKey[Settings]()
-CONTROLLER_KEY: pytest.StashKey[Controller] = pytest.StashKey()
 #: The key of the fleet's socket and token in an xdist worker's ``workerinput``.
 WORKERINPUT_KEY = "gpucloud_fleet"
 SKIP_REASON = "needs a GPU: run with --gpu-cloud"
