@@ -496,3 +496,8 @@ def test_pdb_says_it_cannot_reach_a_remote_test(project: pytest.Pytester, gpu_ru
         ["gpu-cloud: --pdb cannot stop in test_debug.py::test_fails: it ran on T4 i-*"]
     )
     assert "(Pdb)" not in result.stdout.str()
+    traced = gpu_run("--trace", "-k", "after")
+    traced.assert_outcomes(passed=1, deselected=1)
+    traced.stdout.fnmatch_lines(
+        ["gpu-cloud: --trace cannot stop in test_debug.py::test_after: it ran on T4 i-*"]
+    )

@@ -138,11 +138,13 @@ class RemoteSide:
     @pytest.hookimpl(trylast=True)  # after the test's letter
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         config = self._config
-        if not getattr(report, "gpu_instance", None) or report.when != "call":
+        if not getattr(report, "gpu_instance", None):
             return
-        debugger = "--pdb" if report.failed and config.option.usepdb else None
-        debugger = "--trace" if config.option.trace else debugger
-        if debugger is None:
+        if config.option.trace and report.when == "call":
+            debugger = "--trace"
+        elif config.option.usepdb and report.failed:
+            debugger = "--pdb"
+        else:
             return
         reporter: Any = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
