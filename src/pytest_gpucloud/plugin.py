@@ -126,6 +126,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         del config.stash[CONTROLLER_KEY]
 
 
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """Options of this plugin given without ``--gpu-cloud`` do nothing: say so once."""
+    if CONTROLLER_KEY in config.stash:
+        return None
+    given = [o.flag for o in OPTIONS if config.getoption(o.dest, None) not in (None, False)]
+    if not given:
+        return None
+    return f"gpu-cloud: off (no --gpu-cloud): {', '.join(given)} do nothing; gpu tests are skipped"
+
+
 class XdistControllerHooks:
     """pytest-xdist's controller hooks, registered only where xdist is installed: every
     worker gets the fleet's socket in its ``workerinput``; no worker gets the API key."""
@@ -179,3 +189,20 @@ def gpu_cloud(request: pytest.FixtureRequest) -> GpuCloudHandle:
     if controller is None:
         pytest.skip(SKIP_REASON)
     return controller.handle()
+
+
+def _remote_only(name: str) -> Any:
+    @pytest.fixture(name=name)
+    def fixture() -> None:
+        """Lives on the instances only: say so rather than 'fixture not found'."""
+        pytest.fail(
+            f"{PREFIX}the {name} fixture lives on the instance, for gpu-marked tests: mark "
+            f"this test @pytest.mark.gpu(...) to run it there, or drop {name}",
+            pytrace=False,
+        )
+
+    return fixture
+
+
+gpu_artifacts = _remote_only("gpu_artifacts")
+gpu_data = _remote_only("gpu_data")

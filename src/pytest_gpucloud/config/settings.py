@@ -442,9 +442,13 @@ def resolve(
     if environ.get(API_KEY_ENV):
         values["api_key"] = environ[API_KEY_ENV]
     try:
-        return Settings.model_validate(values, context={"providers": providers})
+        settings = Settings.model_validate(values, context={"providers": providers})
     except ValidationError as exc:
         raise _config_error(exc, sources) from None
+    if settings.plan and not settings.enabled:
+        # A plan is of the --gpu-cloud session: asking for it is enough.
+        return settings.model_copy(update={"enabled": True})
+    return settings
 
 
 def _pick(
@@ -464,10 +468,15 @@ def _config_error(exc: ValidationError, sources: Mapping[str, _Source]) -> Confi
     field = str(error["loc"][0]) if error["loc"] else ""
     source = sources.get(field)
     where = source.where if source else field
-    shown = "" if source is None else f" {str(source.value)[:80]!r}"
+    shown = "" if source is None else f" {_shown(source.value)[:80]!r}"
     reason = str(error["msg"]).removeprefix("Value error, ")
     hint = _HINTS.get(field, "")
     return ConfigError(f"{where}{shown}: {reason}{hint}")
+
+
+def _shown(value: Any) -> str:
+    """A value as the user typed it: a repeated option's words joined, not a Python list."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 _HINTS = {

@@ -1,8 +1,10 @@
-"""Parsing of durations ("90s", "5m", "1h30m", 300) and sizes ("24GB", "500MB")."""
+"""Parsing of durations ("90s", "5m", "1h30m", 300) and sizes ("24GB", "500MB"); amounts
+for people."""
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 _DURATION = re.compile(
@@ -54,3 +56,12 @@ def format_size(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} TB"
+
+
+def format_dollars(amount: float) -> str:
+    """US dollars with the digits that tell small amounts apart: ``$1.2500``, ``$0.0042``,
+    ``$0.000736`` (four decimals, or three significant digits below a tenth of a cent)."""
+    if amount == 0 or abs(amount) >= 0.001:
+        return f"${amount:.4f}"
+    decimals = 2 - math.floor(math.log10(abs(amount)))
+    return f"${amount:.{decimals}f}"

@@ -278,15 +278,25 @@ class FleetService:
 class LocalAccess:
     """The fleet in this very process: the service, run on the engine loop."""
 
-    def __init__(self, engine: Engine, service: FleetService) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        service: FleetService,
+        while_waiting: Callable[[], None] | None = None,
+    ) -> None:
         self._engine = engine
         self._service = service
+        # called on this thread while a test runs remotely: status lines as they happen
+        self._while_waiting = while_waiting
 
     def plan(self, tests: Tests) -> dict[str, str]:
         return self._engine.run(self._service.plan(tests))
 
     def run(self, nodeid: str, request: GpuRequest, nextid: str | None) -> RunResult:
-        return self._engine.run(self._service.run(nodeid, request, nextid, LOCAL_OWNER))
+        return self._engine.run(
+            self._service.run(nodeid, request, nextid, LOCAL_OWNER),
+            while_waiting=self._while_waiting,
+        )
 
     def instances(self) -> list[InstanceView]:
         return self._engine.run(self._service.instances())

@@ -63,3 +63,25 @@ async def delete_verified(
             )
         await asyncio.sleep(interval)
         interval = min(interval * 1.5, _MAX_POLL_S)
+
+
+async def sweep(
+    provider: Provider, labels: dict[str, str], held: set[str]
+) -> tuple[list[str], list[str]]:
+    """Delete the instances with ``labels`` that none of ``held`` accounts for (a create
+    whose answer was lost or unreadable): the ids that may still be alive, and notes on
+    what went wrong."""
+    try:
+        found = await provider.list_instances(labels)
+    except ProviderError as exc:
+        return [], [f"could not look for stray instances of this session: {exc}"]
+    strays = [i.id for i in found if i.id not in held and i.status != "terminated"]
+    results = await asyncio.gather(
+        *(delete_verified(provider, i) for i in strays), return_exceptions=True
+    )
+    wrong = [
+        (i, result)
+        for i, result in zip(strays, results, strict=True)
+        if isinstance(result, BaseException)
+    ]
+    return [i for i, _ in wrong], [f"{i}: delete failed: {result}" for i, result in wrong]

@@ -125,6 +125,8 @@ class Machine:
     runtime: Runtime | None = None
     # What bring-up did, for its "ready" status line: image pull time, setup, GPUs seen.
     notes: list[str] = field(default_factory=list)
+    # The offers tried before this one that had no capacity, for its "booting" line.
+    passed_over: list[str] = field(default_factory=list)
     phases: Phases = field(default_factory=Phases)
     coverage: str | None = None  # its worker's coverage data, once released (--cov)
 
@@ -203,6 +205,7 @@ class Launcher:
                 continue
             machine.instance = instance
             machine.created_at = instance.created_at
+            machine.passed_over = tried
             return
         raise failover.exhausted(request.spec, offers, tried)
 

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING
 
-from pytest_gpucloud.core.errors import ConfigError
+from pytest_gpucloud.core.errors import ConfigError, GpuCloudError
 
 if TYPE_CHECKING:
     from pytest_gpucloud.config.settings import Settings
@@ -108,7 +108,19 @@ class ProviderRegistry:
                     f"GPU provider {name!r} ({factory.value}, entry point of "
                     f"{ENTRY_POINT_GROUP}) failed to load: {type(exc).__name__}: {exc}"
                 ) from None
-        provider: Provider = await factory(settings)
+        try:
+            provider: Provider = await factory(settings)
+        except GpuCloudError:
+            raise
+        except Exception as exc:
+            # A factory is user code (a conftest, a plugin): one line, not an INTERNALERROR.
+            text = str(exc)
+            if settings.api_key is not None:
+                text = text.replace(settings.api_key.get_secret_value(), "***")
+            raise ConfigError(
+                f"GPU provider {name!r} ({_describe(factory)}) failed to start: "
+                f"{type(exc).__name__}: {text}"
+            ) from None
         return provider
 
 

@@ -1,4 +1,5 @@
-"""The fixtures a remote test gets from this plugin: ``gpu_artifacts`` and ``gpu_data``.
+"""The fixtures a remote test gets from this plugin: ``gpu_artifacts`` and ``gpu_data``
+(and ``gpu_cloud``, which only says that it lives in the local session).
 
 ``gpu_artifacts`` is the test's own folder below the ``start`` frame's ``artifacts`` root
 (in the workspace's ``.gpucloud/``: never synced over, seen inside a container, and left in
@@ -86,6 +87,16 @@ class GpuFixtures:
         path.mkdir(parents=True)
         self._made = path
         return path
+
+    @pytest.fixture(scope="session")
+    def gpu_cloud(self) -> None:
+        """Lives in the local session only: say so rather than 'fixture not found'."""
+        pytest.fail(
+            f"{PREFIX}the gpu_cloud fixture lives in the local session (it is the fleet of "
+            "instances), not on an instance, where gpu-marked tests run: use it in an unmarked "
+            "test or fixture",
+            pytrace=False,
+        )
 
     @pytest.fixture
     def gpu_data(self) -> dict[str, Path]:

@@ -24,7 +24,6 @@ seconds billed for nothing), and every machine at the end.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -42,9 +41,10 @@ from pytest_gpucloud.core.errors import (
     RemoteError,
 )
 from pytest_gpucloud.core.labels import SESSION, session_labels
+from pytest_gpucloud.core.units import format_dollars
 from pytest_gpucloud.features.data import DataSource
 from pytest_gpucloud.features.instance_handle import Lease
-from pytest_gpucloud.machine.deletion import delete_verified
+from pytest_gpucloud.machine.deletion import sweep
 from pytest_gpucloud.machine.failover import Failover
 from pytest_gpucloud.machine.machine import Launcher, Machine, MachineState
 from pytest_gpucloud.scheduling import cost, policy
@@ -52,7 +52,7 @@ from pytest_gpucloud.scheduling.cost import CostModel, Placement
 from pytest_gpucloud.scheduling.durations import Durations
 from pytest_gpucloud.scheduling.planner import Plan, make_plan
 from pytest_gpucloud.scheduling.progress import Progress
-from pytest_gpucloud.transport.worker_link import READ_AHEAD, RunSpec
+from pytest_gpucloud.scheduling.read_ahead import ReadAhead, allowed_env, unset_env
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -136,11 +136,7 @@ class Fleet:
             start,
             packages or {},
         )
-        # nodeid -> (its request, the test after it on its machine): the order in which
-        # this process will ask for tests, where it knows it. Quick tests are then read
-        # ahead (see transport/worker_link.py).
-        self.read_ahead: dict[str, tuple[GpuRequest, str | None]] = {}
-        self._specs: dict[str, RunSpec] = {}
+        self.read_ahead = ReadAhead(settings.timeout, settings.env)
         self._catalog: list[GpuType] | None = None
         self._feasible: dict[GpuRequest, list[Offer]] = {}
         self._pool_errors: dict[GpuRequest, str] = {}
@@ -148,6 +144,7 @@ class Fleet:
         # pool -> nodeid -> request: the planned tests that have not started
         self._queued: dict[GpuRequest, dict[str, GpuRequest]] = {}
         self._seen: set[str] = set()
+        self._unset_noted: set[str] = set()  # allow-listed variables not set here, named once
         self._uses: dict[Machine, _Use] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warming: list[asyncio.Task[None]] = []
@@ -170,6 +167,7 @@ class Fleet:
             if request is not None and nodeid not in self._seen:
                 self._seen.add(nodeid)
                 self._queued.setdefault(request.pool_key, {})[nodeid] = request
+                self._note_unset_env(request)
         if self.planned is None:
             self.planned = make_plan(
                 tests,
@@ -182,6 +180,17 @@ class Fleet:
             if not self.settings.plan:
                 self._warm_start(self.planned)
         return self.planned
+
+    def _note_unset_env(self, request: GpuRequest) -> None:
+        """Once per name: an allow-listed variable that is not set here reaches no test."""
+        for name in unset_env((*self.settings.env, *request.env)):
+            if name not in self._unset_noted:
+                self._unset_noted.add(name)
+                self.progress.emit(
+                    name,
+                    "is not set here",
+                    "(named by --gpu-env or gpu(env=...)): remote tests see it unset",
+                )
 
     async def run(
         self, nodeid: str, request: GpuRequest, nextid: str | None, *, owner: str
@@ -201,9 +210,10 @@ class Fleet:
         use = self._uses[machine]
         assert machine.link is not None
         timeout = request.timeout_s or self.settings.timeout
-        env = _allowed_env((*self.settings.env, *request.env))
+        env = allowed_env((*self.settings.env, *request.env))
+        ahead = self.read_ahead.runs_from(nextid)
         try:
-            run = await machine.link.run(nodeid, nextid, timeout, env, self._ahead(nextid), data)
+            run = await machine.link.run(nodeid, nextid, timeout, env, ahead, data)
             await self._bring_home(machine, nodeid, run.artifacts)
         except RemoteError as exc:
             machine.error = str(exc)
@@ -218,12 +228,11 @@ class Fleet:
             self.placements[nodeid] = Placement(machine.id, use.test_started_at, seconds)
             use.test = use.claimed_by = None
             use.last_owner = owner
+            machine.tests_run += 1  # timed out or lost, it ran there all the same
             self._after_change()
-        if machine.tests_run == 0:
+        if machine.tests_run == 1:
             machine.phases.first_test = run.seconds
-        self.read_ahead.pop(nodeid, None)
-        self._specs.pop(nodeid, None)
-        machine.tests_run += 1
+        self.read_ahead.done(nodeid)
         machine.state = MachineState.READY
         use.promise = nextid
         self.data.note(run.data)
@@ -233,7 +242,7 @@ class Fleet:
     def expect(self, order: dict[str, tuple[GpuRequest, str | None]]) -> None:
         """The order in which this process will ask for tests: nodeid -> (its request, the
         test after it on its machine). Quick tests are then read ahead."""
-        self.read_ahead.update(order)
+        self.read_ahead.expect(order)
 
     def hurry(self) -> None:
         """The session was interrupted: releases stop workers without goodbyes."""
@@ -291,23 +300,6 @@ class Fleet:
     async def release_lease(self, machine: Machine) -> None:
         """Delete a machine of :meth:`lease`."""
         await self._release(machine)
-
-    def _ahead(self, nodeid: str | None) -> list[RunSpec]:
-        """The planned runs from ``nodeid`` on, as many as a link reads ahead, up to one
-        with datasets (their URLs are presigned when it runs)."""
-        specs: list[RunSpec] = []
-        while nodeid in self.read_ahead and len(specs) < READ_AHEAD:
-            if self.read_ahead[nodeid][0].data:
-                break
-            spec = self._specs.get(nodeid)
-            if spec is None:
-                request, following = self.read_ahead[nodeid]
-                timeout = request.timeout_s or self.settings.timeout
-                env = _allowed_env((*self.settings.env, *request.env))
-                spec = self._specs[nodeid] = RunSpec(nodeid, following, timeout, env)
-            specs.append(spec)
-            nodeid = spec.nextid
-        return specs
 
     def forget(self, nodeids: Tests | None = None) -> None:
         """These queued tests will not run (None: none of them will): machines only they
@@ -513,7 +505,7 @@ class Fleet:
         self.machines.append(machine)
         use = self._uses[machine] = _Use(claimed_by=owner, asked_by=asked_by)
         count = f":{pool.count}" if pool.count > 1 else ""
-        self.progress.emit(f"{offers[0].gpu.name}{count}", "requested", f"for {pool.spec}")
+        self.progress.emit(f"{offers[0].gpu.name}{count}", "requested", f"for {pool.canonical()}")
         use.task = self._spawn(self._provision(machine, offers))
         return machine
 
@@ -522,7 +514,12 @@ class Fleet:
         try:
             await self.launcher.create(machine, offers, self.failover)
             price = f"${machine.price_per_hour:.2f}/h"
-            self.progress.emit(machine.label, "booting", f"in {machine.offer.region} at {price}")
+            why = ""
+            if machine.passed_over:
+                why = f" ({', '.join(machine.passed_over)}: no capacity)"
+            self.progress.emit(
+                machine.label, "booting", f"in {machine.offer.region} at {price}{why}"
+            )
             if use.abandoned or self._closing:
                 await self._release(machine)
                 return
@@ -661,8 +658,13 @@ class Fleet:
         if use is not None and machine.instance is not None and not use.said_released:
             use.said_released = True
             billed = cost.billed(machine.price_per_hour, machine.seconds)
+            # the session's one clock (from the request, as "ready in"), then the bill
+            since = (machine.deleted_at or time.time()) - machine.requested_at
             self.progress.emit(
-                machine.label, "released", f"after {machine.seconds:.1f} s, ${billed:.4f}"
+                machine.label,
+                "released",
+                f"{since:.1f} s after its request; {machine.seconds:.1f} s billed, "
+                f"{format_dollars(billed)}",
             )
         self._after_change()
 
@@ -680,20 +682,10 @@ class Fleet:
     async def _sweep(self) -> None:
         if not await self.launcher.settle_creates():
             return
-        try:
-            found = await self.provider.list_instances({SESSION: self.session_id})
-        except ProviderError as exc:
-            self.notes.append(f"could not look for stray instances of this session: {exc}")
-            return
         held = {m.id for m in self.machines}
-        strays = [i.id for i in found if i.id not in held and i.status != "terminated"]
-        results = await asyncio.gather(
-            *(delete_verified(self.provider, i) for i in strays), return_exceptions=True
-        )
-        for instance_id, result in zip(strays, results, strict=True):
-            if isinstance(result, BaseException):
-                self.notes.append(f"{instance_id}: delete failed: {result}")
-                self.orphans.append(instance_id)
+        failed, notes = await sweep(self.provider, {SESSION: self.session_id}, held)
+        self.orphans += failed
+        self.notes += notes
 
     # -- choices and limits -----------------------------------------------------------------
 
@@ -764,9 +756,9 @@ class Fleet:
         under_way = self._under_way()
         if policy.over_budget(budget, spent, under_way, extra):
             raise BudgetError(
-                f"the budget of ${budget:.2f} would be passed by {what}: "
-                f"${spent:.4f} spent, ${under_way:.4f} expected for work under way, "
-                f"${extra:.4f} for this; raise --gpu-budget to run it"
+                f"the budget of {format_dollars(budget)} would be passed by {what}: "
+                f"{format_dollars(spent)} spent, {format_dollars(under_way)} expected for work "
+                f"under way, {format_dollars(extra)} for this; raise --gpu-budget to run it"
             )
 
     def _under_way(self) -> float:
@@ -795,8 +787,3 @@ class Fleet:
 
 def _described(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _allowed_env(names: tuple[str, ...]) -> dict[str, str]:
-    """The allow-listed variables that are set here, for one remote test."""
-    return {name: os.environ[name] for name in sorted(set(names)) if name in os.environ}

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pytest_gpucloud.core.units import format_dollars
 from pytest_gpucloud.scheduling.cost import CostModel, billed
 from pytest_gpucloud.scheduling.policy import hosts
 
@@ -106,7 +107,8 @@ class Plan:
         lines.append(f"local tests: {self.local_tests}")
         if budget is not None and self.cost > budget:
             lines.append(
-                f"the expected ${self.cost:.4f} is more than --gpu-budget ${budget:.4f}: the "
+                f"the expected {format_dollars(self.cost)} is more than --gpu-budget "
+                f"{format_dollars(budget)}: the "
                 "tests that would pass it will end as errors"
             )
         return lines

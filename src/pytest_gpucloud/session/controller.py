@@ -67,7 +67,7 @@ class Controller:
         self.service = FleetService(self.starter)
         self.access: FleetAccess
         if handoff is None:
-            self.access = LocalAccess(self.engine, self.service)
+            self.access = LocalAccess(self.engine, self.service, self._write_progress)
         else:
             self.access = IpcClient(handoff, owner=config.workerinput["workerid"])  # type: ignore[attr-defined]
         self.order = RunOrder(self.in_xdist_worker)
@@ -147,6 +147,8 @@ class Controller:
         request = item.stash.get(REQUEST_KEY, None)
         if request is None:
             return None
+        # Announced when sent, as pytest does for a local test: -v shows what runs now.
+        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         result = self.access.run(remote_nodeid(item), request, self.order.nextid(item, nextitem))
         if result.error is None:
             self._ran_on[item.nodeid] = sys.intern(result.machine_label)  # one string a machine
@@ -191,6 +193,8 @@ class Controller:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is None or self.config.get_verbosity() < 0:
             return
+        if events and reporter._tw.width_of_current_line:
+            reporter.line("")  # after the "[100%]" of a progress line, not on it
         for event in events:
             reporter.write_line(event.line())
 

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pytest_gpucloud.core.units import format_dollars
 from pytest_gpucloud.scheduling.cost import Bill, bills
 
 if TYPE_CHECKING:
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 
 SIMULATED_NOTE = (
     "the simulated GPU cloud: instances are processes on this machine and "
-    '"GPU" tests run on its CPU'
+    '"GPU" tests run on its CPU, with its Python; images (--gpu-image, gpu(image=...)) '
+    "are not pulled"
 )
 
 
@@ -28,8 +30,8 @@ def summary_lines(entries: list[Bill], budget: float | None = None) -> list[str]
     if not entries:
         return ["no instance was created"]
     lines = [
-        f"{b.instance_id:<12} {_gpu(b):<12} {b.region:<14} {b.tests:>5} tests "
-        f"{b.seconds:>8.1f} s  ${b.cost:.4f}"
+        f"{b.instance_id:<12} {_gpu(b):<12} {b.region:<14} {b.tests:>5} "
+        f"{'test ' if b.tests == 1 else 'tests'} {b.seconds:>8.1f} s  ${b.cost:.4f}"
         for b in entries
     ]
     total = sum(b.cost for b in entries)
@@ -40,7 +42,7 @@ def summary_lines(entries: list[Bill], budget: float | None = None) -> list[str]
         f"(${hourly:.2f} if billed by the started hour)"
     )
     if budget is not None:
-        lines.append(f"budget: ${budget:.4f}, ${total:.4f} spent")
+        lines.append(f"budget: {format_dollars(budget)}, {format_dollars(total)} spent")
     return lines
 
 
@@ -133,7 +135,8 @@ def terminal_lines(
         )
     for machine in outcome.machines:
         if machine.error:
-            lines.append((f"{machine.id}: {machine.error}", {"yellow": True}))
+            # one line a machine: the whole message is its test's ERROR report already
+            lines.append((f"{machine.id}: {_first_line(machine.error)}", {"yellow": True}))
     lines += [(note, {"yellow": True}) for note in outcome.notes]
     if outcome.orphans:
         lines.append(
@@ -145,3 +148,7 @@ def terminal_lines(
             )
         )
     return lines
+
+
+def _first_line(message: str) -> str:
+    return message.splitlines()[0].removesuffix("; its last output:")
