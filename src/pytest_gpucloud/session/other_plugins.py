@@ -148,6 +148,8 @@ class RemoteSide:
             return
         reporter: Any = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
+            if config.get_terminal_writer().width_of_current_line:  # after the test's letter
+                reporter.write("\n")
             reporter.write_line(
                 f"{PREFIX}{debugger} cannot stop in {report.nodeid}: it ran on "
                 f"{report.gpu_instance}; run it without --gpu-cloud to debug it",
