@@ -17,16 +17,18 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_gpucloud.core.engine import Engine
-from pytest_gpucloud.core.errors import PREFIX, GpuCloudError
+from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, ServiceError
 from pytest_gpucloud.desk.ipc import Handoff, IpcClient, IpcServer
 from pytest_gpucloud.desk.service import FleetAccess, FleetService, LocalAccess
-from pytest_gpucloud.features import coverage
+from pytest_gpucloud.features import coverage, gpu_service
+from pytest_gpucloud.providers import vendors
 from pytest_gpucloud.scheduling.durations import Durations
 from pytest_gpucloud.session import summary
 from pytest_gpucloud.session.handle import GpuCloudHandle
 from pytest_gpucloud.session.interrupts import Interrupts
 from pytest_gpucloud.session.order import REMOTE_NODEID_KEY, RunOrder, remote_nodeid
 from pytest_gpucloud.session.other_plugins import RemoteSide
+from pytest_gpucloud.session.outcomes import is_infrastructure_error
 from pytest_gpucloud.session.results import replay_result
 from pytest_gpucloud.session.startup import FleetStarter
 from pytest_gpucloud.session.stash import REQUEST_KEY
@@ -88,6 +90,9 @@ class Controller:
     def handle(self) -> GpuCloudHandle:
         return GpuCloudHandle(self.provider_name, self.access)
 
+    def service_factory(self) -> gpu_service.ServiceFactory:
+        return gpu_service.ServiceFactory(self.access, owns_servers=not self.in_xdist_worker)
+
     def handoff(self) -> Handoff:
         """What an xdist worker needs to reach this process's fleet; serves it from now on."""
         if self._server is None:
@@ -99,7 +104,8 @@ class Controller:
         line = f"gpu-cloud: provider {self.provider_name}"
         if self.provider_name == "sim":
             line += f" ({summary.SIMULATED_NOTE})"
-        return [line]
+        note = vendors.header_note(self.provider_name, self.settings)
+        return [line] if note is None else [line, f"gpu-cloud: {note}"]
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -112,11 +118,13 @@ class Controller:
         planned = [
             (item, item.stash[REQUEST_KEY]) for item in session.items if REQUEST_KEY in item.stash
         ]
-        if not planned or self.config.option.collectonly:
+        services = gpu_service.declared(session.items)
+        if not (planned or services) or self.config.option.collectonly:
             return
         try:
             errors = self.access.plan(
-                [(remote_nodeid(i), i.stash.get(REQUEST_KEY, None)) for i in session.items]
+                [(remote_nodeid(i), i.stash.get(REQUEST_KEY, None)) for i in session.items],
+                services,
             )
         except GpuCloudError as exc:
             if not self.in_xdist_worker:
@@ -233,6 +241,18 @@ class Controller:
         if outcome.orphans and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        """A ``gpu_service`` that could not start is a setup error reading ``gpu-cloud:
+        ...`` (counted as infrastructure), not a traceback through the plugin."""
+        report = yield
+        failure = call.excinfo.value if call.excinfo is not None else None
+        if call.when == "setup" and isinstance(failure, ServiceError):
+            report.longrepr = str(failure)
+        return report
+
     @pytest.hookimpl(tryfirst=True)  # before the terminal's (and xdist's) use of it
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         ran_on = self._ran_on.get(report.nodeid)
@@ -243,7 +263,7 @@ class Controller:
         if not self.in_xdist_worker:
             self.durations.add_phase(report.nodeid, report.duration)
         # Here, not where errors are replayed: xdist's controller sees its workers' too.
-        if report.failed and str(report.longrepr).startswith(PREFIX):
+        if is_infrastructure_error(report):
             self.infra_errors += 1
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

@@ -21,12 +21,19 @@ if TYPE_CHECKING:
 
 def replay_result(item: pytest.Item, result: RunResult, local_root: Path) -> None:
     """Its collection errors and warnings, then the test's own reports, under the local
-    item's nodeid; an infrastructure error becomes the test's setup error. The test's
+    item's nodeid; an infrastructure error becomes the test's setup error (a time limit
+    passed after setup, the error of the phase it was in). The test's
     ``pytest_runtest_logstart`` was called when it was sent."""
+    paths = {"remote_root": result.remote_root, "local_root": str(local_root)}
+    if result.error is not None and result.reports:  # a time limit passed in a later phase
+        frames = _renamed(result.reports, result.nodeid, item.nodeid)
+        replay_test(
+            item, frames, **paths, lost=result.error, properties=result.properties, started=True
+        )
+        return
     if result.error is not None:
         replay_infra_error(item, result.error, result.properties, started=True)
         return
-    paths = {"remote_root": result.remote_root, "local_root": str(local_root)}
     for report in result.collection_errors:
         replay_collectreport(item.session, report, **paths)
     for warning in result.collection_warnings:
