@@ -15,6 +15,18 @@ from tests import engines
 from tests.cloud import BOOT_DELAY, STANDINS, GpuRun, Sim, Standins
 from tests.engines import Engine
 
+#: The inner sessions of the suite run without what would change them unasked: the test
+#: order of pytest-randomly and pytest-asyncio's warning about an unset loop scope (both
+#: are installed for tests/test_e2e_plugins.py, which sets what it tests itself).
+INNER_ADDOPTS = "-p no:randomly -o asyncio_default_fixture_loop_scope=function"
+
+
+@pytest.fixture(autouse=True)
+def _plain_inner_sessions(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("pytester")  # which clears PYTEST_ADDOPTS when it starts
+        monkeypatch.setenv("PYTEST_ADDOPTS", INNER_ADDOPTS)
+
 
 @pytest.fixture(scope="session")
 def sim_server() -> Iterator[Sim]:

@@ -108,6 +108,7 @@ class Fleet:
         workers: int = 1,
         artifacts: ArtifactStore | None = None,
         data: DataSource | None = None,
+        packages: dict[str, Path] | None = None,
     ) -> None:
         self.provider = provider
         self.settings = settings
@@ -134,6 +135,7 @@ class Fleet:
             rootdir,
             session_labels(self.session_id, project, settings.lifetime_s),
             start,
+            packages or {},
         )
         self.read_ahead = ReadAhead(settings.timeout, settings.env)
         self._catalog: list[GpuType] | None = None

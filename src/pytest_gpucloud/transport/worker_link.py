@@ -53,6 +53,9 @@ class WorkerStart(TypedDict):
     ini: list[str]
     environ: dict[str, str]
     artifacts: str
+    coverage: dict[str, Any] | None  # --cov: what to measure (remote/measure.py)
+    live_output: bool  # -s: the tests' output comes as it is made
+    plugin_options: dict[str, str]  # the options forwarded for other plugins -> package
 
 
 @dataclass(frozen=True)
@@ -121,9 +124,15 @@ class _Frames:
 
 
 class WorkerLink:
-    def __init__(self, instance_id: str, process: asyncssh.SSHClientProcess[bytes]) -> None:
+    def __init__(
+        self,
+        instance_id: str,
+        process: asyncssh.SSHClientProcess[bytes],
+        echo: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.instance_id = instance_id
         self._process = process
+        self._echo = echo
         self._frames = _Frames(process.stdout)
         self._stderr: collections.deque[bytes] = collections.deque(maxlen=60)
         self._drain = asyncio.ensure_future(self._drain_stderr())
@@ -132,6 +141,7 @@ class WorkerLink:
         self._quick = False  # the last test ran quickly enough to read ahead of the next
         self.start_s = 0.0  # from the exec to pytest imported (``loaded``)
         self.probe: str | None = None  # what the launch's ``probe`` printed, ``exit N`` last
+        self.coverage: str | None = None  # the ``coverage`` frame's data, after close()
 
     @classmethod
     async def launch(
@@ -144,6 +154,7 @@ class WorkerLink:
         timeout: float,
         wrap: Callable[[str], str] | None = None,
         probe: str | None = None,
+        echo: Callable[[bytes], None] | None = None,
     ) -> WorkerLink:
         """Start the worker's bootstrap (``remote/boot.py``) in ``workspace`` and wait until
         it has imported pytest; the code sync may still be running. :meth:`begin` it once
@@ -152,7 +163,9 @@ class WorkerLink:
         ``wrap``: turns the worker's shell command line into the one to run (a container
         runtime's, see :meth:`pytest_gpucloud.machine.runtime.Runtime.wrap`). ``probe``: a
         shell command run first in the same exec (the login shell is paid once); its output
-        (stderr included) and exit status come back as :attr:`probe`.
+        (stderr included) and exit status come back as :attr:`probe`. ``echo``: called
+        with the worker's stderr as it comes (the tests' own output, with a ``live_output``
+        start).
         """
         command = (
             f"cd {shlex.quote(workspace)} && PYTHONPATH={shlex.quote(package_dir)} "
@@ -165,7 +178,7 @@ class WorkerLink:
             command = wrap(command)
         started = time.perf_counter()
         process = await conn.create_process(command, encoding=None)
-        link = cls(instance_id, process)
+        link = cls(instance_id, process, echo)
         await link._within(link._loaded(), timeout, "did not start")
         link.start_s = time.perf_counter() - started
         return link
@@ -313,10 +326,17 @@ class WorkerLink:
             try:
                 await self._send(encode("shutdown", skip_waiting=True))
                 self._process.stdin.write_eof()
-                await asyncio.wait_for(self._process.wait_closed(), timeout)
-            except (asyncio.TimeoutError, OSError, asyncssh.Error, RemoteError):
+                await asyncio.wait_for(self._last_frames(), timeout)
+            except (asyncio.TimeoutError, OSError, ValueError, asyncssh.Error, RemoteError):
                 self.kill()
         self._drain.cancel()
+
+    async def _last_frames(self) -> None:
+        """Read to the end: results sent ahead are dropped, the coverage data is kept."""
+        while (frame := await self._frames.next()) is not None:
+            if frame["type"] == "coverage":
+                self.coverage = str(frame["data"])
+        await self._process.wait_closed()
 
     def kill(self) -> None:
         self._process.close()
@@ -365,6 +385,8 @@ class WorkerLink:
             chunk = await stream.read(_CHUNK)
             if not chunk:
                 return
+            if self._echo is not None:
+                self._echo(chunk)
             for line in chunk.splitlines(keepends=True):
                 self._stderr.append(line)
 
