@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_gpucloud import hooks
+from pytest_gpucloud.config.rootdir import check_rootdir
 from pytest_gpucloud.errors import PREFIX, ConfigError, MarkerError
 from pytest_gpucloud.providers import BUILTIN, ProviderFactory, ProviderRegistry
 from pytest_gpucloud.request import GpuRequest, request_for_item
@@ -28,6 +29,7 @@ from pytest_gpucloud.stash import (
 if TYPE_CHECKING:
     from pytest_gpucloud.controller import Controller, GpuCloudHandle
     from pytest_gpucloud.ipc import Handoff
+VALUE_FLAGS = frozenset(option.flag for option in OPTIONS if not option.is_switch)
 MARKER_DOC = (
     "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None): "
     "run this test on a cloud GPU instance with pytest --gpu-cloud (skipped without it)"
@@ -84,6 +86,8 @@ def pytest_configure(config: pytest.Config) -> None:
         provider = None
         if settings.enabled:
             provider = handoff["provider"] if handoff else settings.chosen_provider()
+        if settings.enabled and workerinput is None:
+            check_rootdir(config, VALUE_FLAGS)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = settings

@@ -1,0 +1,1 @@
+"""Configuration: options, ini keys and environment into settings; reads pytest only."""
