@@ -11,8 +11,8 @@ worker, in the controller's (``ipc.IpcInstanceLink``, over the fleet's socket).
 :meth:`InstanceHandle.call` ships a callable with cloudpickle: the image needs python3 and
 cloudpickle (install it with ``--gpu-setup`` if it has none), at the Python minor version of
 this machine when the callable travels by value. Its value comes back pickled and is
-unpickled here: this side trusts the pickles of an instance it created itself and reaches
-with a pinned host key, and of no one else.
+unpickled here through an allow-list (:mod:`pytest_gpucloud.features.safe_unpickle`): a
+pinned host key does not make an instance honest.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import asyncio
 import base64
 import contextlib
 import os
-import pickle
 import posixpath
 import shlex
 import signal
@@ -34,10 +33,11 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import asyncssh
 
 from pytest_gpucloud.errors import GpuCloudError, InstanceError
+from pytest_gpucloud.features.safe_unpickle import DisallowedGlobal, allowed_names, safe_loads
 from pytest_gpucloud.transport.filepipe import pull, push
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator
+    from collections.abc import Awaitable, Callable, Iterable, Iterator
 
     from pytest_gpucloud.engine import Engine
     from pytest_gpucloud.fleet import Fleet
@@ -61,13 +61,22 @@ except ImportError:
     sys.stderr.write("cloudpickle is not installed on the instance")
     sys.exit(3)
 fn, args, kwargs = pickle.loads(sys.stdin.buffer.read())
+# Classes of a module that travelled by value come back by reference (module.Name), so
+# this side's allow-list can name them.
+name = getattr(fn, "__module__", None)
+if name and name not in sys.modules and hasattr(fn, "__globals__"):
+    import types
+    module = types.ModuleType(name)
+    module.__dict__.update(fn.__globals__)
+    module.__file__ = "<gpucloud call>"
+    sys.modules[name] = module
 try:
     answer = ("ok", fn(*args, **kwargs))
     data = cloudpickle.dumps(answer)
 except BaseException as exc:
     text = traceback.format_exc()
     try:
-        data = cloudpickle.dumps(("raised", exc, text))
+        data = cloudpickle.dumps(("raised", cloudpickle.dumps(exc), text))
     except Exception:
         data = cloudpickle.dumps(("raised", None, text))
 out.write(data)
@@ -154,9 +163,12 @@ class InstanceHandle:
     machine). ``timeout``: the default limit of each call, ``--gpu-timeout``.
     """
 
-    def __init__(self, link: InstanceLink, timeout: float, rootdir: Path) -> None:
+    def __init__(
+        self, link: InstanceLink, timeout: float, rootdir: Path, allow: Iterable[str] = ()
+    ) -> None:
         self._link = link
         self._rootdir = rootdir
+        self._allow = allowed_names(allow)
         self.timeout = timeout
 
     @property
@@ -205,9 +217,21 @@ class InstanceHandle:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(path, dest)
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def call(
+        self,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        allow: Iterable[type | str] = (),
+        trusted: bool = False,
+        **kwargs: Any,
+    ) -> Any:
         """``fn(*args, **kwargs)`` run on the instance; its value, or its exception raised
-        again here with the remote traceback in its message."""
+        again here with the remote traceback in its message.
+
+        The value is unpickled through an allow-list (builtin values, numpy arrays):
+        ``allow`` adds classes (a test's own dataclasses) or ``"module.Name"`` strings;
+        ``trusted=True`` lets the instance's pickle run any code on this machine."""
         payload = _dumps((fn, args, kwargs), fn, self._rootdir)
         done = self._link.exec(f"python3 -c {shlex.quote(_LOADER)}", payload, self.timeout)
         if done.exit_status == NO_CLOUDPICKLE:
@@ -221,10 +245,21 @@ class InstanceHandle:
                 f"instance {self.id}: call() of {_name(fn)} ended with {_exit_text(done)}"
                 + ("; its last output:\n" + "\n".join(tail) if tail else "")
             )
-        answer = pickle.loads(done.stdout)
+        allowed = self._allow | allowed_names(allow)
+        answer = safe_loads(done.stdout, self.id, allow=allowed, trusted=trusted)
         if answer[0] == "ok":
             return answer[1]
-        raise _reraised(answer[1], answer[2], self.id)
+        _, pickled, text = answer
+        try:
+            exc = (
+                None
+                if pickled is None
+                else safe_loads(pickled, self.id, allow=allowed, trusted=trusted)
+            )
+        except DisallowedGlobal as refused:
+            text += f"\n(the exception itself stays there: {refused})"
+            exc = None
+        raise _reraised(exc, text, self.id)
 
     def _path(self, remote: str) -> str:
         return posixpath.join(self.workspace, remote)
@@ -304,10 +339,12 @@ async def within(step: Awaitable[T], timeout: float, instance_id: str) -> T:
 
 
 @contextlib.contextmanager
-def leased(link: InstanceLink, timeout: float, rootdir: Path) -> Iterator[InstanceHandle]:
+def leased(
+    link: InstanceLink, timeout: float, rootdir: Path, allow: Iterable[str] = ()
+) -> Iterator[InstanceHandle]:
     """A handle on ``link`` while the ``with`` block runs; the machine is released after."""
     try:
-        yield InstanceHandle(link, timeout, rootdir)
+        yield InstanceHandle(link, timeout, rootdir, allow)
     finally:
         link.release()
 
@@ -319,7 +356,9 @@ def lease(
     runs; deleted after it."""
     machine = engine.run(lease_machine(fleet, request))
     link = MachineLink(engine, fleet, machine)
-    return leased(link, fleet.settings.timeout, fleet.launcher.rootdir)
+    return leased(
+        link, fleet.settings.timeout, fleet.launcher.rootdir, fleet.settings.unpickle_allow
+    )
 
 
 def machine_conn(machine: Machine) -> asyncssh.SSHClientConnection:

@@ -22,7 +22,7 @@ controller -> worker:
   planned {"errors": {nodeid: message}}
   result  {"result": RunResult as a dict}
   instances {"instances": [InstanceView as a dict]}
-  leased  {"id", "label", "workspace", "timeout", "rootdir"}
+  leased  {"id", "label", "workspace", "timeout", "rootdir", "unpickle_allow"}
   done    {Completed as a dict} for exec; {"what": file|dir|missing} for pull; {} else
   error   {"message": str}              the request failed (a ``gpu-cloud:`` message)
 
@@ -203,6 +203,7 @@ class IpcServer:
             workspace=machine.remote_root,
             timeout=fleet.settings.timeout,
             rootdir=str(fleet.launcher.rootdir),
+            unpickle_allow=list(fleet.settings.unpickle_allow),
         )
 
     async def _on_lease(
@@ -300,7 +301,9 @@ class IpcClient:
     def lease(self, request: GpuRequest) -> contextlib.AbstractContextManager[InstanceHandle]:
         answer = self.ask("leased", encode("lease", request=request.canonical()))
         link = IpcInstanceLink(self, str(answer["id"]), str(answer["label"]), answer["workspace"])
-        return leased(link, float(answer["timeout"]), Path(answer["rootdir"]))
+        return leased(
+            link, float(answer["timeout"]), Path(answer["rootdir"]), answer["unpickle_allow"]
+        )
 
     def ask(self, expected: str, request: bytes) -> Message:
         """The answer to ``request``, of type ``expected``; an error answer raises it."""

@@ -248,6 +248,16 @@ OPTIONS: tuple[Option, ...] = (
         metavar="URL",
     ),
     Option(
+        "unpickle_allow",
+        "--gpu-unpickle-allow",
+        "a global that values coming back from gpu.call() may name, such as "
+        "mypkg.results.Metrics or mypkg.results.* (repeatable; the ini key and environment "
+        "variable take names separated by commas or spaces)",
+        env="GPUCLOUD_UNPICKLE_ALLOW",
+        metavar="NAME",
+        repeatable=True,
+    ),
+    Option(
         "sim_boot_delay",
         "--gpu-sim-boot-delay",
         "boot time of the simulated cloud's instances",
@@ -296,6 +306,7 @@ class Settings(BaseModel):
     artifacts_max: int = Field(default=10**9, gt=0)
     artifacts_s3: str | None = None
     s3_endpoint: str | None = None
+    unpickle_allow: tuple[str, ...] = ()
 
     @field_validator("timeout", "boot_timeout", "max_lifetime", "sim_boot_delay", mode="before")
     @classmethod
@@ -330,6 +341,18 @@ class Settings(BaseModel):
         for name in names:
             check_env_name(name)
         return tuple(sorted(set(names)))
+
+    @field_validator("unpickle_allow", mode="before")
+    @classmethod
+    def _global_names(cls, value: object) -> object:
+        words = [value] if isinstance(value, str) else value
+        if not isinstance(words, (list, tuple)):
+            return value
+        names = tuple(name for word in words for name in re.split(r"[\s,]+", str(word)) if name)
+        for name in names:
+            if not _GLOBAL_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a global name such as mypkg.results.Metrics")
+        return names
 
     @field_validator("provider")
     @classmethod
@@ -401,6 +424,7 @@ def check_env_name(name: str) -> str:
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_GLOBAL_NAME = re.compile(r"[A-Za-z_][\w.]*\.(?:[A-Za-z_]\w*|\*)")
 _REGION = re.compile(r"[A-Za-z0-9*?\[\]!-]{1,64}")
 
 

@@ -1,0 +1,1 @@
+"""What tests use on an instance: artifacts, datasets, S3, ``gpu_cloud.instance()``."""
