@@ -35,6 +35,7 @@ from pytest_gpucloud.service import (
 )
 from pytest_gpucloud.settings import OPTIONS
 from pytest_gpucloud.stash import PROVIDERS_KEY, REQUEST_KEY
+from pytest_gpucloud.transport.sync import left_behind
 
 if TYPE_CHECKING:
     from collections.abc import Generator
@@ -389,6 +390,13 @@ class Controller:
                 terminalreporter.write_line(f"{machine.id}: {machine.error}", yellow=True)
         for note in self.fleet.notes:
             terminalreporter.write_line(note, yellow=True)
+        stayed = left_behind(self.config.rootpath) if self.fleet.machines else []
+        if stayed:
+            shown = ", ".join(stayed[:10]) + (" ..." if len(stayed) > 10 else "")
+            terminalreporter.write_line(
+                f"gpu-cloud: {len(stayed)} file(s) stayed on this machine (secret-shaped, or in "
+                f".gpucloudignore): {shown} (a '!name' line in .gpucloudignore sends one)"
+            )
         if self.fleet.orphans:
             terminalreporter.write_line(
                 "gpu-cloud: these instances could not be deleted and may still cost money: "
