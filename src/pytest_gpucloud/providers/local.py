@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import asyncssh
 
 from pytest_gpucloud.catalog import GpuType, Offer
+from pytest_gpucloud.core.private import private_dir
 from pytest_gpucloud.errors import ConfigError, OutOfCapacity
 from pytest_gpucloud.gpus import SMI_FORMAT, csv_rows, type_name
 from pytest_gpucloud.providers.base import Instance
@@ -196,8 +197,7 @@ class LocalProvider(LeaseBook[_Lease]):
     @classmethod
     async def start(cls, settings: Settings) -> LocalProvider:
         gpus = await asyncio.to_thread(list_gpus)
-        lock_dir = Path(tempfile.gettempdir()) / f"pytest-gpucloud-{os.getuid()}"
-        lock_dir.mkdir(mode=0o700, exist_ok=True)
+        lock_dir = private_dir(Path(tempfile.gettempdir()) / f"pytest-gpucloud-{os.getuid()}")
         return cls(gpus, lease_timeout=settings.boot_timeout, lock_dir=lock_dir)
 
     async def catalog(self) -> list[GpuType]:
@@ -270,7 +270,7 @@ class LocalProvider(LeaseBook[_Lease]):
         home = (
             self._lock_dir / f"slot-{hashlib.sha1(uuids, usedforsecurity=False).hexdigest()[:12]}"
         )
-        home.mkdir(mode=0o700, exist_ok=True)
+        private_dir(home)
         host = _Host(asyncssh.import_public_key(ssh_public_key), home, _environment(gpus))
         port = await host.listen()
         instance = Instance(

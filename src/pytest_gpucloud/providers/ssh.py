@@ -201,7 +201,7 @@ class SshProvider(LeaseBook[_Lease]):
     async def _try_lease(self, host: StaticHost, labels: dict[str, str]) -> _Lease | None:
         conn = await self._login(host)
         try:
-            holder = await conn.create_process(f"python3 -c {shlex.quote(_HOLD_LEASE)}")
+            holder = await conn.create_process(f"python3 -I -S -c {shlex.quote(_HOLD_LEASE)}")
             answer = (await asyncio.wait_for(holder.stdout.readline(), 30)).strip()
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
             conn.close()

@@ -1,6 +1,6 @@
 """Plain files through one stream: the instance sends, or receives, over one SSH exec.
 
-Run on the instance as ``python3 -S -c <this source> send PATH MAX`` (instance -> here:
+Run on the instance as ``python3 -I -S -c <this source> send PATH MAX`` (instance -> here:
 artifacts, ``get``) or ``... recv DIR`` (here -> instance: ``put``); the local side imports
 the same functions for its end. Standard library only (Python >= 3.8), and no tarfile:
 both ends are this module, so the format is the one that costs least per file.

@@ -1,4 +1,4 @@
-"""Receiving end of a code sync; runs on the instance as ``python3 -S -c <source> DIR``.
+"""Receiving end of a code sync; runs on the instance as ``python3 -I -S -c <source> DIR``.
 
 Standard library only (Python >= 3.7): it is sent as the source of the exec itself, before
 anything of ours exists on the instance. ``DIR`` is absolute or relative to the login

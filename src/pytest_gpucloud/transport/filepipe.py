@@ -47,7 +47,7 @@ class Pulled:
 
 
 def _command(*args: str) -> str:
-    return shlex.join(["python3", "-S", "-c", source("filepipe"), *args])
+    return shlex.join(["python3", "-I", "-S", "-c", source("filepipe"), *args])
 
 
 async def pull(

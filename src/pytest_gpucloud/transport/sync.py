@@ -1,6 +1,6 @@
 """Mirror a project's files into a directory on an instance, in one SSH exec.
 
-The exec is ``python3 -S -c <source of remote/receive.py> DIR``; its docstring has the wire
+The exec is ``python3 -I -S -c <source of remote/receive.py> DIR``; its docstring has the wire
 format. The receiver first prints the manifest it stored last time, less the files changed
 on the instance since, so the diff needs no local state: a fresh instance gets everything,
 a warm one only what changed. This side then streams one pax tar: removals, chmods and
@@ -243,7 +243,7 @@ async def sync(
     ``root_known`` gets the absolute ``remote_dir`` as soon as it exists on the instance,
     long before the files are there: what needs only the folder can start then."""
     started = time.perf_counter()
-    command = f"python3 -S -c {shlex.quote(source('receive'))} {shlex.quote(remote_dir)}"
+    command = f"python3 -I -S -c {shlex.quote(source('receive'))} {shlex.quote(remote_dir)}"
     failed = f"code sync to {remote_dir} failed"
     try:
         proc = await conn.create_process(command, encoding=None)

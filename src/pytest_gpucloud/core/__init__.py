@@ -1,0 +1,1 @@
+"""Leaves of the package: errors, units, grammar, wire models; they import nothing above."""
