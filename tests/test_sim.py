@@ -602,7 +602,7 @@ def test_bad_fault_rules_are_refused(api: httpx.Client) -> None:
 # python -m pytest_gpucloud.sim
 
 
-def test_standalone_sim_serves_until_sigterm() -> None:
+def test_standalone_sim_makes_a_key_and_serves_until_sigterm() -> None:
     with subprocess.Popen(
         [sys.executable, "-m", "pytest_gpucloud.sim", "--port", "0", "--boot-delay", "0.01"],
         stdout=subprocess.PIPE,
@@ -614,7 +614,15 @@ def test_standalone_sim_serves_until_sigterm() -> None:
         assert "instances run tests on this machine's CPU" in line
         match = re.search(r"http://127\.0\.0\.1:\d+", line)
         assert match is not None, line
-        with httpx.Client(base_url=match.group(), headers=AUTH) as client:
+        said = proc.stdout.readline()
+        assert said.startswith("gpu-cloud sim: its API key (GPUCLOUD_API_KEY): "), said
+        key = said.rsplit(" ", 1)[1].strip()
+        # Started without --api-key, it accepts no other token, on the admin API neither.
+        for path in ("/v1/gpu-types", "/_sim/instances", "/_sim/faults"):
+            assert httpx.get(match.group() + path, headers=AUTH).status_code == 401
+        with httpx.Client(
+            base_url=match.group(), headers={"Authorization": f"Bearer {key}"}
+        ) as client:
             instance = launch(client)
             home = Path(str(record_of(client, instance.id).home))
             assert home.is_dir()
