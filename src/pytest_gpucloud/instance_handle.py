@@ -24,6 +24,7 @@ import os
 import posixpath
 import shlex
 import signal
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import asyncssh
 
+from pytest_gpucloud.core.escape import visible
 from pytest_gpucloud.errors import GpuCloudError, InstanceError
 from pytest_gpucloud.features.safe_unpickle import DisallowedGlobal, allowed_names, safe_loads
 from pytest_gpucloud.transport.filepipe import pull, push
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 LEASE_MARGIN_S = 120.0
 RELEASE_TIMEOUT_S = 120.0
+GET_MAX_BYTES = 10**9  # what gpu.get() takes unless told otherwise
 NO_CLOUDPICKLE = 3  # the loader's exit status when the image has no cloudpickle
 
 # Runs on the instance: the call arrives pickled on stdin; its value or exception goes
@@ -149,8 +152,9 @@ class InstanceLink(Protocol):
     def push(self, local: Path, remote: str, timeout: float) -> None:
         """Copy a local file or folder to ``remote``."""
 
-    def pull(self, remote: str, local_dir: Path, timeout: float) -> str:
-        """Copy ``remote`` into ``local_dir``; what it was: ``file``, ``dir`` or ``missing``."""
+    def pull(self, remote: str, local_dir: Path, timeout: float, max_bytes: int) -> str:
+        """Copy ``remote`` into ``local_dir``; what it was: ``file``, ``dir`` or ``missing``.
+        More than ``max_bytes`` raises :class:`InstanceError`."""
 
     def release(self) -> None:
         """Delete the machine (errors are the fleet's to report)."""
@@ -198,24 +202,24 @@ class InstanceHandle:
         folder ``remote``."""
         self._link.push(Path(local), self._path(remote), self.timeout)
 
-    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
+    def get(
+        self, remote: str, local: str | os.PathLike[str], *, max_bytes: int = GET_MAX_BYTES
+    ) -> None:
         """Copy the file ``remote`` to the local file ``local``, or the folder ``remote``'s
-        files into the local folder ``local``. Only plain files come; the instance's paths
-        cannot leave ``local``."""
+        files into the local folder ``local``. Only plain files come, and only inside
+        ``local``: never through a link, at most ``max_bytes`` (else InstanceError)."""
         target = Path(local)
+        if target.is_symlink():
+            raise InstanceError(f"gpu.get() writes no file through a link, and {target} is one")
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gpucloud-get-") as tmp:
-            kind = self._link.pull(self._path(remote), Path(tmp), self.timeout)
+            # The checking reader unpacks into a fresh folder; only plain files come.
+            kind = self._link.pull(self._path(remote), Path(tmp), self.timeout, max_bytes)
             if kind == "missing":
                 raise FileNotFoundError(f"{remote}: no such file or folder on instance {self.id}")
             if kind == "file":
-                os.replace(next(Path(tmp).iterdir()), target)
+                os.replace(next(Path(tmp).iterdir()), target)  # replaces a link, never follows
                 return
-            target.mkdir(exist_ok=True)
-            for path in sorted(Path(tmp).rglob("*")):
-                if path.is_file():
-                    dest = target / path.relative_to(tmp)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(path, dest)
+            _move_inside(Path(tmp), target)
 
     def call(
         self,
@@ -285,9 +289,9 @@ class MachineLink:
     def push(self, local: Path, remote: str, timeout: float) -> None:
         self._engine.run(within(push_to(self._machine, local, remote), timeout, self.id))
 
-    def pull(self, remote: str, local_dir: Path, timeout: float) -> str:
+    def pull(self, remote: str, local_dir: Path, timeout: float, max_bytes: int) -> str:
         return self._engine.run(
-            within(pull_from(self._machine, remote, local_dir), timeout, self.id)
+            within(pull_from(self._machine, remote, local_dir, max_bytes), timeout, self.id)
         )
 
     def release(self) -> None:
@@ -322,9 +326,22 @@ async def push_to(machine: Machine, local: Path, remote: str) -> None:
     await push(machine_conn(machine), local, remote)
 
 
-async def pull_from(machine: Machine, remote: str, local_dir: Path) -> str:
-    """Copy ``remote`` into ``local_dir``; what it was (``file``, ``dir``, ``missing``)."""
-    return (await pull(machine_conn(machine), remote, local_dir)).kind
+async def pull_from(machine: Machine, remote: str, local_dir: Path, max_bytes: int) -> str:
+    """Copy ``remote`` into ``local_dir``; what it was (``file``, ``dir``, ``missing``).
+    InstanceError where it holds more than ``max_bytes``, or names a path it may not."""
+    pulled = await pull(machine_conn(machine), remote, local_dir, max_bytes=max_bytes)
+    if pulled.left:
+        size = sum(size for _, size in pulled.left) + pulled.bytes
+        raise InstanceError(
+            f"instance {machine.id}: {remote} holds {size} bytes, more than the {max_bytes} "
+            "gpu.get() takes; pass max_bytes= to take more"
+        )
+    if pulled.refused:
+        name, why = pulled.refused[0]
+        raise InstanceError(
+            f"instance {machine.id} sent {visible(name)!r}, which was not written: {visible(why)}"
+        )
+    return pulled.kind
 
 
 async def within(step: Awaitable[T], timeout: float, instance_id: str) -> T:
@@ -383,6 +400,27 @@ def _dumps(value: Any, fn: Callable[..., Any], rootdir: Path) -> bytes:
     finally:
         if by_value:
             cloudpickle.unregister_pickle_by_value(module)
+
+
+def _move_inside(source: Path, target: Path) -> None:
+    """Move the files under ``source`` to the same paths under ``target``, through real
+    folders only: a link (or a file) where a folder should be is refused, never followed,
+    and a link where a file goes is replaced."""
+    _real_folder(target)
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            folder = target
+            for part in path.relative_to(source).parts[:-1]:
+                folder = _real_folder(folder / part)
+            os.replace(path, folder / path.name)
+
+
+def _real_folder(folder: Path) -> Path:
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir()
+    if not stat.S_ISDIR(os.lstat(folder).st_mode):
+        raise InstanceError(f"gpu.get() writes nothing through a link, and {folder} is one")
+    return folder
 
 
 def _reraised(exc: BaseException | None, remote_traceback: str, instance_id: str) -> BaseException:

@@ -16,7 +16,7 @@ worker -> controller:
   lease  {"request": canonical request}  ``gpu_cloud.instance()``: a machine of its own
   exec   {"id", "command": str, "stdin": base64|None, "timeout": float}
   push   {"id", "local": path, "remote": path, "timeout": float}
-  pull   {"id", "remote": path, "local": folder, "timeout": float}
+  pull   {"id", "remote": path, "local": folder, "timeout": float, "max_bytes": int}
   release {"id"}
 controller -> worker:
   planned {"errors": {nodeid: message}}
@@ -227,7 +227,9 @@ class IpcServer:
             )
             await within(pushed, timeout, machine.id)
             return encode("done")
-        pulled = instance_handle.pull_from(machine, str(request["remote"]), Path(request["local"]))
+        pulled = instance_handle.pull_from(
+            machine, str(request["remote"]), Path(request["local"]), int(request["max_bytes"])
+        )
         return encode("done", what=await within(pulled, timeout, machine.id))
 
     def _release_later(self, machine: Machine) -> None:
@@ -372,9 +374,11 @@ class IpcInstanceLink:
         request = encode("push", id=self.id, local=local_path, remote=remote, timeout=timeout)
         self._client.ask("done", request)
 
-    def pull(self, remote: str, local_dir: Path, timeout: float) -> str:
+    def pull(self, remote: str, local_dir: Path, timeout: float, max_bytes: int) -> str:
         folder = str(local_dir.absolute())
-        request = encode("pull", id=self.id, remote=remote, local=folder, timeout=timeout)
+        request = encode(
+            "pull", id=self.id, remote=remote, local=folder, timeout=timeout, max_bytes=max_bytes
+        )
         return str(self._client.ask("done", request)["what"])
 
     def release(self) -> None:
