@@ -23,7 +23,8 @@ def test_get_stays_inside(gpu_cloud, tmp_path):
     (down / "sub").symlink_to(outside)  # a link already in the destination
     (down / "conftest.py").symlink_to(victim)
     with gpu_cloud.instance("T4") as gpu:
-        gpu.run("mkdir -p made/sub && echo evil > made/sub/conftest.py && echo x > made/conftest.py")
+        gpu.run("mkdir -p made/sub && echo evil > made/sub/conftest.py")
+        gpu.run("echo x > made/conftest.py")
         with pytest.raises(InstanceError, match="writes nothing through a link"):
             gpu.get("made", down)
         assert list(outside.iterdir()) == []
