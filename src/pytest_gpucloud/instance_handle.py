@@ -36,6 +36,7 @@ import asyncssh
 from pytest_gpucloud.core.escape import visible
 from pytest_gpucloud.errors import GpuCloudError, InstanceError
 from pytest_gpucloud.features.safe_unpickle import DisallowedGlobal, allowed_names, safe_loads
+from pytest_gpucloud.transport.capped import run_capped
 from pytest_gpucloud.transport.filepipe import pull, push
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ T = TypeVar("T")
 LEASE_MARGIN_S = 120.0
 RELEASE_TIMEOUT_S = 120.0
 GET_MAX_BYTES = 10**9  # what gpu.get() takes unless told otherwise
+RUN_OUTPUT_MAX = 256 << 20  # of each stream of gpu.run() and gpu.call()
 NO_CLOUDPICKLE = 3  # the loader's exit status when the image has no cloudpickle
 
 # Runs on the instance: the call arrives pickled on stdin; its value or exception goes
@@ -309,17 +311,24 @@ async def lease_machine(fleet: Fleet, request: GpuRequest) -> Machine:
         raise InstanceError(f"no instance for {request.spec} within {limit:g} s") from None
 
 
-async def run_on(machine: Machine, command: str, stdin: bytes | None) -> Completed:
-    """Run ``command`` on ``machine`` in its workspace, inside its container if any."""
+async def run_on(
+    machine: Machine, command: str, stdin: bytes | None, max_bytes: int = RUN_OUTPUT_MAX
+) -> Completed:
+    """Run ``command`` on ``machine`` in its workspace, inside its container if any; more
+    than ``max_bytes`` of output on a stream raises InstanceError."""
     line = f"cd {shlex.quote(machine.remote_root)} && {command}"
     if machine.runtime is not None:
         line = machine.runtime.wrap(line)
     try:
-        done = await machine_conn(machine).run(line, input=stdin, encoding=None, check=False)
+        done = await run_capped(machine_conn(machine), line, stdin=stdin, max_bytes=max_bytes)
     except (OSError, asyncssh.Error) as exc:
         raise InstanceError(f"instance {machine.id}: {exc}") from None
-    exit_signal = done.exit_signal[0] if done.exit_signal is not None else None
-    return Completed(_bytes(done.stdout), _bytes(done.stderr), done.exit_status, exit_signal)
+    if done.cut:
+        raise InstanceError(
+            f"instance {machine.id}: {command[:60]!r} printed more than {max_bytes} bytes on "
+            "stdout or stderr; write big output to a file and gpu.get() it"
+        )
+    return Completed(done.stdout, done.stderr, done.exit_status, done.exit_signal)
 
 
 async def push_to(machine: Machine, local: Path, remote: str) -> None:
@@ -440,10 +449,6 @@ def _name(fn: Callable[..., Any]) -> str:
 
 def _text(data: bytes) -> str:
     return data.decode(errors="replace")
-
-
-def _bytes(data: bytes | str | None) -> bytes:
-    return data if isinstance(data, bytes) else (data or "").encode()
 
 
 def _exit_text(done: Completed) -> str:

@@ -42,7 +42,11 @@ _CHUNK = 1 << 20
 _BAD_PARTS = frozenset(("", ".", ".."))
 _BATCH_FILES = 1000
 _LINE_MAX = 64 << 20  # one batch line: 1000 names of up to 4096 bytes, JSON-escaped
+FILES_MAX = 20_000  # files of one stream, written or refused
+DEPTH_MAX = 64  # folders a name may go down
+REFUSED_MAX = 100  # refused names of one stream; past it the stream is broken off
 # Never through a link, never over an existing file.
+_MTIME_MAX = 2.0**33  # the year 2242; past it os.utime overflows on some systems
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -263,9 +267,16 @@ def _tar_entries(tar: TarStream) -> Iterator[tuple[str, int, int, float, bool]]:
 
 
 def extract(
-    stream: IO[bytes], dest: str, max_bytes: int | None = None, *, tar: bool = False
+    stream: IO[bytes],
+    dest: str,
+    max_bytes: int | None = None,
+    *,
+    tar: bool = False,
+    max_files: int = FILES_MAX,
 ) -> dict[str, Any]:
     """Write the files of a stream under ``dest``; never outside it (see the module doc).
+    More than ``max_files`` entries, or than :data:`REFUSED_MAX` refused ones, break it off;
+    a name deeper than :data:`DEPTH_MAX` folders, or with an mtime out of range, is refused.
 
     ``tar``: the stream is a tar stream (:func:`_tar_entries`), without a control line.
     Returns ``{"control": the control line ({} for tar), "files": n, "bytes": b,
@@ -284,9 +295,16 @@ def extract(
 
             stream = TarStream(stream)  # type: ignore[assignment]  # it reads like one
         entries = _tar_entries(stream) if tar else _entries(stream)  # type: ignore[arg-type]
-        for name, size, mode, mtime, regular in entries:
-            if not regular:
-                refused.append([name, "not a regular file"])
+        for count, (name, size, mode, mtime, regular) in enumerate(entries, 1):
+            if count > max_files:
+                raise Refused(f"the stream holds more than the {max_files} files allowed")
+            if len(refused) >= REFUSED_MAX:
+                raise Refused(f"the stream holds more than {REFUSED_MAX} refused names")
+            why = _refusal(name, mtime, regular)
+            if why:
+                refused.append([name[:200], why])
+                if regular:
+                    _Body(stream, size).skip()
                 continue
             if max_bytes is not None and total + size > max_bytes:
                 raise Refused(f"the stream holds more than the {max_bytes} bytes allowed")
@@ -299,9 +317,20 @@ def extract(
                 files += 1
                 total += size
             body.skip()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise Refused(f"a garbled stream: {exc}") from None
     return {"control": control, "files": files, "bytes": total, "refused": refused}
+
+
+def _refusal(name: str, mtime: float, regular: bool) -> str:
+    """Why the entry may not be written ("" if it may)."""
+    if not regular:
+        return "not a regular file"
+    if name.count("/") >= DEPTH_MAX:
+        return f"deeper than {DEPTH_MAX} folders"
+    if not 0 <= mtime < _MTIME_MAX:  # also NaN
+        return "an mtime out of range"
+    return ""
 
 
 def main(argv: list[str]) -> int:

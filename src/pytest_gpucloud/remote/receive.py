@@ -347,6 +347,8 @@ class TarStream:
                     name = _text(block[345:500]) + "/" + name
             if "size" in pax:
                 size = int(pax["size"])
+                if size < 0:
+                    raise BadTar("a tar header with a negative size")
             self._payload, self._padding = size, -size % _BLOCK
             yield Member(name, kind, size, block, pax, long_link)
             if pax or long_name or long_link:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 _CHUNK = 1 << 20
+_LISTED_MAX = 1000  # names kept of what an instance says it left behind or skipped
 
 
 @dataclass
@@ -67,14 +68,19 @@ async def pull(
     command = _command("send", remote_path, str(limit))
     result = await _receive(conn, command, local_dir, max_bytes, remote_path)
     control: dict[str, Any] = result["control"]
-    return Pulled(
-        kind=str(control.get("kind", "")),
-        files=result["files"],
-        bytes=result["bytes"],
-        left=[(str(name), int(size)) for name, size in control.get("left", [])],
-        skipped=[(str(name), str(why)) for name, why in control.get("skipped", [])],
-        refused=[(str(name), str(why)) for name, why in result["refused"]],
-    )
+    try:
+        return Pulled(
+            kind=str(control.get("kind", "")),
+            files=result["files"],
+            bytes=result["bytes"],
+            left=[(str(name), int(size)) for name, size in control["left"][:_LISTED_MAX]],
+            skipped=[(str(name), str(why)) for name, why in control["skipped"][:_LISTED_MAX]],
+            refused=[(str(name), str(why)) for name, why in result["refused"]],
+        )
+    except (KeyError, TypeError, ValueError):
+        raise InstanceError(
+            f"copying {remote_path} from the instance failed: a garbled control line"
+        ) from None
 
 
 async def pull_listed(

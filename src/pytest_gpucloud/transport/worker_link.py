@@ -36,6 +36,7 @@ from pytest_gpucloud.remote.protocol import (
 
 REMOTE_PACKAGE = "gpucloud_remote"
 _CHUNK = 256 * 1024
+FRAME_MAX = 64 << 20  # one frame: a report with its captured output, tracebacks, sections
 # How much longer than a test's time limit this side waits for the worker to stop itself.
 TIMEOUT_GRACE_S = 5.0
 READ_AHEAD = 8
@@ -91,7 +92,8 @@ class Collection:
 
 
 class _Frames:
-    """Splits the worker's stdout into frames; reads in large chunks, not line by line."""
+    """Splits the worker's stdout into frames; reads in large chunks, not line by line. A
+    frame longer than :data:`FRAME_MAX` is refused: nothing else bounds the buffer."""
 
     def __init__(self, stream: asyncssh.SSHReader[bytes]) -> None:
         self._stream = stream
@@ -105,6 +107,8 @@ class _Frames:
                 return None
             *lines, self._buffer = (self._buffer + chunk).split(b"\n")
             self._ready.extend(lines)
+            if len(self._buffer) > FRAME_MAX:
+                raise ValueError(f"a frame longer than {FRAME_MAX >> 20} MiB")
         return decode(self._ready.popleft())
 
 
@@ -314,6 +318,7 @@ class WorkerLink:
         except (OSError, asyncssh.Error) as exc:
             raise self._lost(doing, f"SSH connection lost ({_first_line(exc)})") from None
         except ValueError as exc:
+            self.kill()
             raise self._lost(doing, f"garbled output ({exc})") from None
         if frame is None:
             await asyncio.sleep(0.05)  # let the exit status arrive
