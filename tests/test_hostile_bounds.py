@@ -5,6 +5,7 @@ an uncaught exception."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import tarfile
@@ -150,10 +151,8 @@ def test_fuzz_the_readers_refuse_or_succeed(
 ) -> None:
     for tar in (True, False):
         dest = tmp_path_factory.mktemp("fuzz")
-        try:
+        with contextlib.suppress(Refused):
             extract(io.BytesIO(data), str(dest), 1 << 20, tar=tar)
-        except Refused:
-            pass
         for path in dest.rglob("*"):
             assert path.resolve().is_relative_to(dest.resolve())
 
@@ -178,10 +177,8 @@ def test_fuzz_the_frame_decoder_refuses_or_succeeds(chunks: list[bytes]) -> None
         while await reader.next() is not None:
             pass
 
-    try:
+    with contextlib.suppress(ValueError):
         asyncio.run(frames())
-    except ValueError:
-        pass
     for line in (b"[" * 100_000, b"\xff\xfe", b"1", b'{"type": null}'):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"not a protocol frame|Expecting|codec"):
             decode(line)
