@@ -97,7 +97,8 @@ class _Frames:
 
     def __init__(self, stream: asyncssh.SSHReader[bytes]) -> None:
         self._stream = stream
-        self._buffer = b""
+        self._partial: list[bytes] = []  # the frame begun, in pieces (joined once, at its end)
+        self._partial_size = 0
         self._ready: collections.deque[bytes] = collections.deque()
 
     async def next(self) -> Message | None:
@@ -105,10 +106,17 @@ class _Frames:
             chunk = await self._stream.read(_CHUNK)
             if not chunk:
                 return None
-            *lines, self._buffer = (self._buffer + chunk).split(b"\n")
-            self._ready.extend(lines)
-            if len(self._buffer) > FRAME_MAX:
-                raise ValueError(f"a frame longer than {FRAME_MAX >> 20} MiB")
+            *lines, rest = chunk.split(b"\n")
+            if lines:
+                lines[0] = b"".join([*self._partial, lines[0]])
+                self._partial.clear()
+                self._partial_size = 0
+                self._ready.extend(lines)
+            if rest:
+                self._partial.append(rest)
+                self._partial_size += len(rest)
+                if self._partial_size > FRAME_MAX:
+                    raise ValueError(f"a frame longer than {FRAME_MAX >> 20} MiB")
         return decode(self._ready.popleft())
 
 
