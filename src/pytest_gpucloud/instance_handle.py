@@ -246,7 +246,7 @@ class InstanceHandle:
                 "add it to the image or install it with --gpu-setup"
             )
         if done.exit_status != 0 or not done.stdout:
-            tail = _text(done.stderr).strip().splitlines()[-8:]
+            tail = visible(_text(done.stderr)).strip().splitlines()[-8:]
             raise InstanceError(
                 f"instance {self.id}: call() of {_name(fn)} ended with {_exit_text(done)}"
                 + ("; its last output:\n" + "\n".join(tail) if tail else "")
@@ -433,6 +433,7 @@ def _real_folder(folder: Path) -> Path:
 
 
 def _reraised(exc: BaseException | None, remote_traceback: str, instance_id: str) -> BaseException:
+    remote_traceback = visible(remote_traceback)
     header = f"(raised on instance {instance_id}; remote traceback:)\n{remote_traceback}"
     if exc is None:
         last = remote_traceback.strip().splitlines()[-1] if remote_traceback.strip() else "?"

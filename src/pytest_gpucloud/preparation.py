@@ -22,6 +22,7 @@ from pathlib import Path
 
 import asyncssh
 
+from pytest_gpucloud.core.escape import visible
 from pytest_gpucloud.errors import GpuMismatch, InstanceError
 from pytest_gpucloud.gpus import PROBE, read_probe
 from pytest_gpucloud.runtime import Runtime
@@ -145,7 +146,7 @@ async def run_setup(
     output = _text(result.stdout) + _text(result.stderr)
     _write_log(log, ("[earlier output dropped]\n" if result.cut else "") + output)
     if result.exit_status != 0:
-        tail = "\n".join(output.rstrip().splitlines()[-_LOG_LINES:])
+        tail = visible("\n".join(output.rstrip().splitlines()[-_LOG_LINES:]))
         raise InstanceError(
             f"setup failed on {where} (exit status {result.exit_status} of "
             f"{command!r}); its output is in {log}, ending:\n{tail}"
@@ -241,4 +242,4 @@ def _text(value: object) -> str:
 
 def _last_line(result: Captured) -> str:
     said = (_text(result.stderr).strip() or _text(result.stdout).strip()).splitlines()
-    return said[-1][:300] if said else f"exit status {result.exit_status}"
+    return visible(said[-1][:300]) if said else f"exit status {result.exit_status}"

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
+from pytest_gpucloud.core.escape import visible
 from pytest_gpucloud.errors import InstanceError
 from pytest_gpucloud.remote import filepipe, source
 
@@ -219,14 +220,14 @@ async def _why(proc: asyncssh.SSHClientProcess[bytes]) -> str:
         err = await asyncio.wait_for(proc.stderr.read(), 2)
     except (asyncio.TimeoutError, OSError, asyncssh.Error):
         return ""
-    lines = err.decode(errors="replace").strip().splitlines()
+    lines = visible(err.decode(errors="replace")).strip().splitlines()
     return lines[-1] if lines else ""
 
 
 def _stderr(done: asyncssh.SSHCompletedProcess) -> str:
     err = done.stderr
     text = err.decode(errors="replace") if isinstance(err, bytes) else str(err or "")
-    lines = text.strip().splitlines()
+    lines = visible(text).strip().splitlines()
     return lines[-1] if lines else ""
 
 

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import asyncssh
 import pytest
 
+from pytest_gpucloud.core.escape import visible
 from pytest_gpucloud.errors import RemoteError
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.remote.boot import GO
@@ -346,7 +347,8 @@ class WorkerLink:
         )
 
     def _last_output(self) -> str:
-        tail = b"".join(self._stderr).decode(errors="replace").strip().splitlines()[-8:]
+        text = visible(b"".join(self._stderr).decode(errors="replace"))
+        tail = text.strip().splitlines()[-8:]
         return ("; its last output:\n" + "\n".join(tail)) if tail else ""
 
     async def _drain_stderr(self) -> None:
