@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pytest_gpucloud import s3
+from pytest_gpucloud.core.private import private_dir
 from pytest_gpucloud.errors import InstanceError
 from pytest_gpucloud.remote.fixtures import artifacts_dir_name
 from pytest_gpucloud.transport.filepipe import pull, pull_listed
@@ -104,7 +105,7 @@ class ArtifactStore:
             return
         name = artifacts_dir_name(nodeid)
         remote = posixpath.join(machine.remote_root, self.remote_root, name)
-        record = TestArtifacts(nodeid, self.root / name)
+        record = TestArtifacts(nodeid, private_dir(self.root, parents=True, tighten=True) / name)
         await asyncio.to_thread(shutil.rmtree, record.path, True)  # a former run's
         listed = _listed(frame)
         if listed is None:

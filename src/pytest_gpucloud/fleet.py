@@ -112,8 +112,7 @@ class Fleet:
         # Each test's gpu_artifacts brought home (None: left on the instances), and the
         # presigning of its datasets.
         self.artifacts = artifacts
-        expiry = settings.boot_timeout + settings.timeout
-        self.data = data or DataSource(settings.s3_endpoint, expiry)
+        self.data = data or DataSource(settings.s3_endpoint, settings.boot_timeout)
         self.session_id = uuid.uuid4().hex[:12]
         self.machines: list[Machine] = []
         self.orphans: list[str] = []
@@ -190,7 +189,8 @@ class Fleet:
         of the same pool, if known (the remote session keeps the fixtures it shares).
         """
         try:
-            data = await self.data.presign(nodeid, request.data) if request.data else {}
+            limit = request.timeout_s or self.settings.timeout
+            data = await self.data.presign(nodeid, request.data, limit) if request.data else {}
         except GpuCloudError:
             self.forget([(nodeid, request)])
             raise

@@ -23,6 +23,7 @@ from pathlib import Path
 import asyncssh
 
 from pytest_gpucloud.core.escape import visible
+from pytest_gpucloud.core.private import private_file
 from pytest_gpucloud.errors import GpuMismatch, InstanceError
 from pytest_gpucloud.gpus import PROBE, read_probe
 from pytest_gpucloud.runtime import Runtime
@@ -230,8 +231,7 @@ def _named_files(command: str, root: Path) -> list[Path]:
 
 
 def _write_log(log: Path, text: str) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(text, encoding="utf-8", errors="replace")
+    private_file(log, text)
 
 
 def _text(value: object) -> str:

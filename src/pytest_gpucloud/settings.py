@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
 )
 
+from pytest_gpucloud.config.rootdir import untrusted_ini
 from pytest_gpucloud.errors import ConfigError
 from pytest_gpucloud.s3 import split_url
 from pytest_gpucloud.units import parse_duration, parse_size
@@ -283,7 +284,7 @@ class Settings(BaseModel):
     provider: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     api_url: str | None = None
     api_key: SecretStr | None = Field(default=None, repr=False)
-    image: str = Field(default="python:3.12-slim", min_length=1)
+    image: str = Field(default="python:3.12-slim", pattern=r"^[^-\s][^\s]*$")
     timeout: Duration = Field(default=1800.0, gt=0)
     boot_timeout: Duration = Field(default=600.0, gt=0)
     max_lifetime: Duration | None = Field(default=None, ge=60)
@@ -393,10 +394,7 @@ class Settings(BaseModel):
     def _s3_endpoint(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL such as https://minio.example.com:9000")
-        return value.rstrip("/")
+        return check_http_url(value, "https://minio.example.com:9000")
 
     def chosen_provider(self) -> str:
         """The provider to use; without one and without an API key, say both ways forward."""
@@ -429,9 +427,15 @@ _REGION = re.compile(r"[A-Za-z0-9*?\[\]!-]{1,64}")
 
 
 def check_api_url(url: str) -> str:
+    return check_http_url(url, "https://api.example.com")
+
+
+def check_http_url(url: str, example: str) -> str:
+    """``url`` without a trailing slash: https, or http on this machine (credentials and
+    what comes back travel over it)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http(s) URL such as https://api.example.com")
+        raise ValueError(f"must be an http(s) URL such as {example}")
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise ValueError("must use https unless it points at this machine (127.0.0.1)")
     return url.rstrip("/")
@@ -513,6 +517,7 @@ _HINTS = {
     "start": " (choose one of: jit, eager, lazy)",
     "artifacts_max": " (a size such as 500MB, 2GB or 1.5GiB)",
     "artifacts_s3": " (such as s3://my-bucket/ci-artifacts)",
+    "image": " (a container image such as python:3.12-slim; no leading '-', no whitespace)",
 }
 
 
@@ -520,4 +525,15 @@ def from_config(config: pytest.Config, providers: Collection[str] | None = None)
     def ini(name: str) -> Any:
         return config.getini(name)
 
-    return resolve(lambda dest: config.getoption(dest, None), ini, os.environ, providers)
+    settings = resolve(lambda dest: config.getoption(dest, None), ini, os.environ, providers)
+    confirmed = config.getoption("gpu_cloud_opt_api_url", None) or os.environ.get(
+        "GPUCLOUD_API_URL"
+    )
+    if settings.api_url is not None and not confirmed:
+        why = untrusted_ini(config)
+        if why is not None:
+            raise ConfigError(
+                f"ini gpu_cloud_api_url {settings.api_url!r}: {why}, and the API key would "
+                "be sent there; confirm the URL with GPUCLOUD_API_URL or --gpu-api-url"
+            )
+    return settings

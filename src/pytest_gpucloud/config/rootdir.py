@@ -102,3 +102,20 @@ def _git_top(folder: Path) -> Path | None:
         return None
     top = done.stdout.strip()
     return Path(top).resolve() if done.returncode == 0 and top else None
+
+
+def untrusted_ini(config: pytest.Config) -> str | None:
+    """Why the ini file may not choose where the API key goes (None: it may): it lies
+    outside the rootdir (a file planted in a parent folder such as /tmp is found too), or
+    another user owns it."""
+    inipath = config.inipath
+    if inipath is None or str(inipath) == os.devnull:
+        return None
+    root = config.rootpath.resolve()
+    where = inipath.resolve()
+    if root not in where.parents:
+        return f"{inipath} lies outside the rootdir {root}"
+    owner = where.stat().st_uid
+    if owner != os.getuid():
+        return f"{inipath} belongs to another user (uid {owner})"
+    return None

@@ -16,11 +16,13 @@ from pathlib import Path
 from pytest_gpucloud.errors import UnsafePath
 
 
-def private_dir(path: Path, *, parents: bool = False) -> Path:
+def private_dir(path: Path, *, parents: bool = False, tighten: bool = False) -> Path:
     """``path``, a folder that only this user can enter, made (mode 0700) if missing.
 
     Raises :class:`UnsafePath` where it is a symbolic link, not a folder, owned by another
-    user, or open to group or others. ``parents``: make missing parents too (0700)."""
+    user, or open to group or others. ``parents``: make missing parents too (0700).
+    ``tighten``: a folder of ours open to others is made 0700 instead (one inside the
+    project, made by an earlier version; never one in a shared folder such as /tmp)."""
     if parents:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
@@ -32,6 +34,9 @@ def private_dir(path: Path, *, parents: bool = False) -> Path:
         problem = "is not a folder"
     elif st.st_uid != os.getuid():
         problem = f"belongs to another user (uid {st.st_uid})"
+    elif st.st_mode & 0o077 and tighten:
+        os.chmod(path, 0o700)
+        return path
     elif st.st_mode & 0o077:
         problem = f"is open to other users (mode {stat.S_IMODE(st.st_mode):o})"
     else:
@@ -44,7 +49,7 @@ def private_dir(path: Path, *, parents: bool = False) -> Path:
 
 def private_file(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` (UTF-8), readable by this user only, in a private folder."""
-    private_dir(path.parent, parents=True)
+    private_dir(path.parent, parents=True, tighten=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as file:
         os.fchmod(fd, 0o600)

@@ -150,9 +150,10 @@ def _line(value: Any) -> bytes:
 class _Dest:
     """The folder files are extracted into, with the checks that keep every write inside."""
 
-    def __init__(self, root: str) -> None:
-        os.makedirs(root, exist_ok=True)
+    def __init__(self, root: str, private: bool = False) -> None:
+        os.makedirs(root, mode=0o700 if private else 0o777, exist_ok=True)
         self.root = root
+        self._mask = 0o700 if private else 0o777
         self.real = os.path.realpath(root)
         self._checked: set[str] = set()
         # Files are read into this and written from it: no copy of their content between.
@@ -175,7 +176,7 @@ class _Dest:
 
     def write(self, path: str, body: _Body, mode: int, mtime: float) -> None:
         """Write a new file, or replace one through a temporary name and a rename."""
-        mode = 0o755 if mode & 0o100 else 0o644
+        mode = (0o755 if mode & 0o100 else 0o644) & self._mask
         try:
             fd = os.open(path, _NEW, mode)
         except FileExistsError:
@@ -273,17 +274,19 @@ def extract(
     *,
     tar: bool = False,
     max_files: int = FILES_MAX,
+    private: bool = False,
 ) -> dict[str, Any]:
     """Write the files of a stream under ``dest``; never outside it (see the module doc).
     More than ``max_files`` entries, or than :data:`REFUSED_MAX` refused ones, break it off;
     a name deeper than :data:`DEPTH_MAX` folders, or with an mtime out of range, is refused.
+    ``private``: files and the folder made are this user's only (0600, 0700).
 
     ``tar``: the stream is a tar stream (:func:`_tar_entries`), without a control line.
     Returns ``{"control": the control line ({} for tar), "files": n, "bytes": b,
     "refused": [[name, why], ...]}``. Raises :class:`Refused` when the content passes
     ``max_bytes`` or the stream is garbled or cut short; the files written so far stay.
     """
-    target = _Dest(dest)
+    target = _Dest(dest, private)
     files = total = 0
     refused: list[list[str]] = []
     try:

@@ -140,7 +140,7 @@ async def _receive(
         proc.stdin.write(stdin)
         proc.stdin.write_eof()
         result: dict[str, Any] = await asyncio.to_thread(
-            filepipe.extract, reader, str(local_dir), max_bytes, tar=tar
+            filepipe.extract, reader, str(local_dir), max_bytes, tar=tar, private=True
         )
         await _drain(proc)
     except filepipe.Refused as exc:
