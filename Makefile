@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint types unit bench clean
+.PHONY: demo test lint types unit podman bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 types: $(STAMP)
 	$(BIN)/mypy
@@ -25,7 +26,12 @@ types: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -n 2 -q
 
-test: lint types unit
+# The container tests' engine: podman, runc and debootstrap installed if missing, and the test
+# image built once (cached by a hash of its recipe). Needs root; see README, "Containers".
+podman: $(STAMP)
+	PYTHON=$(BIN)/python tests/podman/setup
+
+test: lint types podman unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_gpucloud.remote.filepipe import DEPTH_MAX, FILES_MAX, REFUSED_MAX, Refused, extract
+from pytest_gpucloud.remote.filepipe import DEPTH_MAX, FILES_MAX, REFUSED_MAX, PipeRefused, extract
 from pytest_gpucloud.remote.protocol import decode
 from pytest_gpucloud.transport.capped import run_capped
 from pytest_gpucloud.transport.worker_link import FRAME_MAX, _Frames
-from tests.conftest import GpuRun
+from tests.cloud import GpuRun
 from tests.test_sync import Remote, remote  # noqa: F401  (a fixture)
 
 FUZZ_CASES = 300  # more than the bad-input suite's cases
@@ -56,7 +56,7 @@ def tar_stream(pax_mtime: str) -> io.BytesIO:
 
 def test_many_empty_files_pass_no_byte_cap(tmp_path: Path) -> None:
     stream = own_stream([(f"f{i}", b"") for i in range(FILES_MAX + 1)])
-    with pytest.raises(Refused, match=f"more than the {FILES_MAX} files"):
+    with pytest.raises(PipeRefused, match=f"more than the {FILES_MAX} files"):
         extract(stream, str(tmp_path), 1)
     assert len(list(tmp_path.iterdir())) == FILES_MAX
 
@@ -67,7 +67,7 @@ def test_deep_names_and_many_refusals_are_bounded(tmp_path: Path) -> None:
     assert result["refused"] == [[deep[:200], f"deeper than {DEPTH_MAX} folders"]]
     assert (tmp_path / "ok").read_bytes() == b"y"
     bad = [(f"../x{i}", b"") for i in range(REFUSED_MAX + 1)]
-    with pytest.raises(Refused, match=f"more than {REFUSED_MAX} refused"):
+    with pytest.raises(PipeRefused, match=f"more than {REFUSED_MAX} refused"):
         extract(own_stream(bad), str(tmp_path / "two"))
 
 
@@ -159,7 +159,7 @@ def test_fuzz_the_readers_refuse_or_succeed(
 ) -> None:
     for tar in (True, False):
         dest = tmp_path_factory.mktemp("fuzz")
-        with contextlib.suppress(Refused):
+        with contextlib.suppress(PipeRefused):
             extract(io.BytesIO(data), str(dest), 1 << 20, tar=tar)
         for path in dest.rglob("*"):
             assert path.resolve().is_relative_to(dest.resolve())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pytest_gpucloud.features.safe_unpickle import DisallowedGlobal, allowed_names, safe_loads
-from tests.conftest import GpuRun
+from tests.cloud import GpuRun
 
 CALLS = """
 import dataclasses

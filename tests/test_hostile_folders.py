@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_gpucloud.core.errors import UnsafePath
 from pytest_gpucloud.core.private import private_dir
-from pytest_gpucloud.errors import UnsafePath
-from pytest_gpucloud.transport.filepipe import pull
+from pytest_gpucloud.transport.files import pull
 from tests.test_providers import ONE_TEST, _gpus, smi_path  # noqa: F401  (a fixture)
 from tests.test_sync import Remote, remote  # noqa: F401  (a fixture)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import GpuRun
+from tests.cloud import GpuRun
 
 GETS = """
 import pytest
 
-from pytest_gpucloud.errors import InstanceError
+from pytest_gpucloud.core.errors import InstanceError
 
 
 def test_get_stays_inside(gpu_cloud, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from pytest_gpucloud.transport.exclusions import Exclusions
 from pytest_gpucloud.transport.sync import left_behind, list_files
-from tests.conftest import GpuRun
+from tests.cloud import GpuRun
 
 SECRET_FILES = (
     ".env",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_gpucloud.core.escape import visible
-from tests.conftest import GpuRun, Sim
+from tests.cloud import GpuRun, Sim
 
 # ESC sequences that clear the screen and colour, an OSC that retitles the window, a BEL.
 HOSTILE = "\x1b[2J\x1b[31mred\x1b]0;owned\x07bell\x07"

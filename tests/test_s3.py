@@ -15,9 +15,9 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from pytest_gpucloud.data import DataError, DataSource
+from pytest_gpucloud.features.data import DataError, DataSource
 from pytest_gpucloud.remote.fixtures import artifacts_dir_name
-from tests.conftest import GpuRun, Sim
+from tests.cloud import GpuRun, Sim
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

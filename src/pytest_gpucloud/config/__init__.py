@@ -1,1 +1,5 @@
-"""Configuration: options, ini keys and environment into settings; reads pytest only."""
+"""Options, ini keys and environment turned into one ``Settings``: pytest is read here. It
+reads, never builds providers.
+
+May import: ``core``.
+"""

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from _pytest.config.findpaths import determine_setup
 
-from pytest_gpucloud.errors import ConfigError
+from pytest_gpucloud.core.errors import ConfigError
 
 
 def check_rootdir(config: pytest.Config, flags: Iterable[str]) -> None:

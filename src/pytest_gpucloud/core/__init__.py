@@ -1,1 +1,5 @@
-"""Leaves of the package: errors, units, grammar, wire models; they import nothing above."""
+"""The leaves: errors, units, the marker grammar, the catalog, labels, the wire models,
+address grammars, environment names, GPU probes and the engine's event loop.
+
+Imports nothing else of the package (checked by import-linter, see ``pyproject.toml``).
+"""

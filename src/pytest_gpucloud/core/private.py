@@ -13,7 +13,7 @@ import os
 import stat
 from pathlib import Path
 
-from pytest_gpucloud.errors import UnsafePath
+from pytest_gpucloud.core.errors import UnsafePath
 
 
 def private_dir(path: Path, *, parents: bool = False, tighten: bool = False) -> Path:

@@ -15,7 +15,7 @@ import pickle
 from collections.abc import Iterable
 from typing import Any
 
-from pytest_gpucloud.errors import GpuCloudError
+from pytest_gpucloud.core.errors import GpuCloudError
 
 _BUILTIN_VALUES = (
     "bool bytearray bytes complex dict float frozenset int list range set slice str tuple Ellipsis"
