@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint types unit podman bench clean
+.PHONY: demo test lint types unit podman chromium bench clean dist wheel-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +31,28 @@ unit: $(STAMP)
 podman: $(STAMP)
 	PYTHON=$(BIN)/python tests/podman/setup
 
-test: lint types podman unit
+# Headless chromium, which renders the timeline in its test: Debian's package if missing.
+chromium:
+	scripts/ensure-chromium
+
+test: lint types podman chromium unit
+
+# The release artifacts: an sdist, and a wheel built from it (so a file the sdist lacks fails).
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
+# The wheel, not the checkout, in a fresh environment: a session on the simulated cloud.
+wheel-check: dist
+	rm -rf .wheel-venv
+	$(PYTHON) -m venv .wheel-venv
+	.wheel-venv/bin/python -m pip install -q dist/*.whl numpy  # numpy: examples/' model
+	cd examples && ../.wheel-venv/bin/python -c 'import pytest_gpucloud as p; assert "/.wheel-venv/" in p.__file__, p.__file__'
+	cd examples && ../.wheel-venv/bin/python -m pytest -p no:cacheprovider -q --gpu-cloud --gpu-provider sim
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .gpucloud examples/.gpucloud
+	rm -rf $(VENV) .wheel-venv dist .pytest_cache .mypy_cache .ruff_cache .gpucloud examples/.gpucloud

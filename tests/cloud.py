@@ -74,6 +74,9 @@ class GpuRun:
         self.sim = sim
         monkeypatch.setenv("GPUCLOUD_API_KEY", sim.api_key)
         monkeypatch.delenv("GPUCLOUD_PROVIDER", raising=False)
+        # Sessions under test write no job summary or annotations for the CI running them.
+        for name in ("GITHUB_STEP_SUMMARY", "GITHUB_ACTIONS"):
+            monkeypatch.delenv(name, raising=False)
 
     def args(self) -> list[str]:
         return ["--gpu-cloud", "--gpu-provider", "rest", "--gpu-api-url", self.sim.url]

@@ -74,7 +74,7 @@ def test_a_conftest_registers_a_provider(
     unknown.stderr.fnmatch_lines(
         [
             "*--gpu-provider 'othercloud': unknown GPU provider; choose one of: "
-            "local, mycloud, rest, sim, ssh"
+            "lambda, local, lyceum, mycloud, rest, runpod, sim, ssh"
         ]
     )
 

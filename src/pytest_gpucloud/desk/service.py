@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pytest_gpucloud.core.catalog import check_known
-from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, MarkerError
+from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, MarkerError, TimeLimitExceeded
 from pytest_gpucloud.features import instance_handle
 from pytest_gpucloud.scheduling import cost
 
 if TYPE_CHECKING:
+    from pytest_gpucloud.core.catalog import GpuType
     from pytest_gpucloud.core.engine import Engine
     from pytest_gpucloud.core.request import GpuRequest, Tests
     from pytest_gpucloud.features.artifacts import ArtifactStore
@@ -43,7 +44,9 @@ class RunResult:
     """What running one gpu test gave: everything its item's process needs to replay it.
 
     Plain JSON data (it crosses the xdist socket as is). ``error``: the test could not run
-    for an infrastructure reason (a ``gpu-cloud:`` message; replay it as a setup error).
+    or finish for an infrastructure reason (a ``gpu-cloud:`` message; replayed as a setup
+    error, or, with the ``reports`` of the phases that ended before a time limit, as a
+    failure of the phase it was in).
     ``missing``: the remote session did not collect it. ``collection_errors`` and
     ``collection_warnings``: the machine's remote collection, in the first result that
     machine gives, for whichever process gets it first. ``properties``: ``[name, value]``
@@ -93,6 +96,7 @@ class Outcome:
     notes: list[str]
     data_lines: list[str]
     artifacts: ArtifactStore | None
+    catalog: list[GpuType] = field(default_factory=list)
 
 
 class FleetAccess(Protocol):
@@ -176,6 +180,14 @@ class FleetService:
         try:
             fleet = await self.fleet()
             run, machine = await fleet.run(nodeid, request, nextid, owner=owner)
+        except TimeLimitExceeded as exc:  # reported in the phase it was in
+            return RunResult(
+                nodeid,
+                reports=exc.reports,
+                error=str(exc),
+                remote_root=exc.remote_root,
+                properties=self._properties(nodeid),
+            )
         except GpuCloudError as exc:
             return RunResult(nodeid, error=str(exc), properties=self._properties(nodeid))
         result = RunResult(
@@ -262,6 +274,7 @@ class FleetService:
             notes=list(fleet.notes),
             data_lines=fleet.data.summary_lines(),
             artifacts=fleet.artifacts,
+            catalog=fleet.catalog_read,
         )
 
     async def instances(self) -> list[InstanceView]:
@@ -278,15 +291,25 @@ class FleetService:
 class LocalAccess:
     """The fleet in this very process: the service, run on the engine loop."""
 
-    def __init__(self, engine: Engine, service: FleetService) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        service: FleetService,
+        while_waiting: Callable[[], None] | None = None,
+    ) -> None:
         self._engine = engine
         self._service = service
+        # called on this thread while a test runs remotely: status lines as they happen
+        self._while_waiting = while_waiting
 
     def plan(self, tests: Tests) -> dict[str, str]:
         return self._engine.run(self._service.plan(tests))
 
     def run(self, nodeid: str, request: GpuRequest, nextid: str | None) -> RunResult:
-        return self._engine.run(self._service.run(nodeid, request, nextid, LOCAL_OWNER))
+        return self._engine.run(
+            self._service.run(nodeid, request, nextid, LOCAL_OWNER),
+            while_waiting=self._while_waiting,
+        )
 
     def instances(self) -> list[InstanceView]:
         return self._engine.run(self._service.instances())

@@ -19,6 +19,7 @@ only the worker's collection waits for the last file.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import re
 import threading
@@ -227,6 +228,9 @@ class Launcher:
             machine.conn = await self.provider.connect(machine.instance, self.key, connect_timeout)
         else:
             machine.conn = await ssh.connect(machine.instance, self.key, timeout=connect_timeout)
+            if machine.instance.ssh_host_key is None:  # tofu: pin what the first one saw
+                seen = ssh.presented_host_key(machine.conn)
+                machine.instance = dataclasses.replace(machine.instance, ssh_host_key=seen)
         phases.connect = lap()
         # With no setup command to run between them, the container, the GPU check and the
         # worker's start (its pytest import) go on while the code is still syncing.

@@ -30,7 +30,7 @@ from .protocol import PROTOCOL_VERSION, TIMEOUT_EXIT, Message, decode, encode
 
 if TYPE_CHECKING:
     import warnings
-    from collections.abc import Generator, Iterator
+    from collections.abc import Callable, Generator, Iterator
 
 GPU_MARKER = "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None): "
 GPU_MARKER += "run this test on a cloud GPU instance (pytest-gpucloud)"
@@ -72,6 +72,10 @@ class Channel:
     def send(self, kind: str, **fields: Any) -> None:
         """Write a frame and flush it, with those queued before it."""
         self.queue(kind, **fields)
+        self.flush()
+
+    def flush(self) -> None:
+        """Send the frames queued so far."""
         self._writer.flush()
 
     def queue(self, kind: str, **fields: Any) -> None:
@@ -118,8 +122,11 @@ class Watchdog:
     cost as much as the trivial test itself (bench/results.md).
     """
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, flush: Callable[[], None]) -> None:
         self._stream = stream
+        # sends the frames queued so far (the phases that ended), so the local side reports
+        # the time limit in the phase the test was in
+        self._flush = flush
         self._cond = threading.Condition()
         self._armed: tuple[float, str, float] | None = None  # deadline, nodeid, seconds
         self._wake_at = math.inf
@@ -162,6 +169,8 @@ class Watchdog:
             + "".join(stack).encode(errors="replace")
         )
         self._stream.flush()
+        with contextlib.suppress(OSError, ValueError):
+            self._flush()
         os._exit(TIMEOUT_EXIT)
 
 
@@ -170,7 +179,7 @@ class WorkerPlugin:
 
     def __init__(self, channel: Channel, start: Message) -> None:
         self._channel = channel
-        self._watchdog = Watchdog(channel.stderr)
+        self._watchdog = Watchdog(channel.stderr, channel.flush)
         self.fixtures = GpuFixtures(channel, start.get("artifacts"))
         self._options: list[dict[str, Any]] = start.get("options", [])
         self._ini: list[str] = start.get("ini", [])

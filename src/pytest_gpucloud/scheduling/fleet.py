@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from pytest_gpucloud.core.catalog import GpuType, check_known, explain_infeasible, feasible_offers
@@ -39,6 +39,7 @@ from pytest_gpucloud.core.errors import (
     OutOfCapacity,
     ProviderError,
     RemoteError,
+    TimeLimitExceeded,
 )
 from pytest_gpucloud.core.labels import SESSION, session_labels
 from pytest_gpucloud.core.units import format_dollars
@@ -114,7 +115,7 @@ class Fleet:
         # presigning of its datasets.
         self.artifacts = artifacts
         self.data = data or DataSource(settings.s3_endpoint, settings.boot_timeout)
-        self.session_id = uuid.uuid4().hex[:12]
+        self.session_id = settings.session_id or uuid.uuid4().hex[:12]
         self.machines: list[Machine] = []
         self.orphans: list[str] = []
         # What the summary should say about the teardown, beside each machine's error.
@@ -152,6 +153,11 @@ class Fleet:
         if self._catalog is None:
             self._catalog = await self.provider.catalog()
         return self._catalog
+
+    @property
+    def catalog_read(self) -> list[GpuType]:
+        """The catalog as the plan saw it (empty before it was read)."""
+        return self._catalog or []
 
     async def plan(self, tests: Tests) -> Plan:
         """Take the session's items in run order (request None: a local test).
@@ -210,14 +216,20 @@ class Fleet:
         timeout = request.timeout_s or self.settings.timeout
         env = allowed_env((*self.settings.env, *request.env))
         ahead = self.read_ahead.runs_from(nextid)
+        preempted = False
         try:
             run = await machine.link.run(nodeid, nextid, timeout, env, ahead, data)
             await self._bring_home(machine, nodeid, run.artifacts)
         except RemoteError as exc:
             machine.error = str(exc)
+            if isinstance(exc, TimeLimitExceeded):
+                exc.remote_root = machine.remote_root
             await self._bring_home(machine, nodeid, None, lost=True)
             await self._recover(machine, request)
-            raise
+            # A spot instance that is gone was preempted: the test runs again elsewhere.
+            preempted = machine.offer.spot and machine.state is not MachineState.READY
+            if not preempted:
+                raise
         except asyncio.CancelledError:  # its owner is gone: the remote test may still run
             self._retire(machine)
             raise
@@ -228,6 +240,11 @@ class Fleet:
             use.last_owner = owner
             machine.tests_run += 1  # timed out or lost, it ran there all the same
             self._after_change()
+        if preempted:
+            if self.settings.spot_fallback:
+                request = replace(request, spot=False)
+            self.progress.emit(machine.label, "preempted", f"{nodeid} runs again")
+            return await self.run(nodeid, request, nextid, owner=owner)
         if machine.tests_run == 1:
             machine.phases.first_test = run.seconds
         self.read_ahead.done(nodeid)
@@ -658,8 +675,13 @@ class Fleet:
         if use is not None and machine.instance is not None and not use.said_released:
             use.said_released = True
             billed = cost.billed(machine.price_per_hour, machine.seconds)
+            # the session's one clock (from the request, as "ready in"), then the bill
+            since = (machine.deleted_at or time.time()) - machine.requested_at
             self.progress.emit(
-                machine.label, "released", f"after {machine.seconds:.1f} s, ${billed:.4f}"
+                machine.label,
+                "released",
+                f"{since:.1f} s after its request; {machine.seconds:.1f} s billed, "
+                f"{format_dollars(billed)}",
             )
         self._after_change()
 

@@ -17,14 +17,16 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_gpucloud.core.engine import Engine
-from pytest_gpucloud.core.errors import PREFIX, GpuCloudError
+from pytest_gpucloud.core.errors import GpuCloudError
 from pytest_gpucloud.desk.ipc import Handoff, IpcClient, IpcServer
 from pytest_gpucloud.desk.service import FleetAccess, FleetService, LocalAccess
+from pytest_gpucloud.providers import vendors
 from pytest_gpucloud.scheduling.durations import Durations
 from pytest_gpucloud.session import summary
 from pytest_gpucloud.session.handle import GpuCloudHandle
 from pytest_gpucloud.session.interrupts import Interrupts
 from pytest_gpucloud.session.order import REMOTE_NODEID_KEY, RunOrder, remote_nodeid
+from pytest_gpucloud.session.outcomes import is_infrastructure_error
 from pytest_gpucloud.session.results import replay_result
 from pytest_gpucloud.session.startup import FleetStarter
 from pytest_gpucloud.session.stash import REQUEST_KEY
@@ -66,7 +68,7 @@ class Controller:
         self.service = FleetService(self.starter)
         self.access: FleetAccess
         if handoff is None:
-            self.access = LocalAccess(self.engine, self.service)
+            self.access = LocalAccess(self.engine, self.service, self._write_progress)
         else:
             self.access = IpcClient(handoff, owner=config.workerinput["workerid"])  # type: ignore[attr-defined]
         self.order = RunOrder(self.in_xdist_worker)
@@ -96,7 +98,8 @@ class Controller:
         line = f"gpu-cloud: provider {self.provider_name}"
         if self.provider_name == "sim":
             line += f" ({summary.SIMULATED_NOTE})"
-        return [line]
+        note = vendors.header_note(self.provider_name, self.settings)
+        return [line] if note is None else [line, f"gpu-cloud: {note}"]
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -144,6 +147,8 @@ class Controller:
         request = item.stash.get(REQUEST_KEY, None)
         if request is None:
             return None
+        # Announced when sent, as pytest does for a local test: -v shows what runs now.
+        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         result = self.access.run(remote_nodeid(item), request, self.order.nextid(item, nextitem))
         if result.error is None:
             self._ran_on[item.nodeid] = sys.intern(result.machine_label)  # one string a machine
@@ -222,7 +227,7 @@ class Controller:
         if not self.in_xdist_worker:
             self.durations.add_phase(report.nodeid, report.duration)
         # Here, not where errors are replayed: xdist's controller sees its workers' too.
-        if report.failed and str(report.longrepr).startswith(PREFIX):
+        if is_infrastructure_error(report):
             self.infra_errors += 1
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

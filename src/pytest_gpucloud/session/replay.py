@@ -204,6 +204,7 @@ def _replay(
     reports: list[pytest.TestReport],
     lost: str | None,
     properties: Sequence[Sequence[str]] = (),
+    started: bool = False,
 ) -> None:
     ihook = item.ihook
 
@@ -211,7 +212,8 @@ def _replay(
         report.user_properties.extend((name, value) for name, value in properties)
         ihook.pytest_runtest_logreport(report=report)
 
-    ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    if not started:
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     outcomes: dict[str, str] = {}
     for report in reports:
         outcomes.setdefault(report.when or "", report.outcome)
@@ -244,6 +246,7 @@ def replay_test(
     local_root: str,
     lost: str | None = None,
     properties: Sequence[Sequence[str]] = (),
+    started: bool = False,
 ) -> None:
     """Replay one remote test on ``item.ihook``.
 
@@ -252,7 +255,8 @@ def replay_test(
     a passed one is made up if none came. ``lost``: the worker died before the test's
     ``done``; the message is reported as a failure of the phase that did not finish.
     Warnings are recorded after the test, as pytest does. ``properties``: ``(name, value)``
-    pairs added to each report's ``user_properties`` (junitxml shows them).
+    pairs added to each report's ``user_properties`` (junitxml shows them). ``started``:
+    ``pytest_runtest_logstart`` was called already, when the test was sent.
     """
     paths = _path_map(remote_root, local_root)
     shared = _Shared(item)
@@ -267,20 +271,25 @@ def replay_test(
             raise ValueError(f"{item.nodeid}: expected a test report, got {type(report)}")
         shared.adopt(report)
         reports.append(report)
-    _replay(item, reports, lost, properties)
+    _replay(item, reports, lost, properties, started)
     for frame in warning_frames:
         _record_warning(item.config, frame, paths)
 
 
 def replay_infra_error(
-    item: pytest.Item, message: str, properties: Sequence[Sequence[str]] = ()
+    item: pytest.Item,
+    message: str,
+    properties: Sequence[Sequence[str]] = (),
+    *,
+    started: bool = False,
 ) -> None:
     """Report ``item`` as an ERROR in setup: it could not run for an infrastructure reason.
 
     ``message`` is the whole report (prefixed ``gpu-cloud: `` if it is not already); never
-    a failure of the test itself, never a skip. ``properties``: as for :func:`replay_test`.
+    a failure of the test itself, never a skip. ``properties``, ``started``: as for
+    :func:`replay_test`.
     """
-    _replay(item, [], message, properties)
+    _replay(item, [], message, properties, started)
 
 
 def replay_collectreport(

@@ -21,11 +21,19 @@ if TYPE_CHECKING:
 
 def replay_result(item: pytest.Item, result: RunResult, local_root: Path) -> None:
     """Its collection errors and warnings, then the test's own reports, under the local
-    item's nodeid; an infrastructure error becomes the test's setup error."""
-    if result.error is not None:
-        replay_infra_error(item, result.error, result.properties)
-        return
+    item's nodeid; an infrastructure error becomes the test's setup error (a time limit
+    passed after setup, the error of the phase it was in). The test's
+    ``pytest_runtest_logstart`` was called when it was sent."""
     paths = {"remote_root": result.remote_root, "local_root": str(local_root)}
+    if result.error is not None and result.reports:  # a time limit passed in a later phase
+        frames = _renamed(result.reports, result.nodeid, item.nodeid)
+        replay_test(
+            item, frames, **paths, lost=result.error, properties=result.properties, started=True
+        )
+        return
+    if result.error is not None:
+        replay_infra_error(item, result.error, result.properties, started=True)
+        return
     for report in result.collection_errors:
         replay_collectreport(item.session, report, **paths)
     for warning in result.collection_warnings:
@@ -34,11 +42,13 @@ def replay_result(item: pytest.Item, result: RunResult, local_root: Path) -> Non
         replay_warning(item.config, warning, **paths)
     if result.missing:
         replay_infra_error(
-            item, f"gpu-cloud: {item.nodeid} was not collected on instance {result.machine_id}"
+            item,
+            f"gpu-cloud: {item.nodeid} was not collected on instance {result.machine_id}",
+            started=True,
         )
     else:
         frames = _renamed(result.reports, result.nodeid, item.nodeid)
-        replay_test(item, frames, **paths, properties=result.properties)
+        replay_test(item, frames, **paths, properties=result.properties, started=True)
 
 
 def _renamed(frames: list[dict[str, Any]], remote: str, local: str) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from typing import Any, TypedDict, TypeVar
 
 import asyncssh
 
-from pytest_gpucloud.core.errors import RemoteError
+from pytest_gpucloud.core.errors import RemoteError, TimeLimitExceeded
 from pytest_gpucloud.core.escape import visible
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.remote.boot import GO
@@ -269,29 +269,29 @@ class WorkerLink:
 
     async def _result(self, spec: RunSpec) -> TestRun:
         """The results of the oldest run in flight, ``spec``."""
+        run = TestRun(spec.nodeid)
         try:
-            return await asyncio.wait_for(
-                self._collect_run(spec.nodeid), spec.timeout + TIMEOUT_GRACE_S
-            )
+            return await asyncio.wait_for(self._collect_run(run), spec.timeout + TIMEOUT_GRACE_S)
         except asyncio.TimeoutError:
             self.kill()
-            raise self._timed_out(spec.nodeid, spec.timeout) from None
+            raise self._timed_out(run, spec.timeout) from None
         except RemoteError:
             if self._process.exit_status == TIMEOUT_EXIT:
-                raise self._timed_out(spec.nodeid, spec.timeout) from None
+                raise self._timed_out(run, spec.timeout) from None
             raise
         finally:
             self._in_flight.popleft()
 
-    def _timed_out(self, nodeid: str, timeout: float) -> RemoteError:
-        return RemoteError(
-            f"{nodeid} exceeded its time limit of {timeout:g} s on instance "
+    def _timed_out(self, run: TestRun, timeout: float) -> TimeLimitExceeded:
+        return TimeLimitExceeded(
+            f"{run.nodeid} exceeded its time limit of {timeout:g} s on instance "
             f"{self.instance_id}; the remote worker was stopped (raise the limit with "
-            f"--gpu-timeout or gpu(timeout=...)){self._last_output()}"
+            f"--gpu-timeout or gpu(timeout=...)){self._last_output()}",
+            run.reports,
         )
 
-    async def _collect_run(self, nodeid: str) -> TestRun:
-        run = TestRun(nodeid)
+    async def _collect_run(self, run: TestRun) -> TestRun:
+        nodeid = run.nodeid
         while True:
             frame = await self._expect_frame(f"running {nodeid}")
             kind = frame["type"]
