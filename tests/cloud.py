@@ -4,6 +4,7 @@ fixtures that make them are in conftest.py."""
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,13 @@ import pytest
 from pytest_gpucloud.core.wire import LIVE_STATUSES
 
 BOOT_DELAY = 0.05
+STANDINS = Path(__file__).parent / "standins"
+
+
+def standin_gpus(*names: str) -> str:
+    """STANDIN_NVIDIA_GPUS for GPUs of these names, with uuids of their own."""
+    token = secrets.token_hex(4)
+    return ";".join(f"GPU-{token}-{i}|{name}|15360" for i, name in enumerate(names))
 
 
 class Sim:

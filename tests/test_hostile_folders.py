@@ -13,7 +13,8 @@ import pytest
 from pytest_gpucloud.core.errors import UnsafePath
 from pytest_gpucloud.core.private import private_dir
 from pytest_gpucloud.transport.files import pull
-from tests.test_providers import ONE_TEST, _gpus, smi_path  # noqa: F401  (a fixture)
+from tests.cloud import standin_gpus
+from tests.test_providers import ONE_TEST, smi_path  # noqa: F401  (a fixture)
 from tests.test_sync import Remote, remote  # noqa: F401  (a fixture)
 
 PLANTED = "import pathlib\npathlib.Path({marker!r}).touch()\nfrom json import *\n"
@@ -60,7 +61,7 @@ def test_local_provider_refuses_a_lock_folder_made_first_by_someone_else(
         os.chmod(folder, 0o777)
     pytester.makepyfile(ONE_TEST)
     monkeypatch.setenv("PATH", smi_path)
-    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", _gpus("Tesla T4"))
+    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", standin_gpus("Tesla T4"))
     result = pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "local")
     assert result.ret != pytest.ExitCode.OK
     assert f"the folder {folder} is" in result.stdout.str() + result.stderr.str()

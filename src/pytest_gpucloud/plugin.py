@@ -28,7 +28,10 @@ from pytest_gpucloud.session.stash import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from pytest_gpucloud.desk.ipc import Handoff
+    from pytest_gpucloud.features.gpu_service import ServiceFactory
     from pytest_gpucloud.session.controller import Controller
     from pytest_gpucloud.session.handle import GpuCloudHandle
 # The --gpu-cloud session's controller; named here, so the stash needs no controller import.
@@ -207,6 +210,19 @@ def gpu_cloud(request: pytest.FixtureRequest) -> GpuCloudHandle:
     if controller is None:
         pytest.skip(SKIP_REASON)
     return controller.handle()
+
+
+@pytest.fixture(scope="session")
+def gpu_service(request: pytest.FixtureRequest) -> Iterator[ServiceFactory]:
+    """``gpu_service(cmd, port=8000, spec="L4")``: a server started on a GPU instance for
+    the session, health-checked, its port forwarded here; ``.url``, ``.base_url``,
+    ``.logs()``, ``.openai_client()``. Skipped without ``--gpu-cloud``."""
+    controller = request.config.stash.get(CONTROLLER_KEY, None)
+    if controller is None:
+        pytest.skip(SKIP_REASON)
+    factory = controller.service_factory()
+    yield factory
+    factory.close()
 
 
 def _remote_only(name: str) -> Any:

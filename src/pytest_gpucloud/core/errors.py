@@ -100,3 +100,7 @@ class GpuMismatch(InstanceError):
 
 class BudgetError(GpuCloudError):
     """Running a test would pass ``--gpu-budget``."""
+
+
+class ServiceError(GpuCloudError):
+    """A ``gpu_service`` server could not start, got no healthy answer, or is gone."""

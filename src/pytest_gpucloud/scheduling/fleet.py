@@ -51,7 +51,7 @@ from pytest_gpucloud.machine.machine import Launcher, Machine, MachineState
 from pytest_gpucloud.scheduling import cost, policy
 from pytest_gpucloud.scheduling.cost import CostModel, Placement
 from pytest_gpucloud.scheduling.durations import Durations
-from pytest_gpucloud.scheduling.planner import Plan, make_plan
+from pytest_gpucloud.scheduling.planner import Plan, Services, make_plan
 from pytest_gpucloud.scheduling.progress import Progress
 from pytest_gpucloud.scheduling.read_ahead import ReadAhead, allowed_env, unset_env
 
@@ -108,6 +108,7 @@ class Fleet:
         workers: int = 1,
         artifacts: ArtifactStore | None = None,
         data: DataSource | None = None,
+        packages: dict[str, Path] | None = None,
     ) -> None:
         self.provider = provider
         self.settings = settings
@@ -133,6 +134,7 @@ class Fleet:
             rootdir,
             session_labels(self.session_id, project, settings.lifetime_s),
             start,
+            packages or {},
         )
         self.read_ahead = ReadAhead(settings.timeout, settings.env)
         self._catalog: list[GpuType] | None = None
@@ -159,8 +161,9 @@ class Fleet:
         """The catalog as the plan saw it (empty before it was read)."""
         return self._catalog or []
 
-    async def plan(self, tests: Tests) -> Plan:
-        """Take the session's items in run order (request None: a local test).
+    async def plan(self, tests: Tests, services: Services = ()) -> Plan:
+        """Take the session's items in run order (request None: a local test), and the
+        ``gpu_service`` servers declared in its code (see :func:`planner.make_plan`).
 
         The first call makes the plan and, unless ``--gpu-plan``, starts the instances it
         needs; later calls (from other xdist workers) only queue tests not seen yet.
@@ -174,6 +177,7 @@ class Fleet:
         if self.planned is None:
             self.planned = make_plan(
                 tests,
+                services=services,
                 offers=self._new_offers,
                 explain=lambda pool: explain_infeasible(pool, catalog, self.settings.regions),
                 costs=self.costs,

@@ -17,15 +17,17 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_gpucloud.core.engine import Engine
-from pytest_gpucloud.core.errors import GpuCloudError
+from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, ServiceError
 from pytest_gpucloud.desk.ipc import Handoff, IpcClient, IpcServer
 from pytest_gpucloud.desk.service import FleetAccess, FleetService, LocalAccess
+from pytest_gpucloud.features import coverage, gpu_service
 from pytest_gpucloud.providers import vendors
 from pytest_gpucloud.scheduling.durations import Durations
 from pytest_gpucloud.session import summary
 from pytest_gpucloud.session.handle import GpuCloudHandle
 from pytest_gpucloud.session.interrupts import Interrupts
 from pytest_gpucloud.session.order import REMOTE_NODEID_KEY, RunOrder, remote_nodeid
+from pytest_gpucloud.session.other_plugins import RemoteSide
 from pytest_gpucloud.session.outcomes import is_infrastructure_error
 from pytest_gpucloud.session.results import replay_result
 from pytest_gpucloud.session.startup import FleetStarter
@@ -83,9 +85,14 @@ class Controller:
         self._interrupts = None if handoff else Interrupts(self._shutdown)
         if self._interrupts is not None:
             self._interrupts.install()
+        self._other_plugins = RemoteSide(config, self.remote_coverage)
+        config.pluginmanager.register(self._other_plugins, "gpucloud-other-plugins")
 
     def handle(self) -> GpuCloudHandle:
         return GpuCloudHandle(self.provider_name, self.access)
+
+    def service_factory(self) -> gpu_service.ServiceFactory:
+        return gpu_service.ServiceFactory(self.access, owns_servers=not self.in_xdist_worker)
 
     def handoff(self) -> Handoff:
         """What an xdist worker needs to reach this process's fleet; serves it from now on."""
@@ -112,11 +119,13 @@ class Controller:
         planned = [
             (item, item.stash[REQUEST_KEY]) for item in session.items if REQUEST_KEY in item.stash
         ]
-        if not planned or self.config.option.collectonly:
+        services = gpu_service.declared(session.items)
+        if not (planned or services) or self.config.option.collectonly:
             return
         try:
             errors = self.access.plan(
-                [(remote_nodeid(i), i.stash.get(REQUEST_KEY, None)) for i in session.items]
+                [(remote_nodeid(i), i.stash.get(REQUEST_KEY, None)) for i in session.items],
+                services,
             )
         except GpuCloudError as exc:
             if not self.in_xdist_worker:
@@ -154,6 +163,22 @@ class Controller:
             self._ran_on[item.nodeid] = sys.intern(result.machine_label)  # one string a machine
         replay_result(item, result, self.config.rootpath)
         return True
+
+    def remote_coverage(self) -> list[tuple[str, str]]:
+        """With ``--cov``: every machine released now, before pytest-cov combines its data;
+        then each worker's ``(remote workspace, coverage data)``."""
+        if not self.service.started or coverage.remote_request(self.config) is None:
+            return []
+        self._shutdown()
+        outcome = self.service.outcome()
+        machines = outcome.machines if outcome is not None else []
+        for machine in machines:
+            if machine.tests_run and machine.coverage is None:
+                self.service.note(
+                    f"{PREFIX}no coverage data came back from {machine.label}: its worker "
+                    "did not end its session (its lines count as not run)"
+                )
+        return [(m.remote_root, m.coverage) for m in machines if m.coverage]
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         self._session = session
@@ -217,6 +242,18 @@ class Controller:
         if outcome.orphans and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        """A ``gpu_service`` that could not start is a setup error reading ``gpu-cloud:
+        ...`` (counted as infrastructure), not a traceback through the plugin."""
+        report = yield
+        failure = call.excinfo.value if call.excinfo is not None else None
+        if call.when == "setup" and isinstance(failure, ServiceError):
+            report.longrepr = str(failure)
+        return report
+
     @pytest.hookimpl(tryfirst=True)  # before the terminal's (and xdist's) use of it
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         ran_on = self._ran_on.get(report.nodeid)
@@ -276,6 +313,7 @@ class Controller:
                 self.engine.run(provider.aclose(), timeout=30)
 
     def close(self) -> None:
+        self.config.pluginmanager.unregister(self._other_plugins)
         self._shutdown()
         self.engine.close()
         if self._interrupts is not None:

@@ -215,9 +215,17 @@ def _replay(
     if not started:
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     outcomes: dict[str, str] = {}
+    attempts = 1
     for report in reports:
+        if report.when == "setup" and outcomes:
+            # Run again (pytest-rerunfailures): each attempt logged apart, as it does.
+            ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+            ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+            outcomes, attempts = {}, attempts + 1
         outcomes.setdefault(report.when or "", report.outcome)
         log(report)
+    if attempts > 1:
+        item.execution_count = attempts  # type: ignore[attr-defined]  # its --fail-on-flaky
     if lost is not None and "teardown" not in outcomes:
         # Where pytest itself would have gone on: setup, else call (setup passed), else teardown.
         if "setup" not in outcomes:

@@ -22,10 +22,17 @@ from pathlib import Path
 import asyncssh
 
 from pytest_gpucloud.core.wire import SimCommandRecord
-from pytest_gpucloud.transport.exec_server import HOST, kill_group, listen_exec, run_exec
+from pytest_gpucloud.transport.exec_server import (
+    HOST,
+    kill_group,
+    listen_exec,
+    run_exec,
+    within_home,
+)
 
 SSH_USER = "gpu"
 SSH_HOST = HOST
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def utcnow() -> datetime:
@@ -68,6 +75,17 @@ class _SshServer(asyncssh.SSHServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         machine = self._machine
         return username == machine.user and key.public_data == machine.client_key.public_data
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> bool:
+        """Port forwarding as sshd allows it, to the instance's own loopback only (a sim
+        instance's neighbours are this machine's other processes)."""
+        return dest_host in LOOPBACK
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        """Forwarding to a Unix socket, in the instance's own home only."""
+        return within_home(dest_path, self._machine.home)
 
 
 class SimMachine:

@@ -55,6 +55,9 @@ class WorkerStart(TypedDict):
     ini: list[str]
     environ: dict[str, str]
     artifacts: str
+    coverage: dict[str, Any] | None  # --cov: what to measure (remote/measure.py)
+    live_output: bool  # -s: the tests' output comes as it is made
+    plugin_options: dict[str, str]  # the options forwarded for other plugins -> package
 
 
 @dataclass(frozen=True)
@@ -134,9 +137,15 @@ class _Frames:
 
 
 class WorkerLink:
-    def __init__(self, instance_id: str, process: asyncssh.SSHClientProcess[bytes]) -> None:
+    def __init__(
+        self,
+        instance_id: str,
+        process: asyncssh.SSHClientProcess[bytes],
+        echo: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.instance_id = instance_id
         self._process = process
+        self._echo = echo
         self._frames = _Frames(process.stdout)
         self._stderr: collections.deque[bytes] = collections.deque(maxlen=60)
         self._drain = asyncio.ensure_future(self._drain_stderr())
@@ -144,6 +153,7 @@ class WorkerLink:
         self._in_flight: collections.deque[RunSpec] = collections.deque()
         self._quick = False  # the last test ran quickly enough to read ahead of the next
         self.start_s = 0.0  # from the exec to pytest imported (``loaded``)
+        self.coverage: str | None = None  # the ``coverage`` frame's data, after close()
 
     @classmethod
     async def launch(
@@ -155,13 +165,16 @@ class WorkerLink:
         package_dir: str,
         timeout: float,
         wrap: Callable[[str], str] | None = None,
+        echo: Callable[[bytes], None] | None = None,
     ) -> WorkerLink:
         """Start the worker's bootstrap (``remote/boot.py``) in ``workspace`` and wait until
         it has imported pytest; the code sync may still be running. :meth:`begin` it once
         the workspace is complete.
 
         ``wrap``: turns the worker's shell command line into the one to run (a container
-        runtime's, see :meth:`pytest_gpucloud.machine.runtime.Runtime.wrap`).
+        runtime's, see :meth:`pytest_gpucloud.machine.runtime.Runtime.wrap`). ``echo``: called
+        with the worker's stderr as it comes (the tests' own output, with a ``live_output``
+        start).
         """
         command = (
             f"cd {shlex.quote(workspace)} && PYTHONPATH={shlex.quote(package_dir)} "
@@ -171,7 +184,7 @@ class WorkerLink:
             command = wrap(command)
         started = time.perf_counter()
         process = await conn.create_process(command, encoding=None)
-        link = cls(instance_id, process)
+        link = cls(instance_id, process, echo)
         await link._within(link._loaded(), timeout, "did not start")
         link.start_s = time.perf_counter() - started
         return link
@@ -317,10 +330,17 @@ class WorkerLink:
             try:
                 await self._send(encode("shutdown", skip_waiting=True))
                 self._process.stdin.write_eof()
-                await asyncio.wait_for(self._process.wait_closed(), timeout)
-            except (asyncio.TimeoutError, OSError, asyncssh.Error, RemoteError):
+                await asyncio.wait_for(self._last_frames(), timeout)
+            except (asyncio.TimeoutError, OSError, ValueError, asyncssh.Error, RemoteError):
                 self.kill()
         self._drain.cancel()
+
+    async def _last_frames(self) -> None:
+        """Read to the end: results sent ahead are dropped, the coverage data is kept."""
+        while (frame := await self._frames.next()) is not None:
+            if frame["type"] == "coverage":
+                self.coverage = str(frame["data"])
+        await self._process.wait_closed()
 
     def kill(self) -> None:
         self._process.close()
@@ -371,6 +391,8 @@ class WorkerLink:
             chunk = await stream.read(_CHUNK)
             if not chunk:
                 return
+            if self._echo is not None:
+                self._echo(chunk)
             for line in chunk.splitlines(keepends=True):
                 self._stderr.append(line)
 
