@@ -195,8 +195,8 @@ async def _dataset_spec(moto_url: str, scratch: Path) -> dict[str, Any]:
         f.write(os.urandom(BIG))
     client.upload_file(str(blob), "bench", "sets/dataset.bin")
     blob.unlink()
-    specs = await DataSource(moto_url, 3600).presign(
-        "bench", (("set", "s3://bench/sets/dataset.bin"),)
+    specs = await DataSource(moto_url, 600).presign(
+        "bench", (("set", "s3://bench/sets/dataset.bin"),), 3600
     )
     spec: dict[str, Any] = specs["set"]
     return spec

@@ -323,6 +323,10 @@ def test_standalone_sim_and_embedded_sim_agree(
     )
     try:
         _wait_port(port)
+        assert server.stdout is not None
+        server.stdout.readline()
+        key = server.stdout.readline().decode().rsplit(" ", 1)[1].strip()
+        monkeypatch.setenv("GPUCLOUD_API_KEY", key)  # the key it made and printed
         standalone = pytester.runpytest_inprocess(
             "--gpu-cloud", "--gpu-provider", "rest", "--gpu-api-url", f"http://127.0.0.1:{port}"
         )

@@ -326,7 +326,7 @@ durations = st.builds(
 keyword_values: Mapping[str, st.SearchStrategy[object]] = {
     "count": counts,
     "vram": st.one_of(st.integers(1, 100_000), st.integers(1, 999).map(lambda v: f"{v}GB")),
-    "image": st.from_regex(r"[!-~]{1,40}", fullmatch=True),
+    "image": st.from_regex(r"[!-,.-~][!-~]{0,39}", fullmatch=True),  # no leading "-"
     "timeout": st.one_of(
         st.integers(1, 604_800),
         st.floats(min_value=1e-9, max_value=604_800, allow_nan=False),

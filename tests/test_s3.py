@@ -211,7 +211,7 @@ def test_datasets_without_credentials_say_how_to_give_them(
     source = DataSource(store.endpoint, 3600)
     url = f"s3://{store.bucket}/x.bin"
     with pytest.raises(DataError) as caught:
-        asyncio.run(source.presign("t.py::test_a", (("x", url),)))
+        asyncio.run(source.presign("t.py::test_a", (("x", url),), 60))
     assert str(caught.value) == (
         f"gpu-cloud: t.py::test_a: data 'x' ({url}): no AWS credentials (set AWS_ACCESS_KEY_ID "
         "and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, in the environment of pytest)"

@@ -603,25 +603,43 @@ def test_bad_fault_rules_are_refused(api: httpx.Client) -> None:
 # python -m pytest_gpucloud.sim
 
 
-def test_standalone_sim_serves_until_sigterm() -> None:
+def test_standalone_sim_makes_a_key_and_serves_until_sigterm() -> None:
     with subprocess.Popen(
         [sys.executable, "-m", "pytest_gpucloud.sim", "--port", "0", "--boot-delay", "0.01"],
         stdout=subprocess.PIPE,
-        text=True,
     ) as proc:
-        assert proc.stdout is not None
-        assert select.select([proc.stdout], [], [], 20)[0], "the sim printed nothing"
-        line = proc.stdout.readline()
-        assert "instances run tests on this machine's CPU" in line
-        match = re.search(r"http://127\.0\.0\.1:\d+", line)
-        assert match is not None, line
-        with httpx.Client(base_url=match.group(), headers=AUTH) as client:
-            instance = launch(client)
-            home = Path(str(record_of(client, instance.id).home))
-            assert home.is_dir()
-        proc.send_signal(signal.SIGTERM)
+        try:
+            line, said = _first_lines(proc, 2)
+            assert "instances run tests on this machine's CPU" in line
+            match = re.search(r"http://127\.0\.0\.1:\d+", line)
+            assert match is not None, line
+            assert said.startswith("gpu-cloud sim: its API key (GPUCLOUD_API_KEY): "), said
+            key = said.rsplit(" ", 1)[1]
+            # Started without --api-key, it accepts no other token, on the admin API neither.
+            for path in ("/v1/gpu-types", "/_sim/instances", "/_sim/faults"):
+                assert httpx.get(match.group() + path, headers=AUTH).status_code == 401
+            with httpx.Client(
+                base_url=match.group(), headers={"Authorization": f"Bearer {key}"}
+            ) as client:
+                instance = launch(client)
+                home = Path(str(record_of(client, instance.id).home))
+                assert home.is_dir()
+        finally:
+            proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         assert not home.exists()
+
+
+def _first_lines(proc: subprocess.Popen[bytes], count: int) -> list[str]:
+    """The first ``count`` lines ``proc`` prints (fewer if it prints no more for 5 s)."""
+    assert proc.stdout is not None
+    out = b""
+    deadline = time.monotonic() + 20
+    while out.count(b"\n") < count and select.select([proc.stdout], [], [], 5)[0]:
+        out += os.read(proc.stdout.fileno(), 4096)
+        assert time.monotonic() < deadline
+    lines = out.decode().splitlines()
+    return [*lines, *[""] * count][:count]
 
 
 def test_standalone_sim_refuses_a_remote_host() -> None:

@@ -158,7 +158,10 @@ def test_the_standalone_sim_speaks_the_dialect_and_prints_its_base_url() -> None
         line = proc.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:\d+/v2", line)
         assert match is not None, line
-        gpus = httpx.get(f"{match.group()}/catalog/gpus", headers={"Authorization": "Bearer x"})
+        key = proc.stdout.readline().rsplit(" ", 1)[1].strip()  # the key it made
+        gpus = httpx.get(
+            f"{match.group()}/catalog/gpus", headers={"Authorization": f"Bearer {key}"}
+        )
         assert "H100" in {gpu["name"] for gpu in gpus.json()["gpus"]}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0

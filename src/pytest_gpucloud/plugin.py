@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_gpucloud import hooks
+from pytest_gpucloud.config.rootdir import check_rootdir
 from pytest_gpucloud.config.settings import OPTIONS, from_config
 from pytest_gpucloud.core.environment import SECRET_ENV
 from pytest_gpucloud.core.errors import PREFIX, ConfigError, MarkerError
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 # The --gpu-cloud session's controller; named here, so the stash needs no controller import.
 CONTROLLER_KEY: pytest.StashKey[Controller] = pytest.StashKey()
 CI_OUTPUTS = "gpucloud-ci-outputs"
+# Options that take a value: written with a space, pytest's first look takes it for a path.
+VALUE_FLAGS = frozenset(option.flag for option in OPTIONS if not option.is_switch)
 MARKER_DOC = (
     "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None, "
     "spot=False): run this test on a cloud GPU instance with pytest --gpu-cloud (skipped "
@@ -94,6 +97,8 @@ def pytest_configure(config: pytest.Config) -> None:
         if settings.enabled:
             provider = handoff["provider"] if handoff else settings.chosen_provider()
             vendors.check(provider, settings)
+        if settings.enabled and workerinput is None:
+            check_rootdir(config, VALUE_FLAGS)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = settings

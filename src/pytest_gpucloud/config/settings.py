@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
 )
 
+from pytest_gpucloud.config.rootdir import untrusted_ini
 from pytest_gpucloud.core.addresses import parse_hosts, split_url
 from pytest_gpucloud.core.environment import API_KEY_ENV, VENDOR_KEY_ENV, env_name_fault
 from pytest_gpucloud.core.errors import ConfigError
@@ -310,6 +311,16 @@ OPTIONS: tuple[Option, ...] = (
         metavar="URL",
     ),
     Option(
+        "unpickle_allow",
+        "--gpu-unpickle-allow",
+        "a global that values coming back from gpu.call() may name, such as "
+        "mypkg.results.Metrics or mypkg.results.* (repeatable; the ini key and environment "
+        "variable take names separated by commas or spaces)",
+        env="GPUCLOUD_UNPICKLE_ALLOW",
+        metavar="NAME",
+        repeatable=True,
+    ),
+    Option(
         "sim_boot_delay",
         "--gpu-sim-boot-delay",
         "boot time of the simulated cloud's instances",
@@ -339,7 +350,7 @@ class Settings(BaseModel):
     host_key: HostKeyPolicy | None = None
     spot: bool = False
     spot_fallback: bool = False
-    image: str = Field(default="python:3.12-slim", min_length=1)
+    image: str = Field(default="python:3.12-slim", pattern=r"^[^-\s][^\s]*$")
     timeout: Duration = Field(default=1800.0, gt=0)
     boot_timeout: Duration = Field(default=600.0, gt=0)
     max_lifetime: Duration | None = Field(default=None, ge=60)
@@ -367,6 +378,7 @@ class Settings(BaseModel):
     artifacts_max: int = Field(default=10**9, gt=0)
     artifacts_s3: str | None = None
     s3_endpoint: str | None = None
+    unpickle_allow: tuple[str, ...] = ()
 
     @field_validator(
         "timeout", "boot_timeout", "max_lifetime", "workspace_ttl", "sim_boot_delay", mode="before"
@@ -403,6 +415,18 @@ class Settings(BaseModel):
         for name in names:
             check_env_name(name)
         return tuple(sorted(set(names)))
+
+    @field_validator("unpickle_allow", mode="before")
+    @classmethod
+    def _global_names(cls, value: object) -> object:
+        words = [value] if isinstance(value, str) else value
+        if not isinstance(words, (list, tuple)):
+            return value
+        names = tuple(name for word in words for name in re.split(r"[\s,]+", str(word)) if name)
+        for name in names:
+            if not _GLOBAL_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a global name such as mypkg.results.Metrics")
+        return names
 
     @field_validator("provider")
     @classmethod
@@ -441,10 +465,7 @@ class Settings(BaseModel):
     def _s3_endpoint(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL such as https://minio.example.com:9000")
-        return value.rstrip("/")
+        return check_http_url(value, "https://minio.example.com:9000")
 
     def chosen_provider(self) -> str:
         """The provider to use; without one and without an API key, say both ways forward."""
@@ -472,13 +493,20 @@ def check_env_name(name: str) -> str:
     return name
 
 
+_GLOBAL_NAME = re.compile(r"[A-Za-z_][\w.]*\.(?:[A-Za-z_]\w*|\*)")
 _REGION = re.compile(r"[A-Za-z0-9*?\[\]!-]{1,64}")
 
 
 def check_api_url(url: str) -> str:
+    return check_http_url(url, "https://api.example.com")
+
+
+def check_http_url(url: str, example: str) -> str:
+    """``url`` without a trailing slash: https, or http on this machine (credentials and
+    what comes back travel over it)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http(s) URL such as https://api.example.com")
+        raise ValueError(f"must be an http(s) URL such as {example}")
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise ValueError("must use https unless it points at this machine (127.0.0.1)")
     return url.rstrip("/")
@@ -574,6 +602,7 @@ _HINTS = {
     "host_key": " (choose one of: inject, announced, tofu, strict)",
     "artifacts_max": " (a size such as 500MB, 2GB or 1.5GiB)",
     "artifacts_s3": " (such as s3://my-bucket/ci-artifacts)",
+    "image": " (a container image such as python:3.12-slim; no leading '-', no whitespace)",
     "session_id": " (up to 64 letters, digits and ._:@+-, such as gh-1234-1)",
 }
 
@@ -582,4 +611,15 @@ def from_config(config: pytest.Config, providers: Collection[str] | None = None)
     def ini(name: str) -> Any:
         return config.getini(name)
 
-    return resolve(lambda dest: config.getoption(dest, None), ini, os.environ, providers)
+    settings = resolve(lambda dest: config.getoption(dest, None), ini, os.environ, providers)
+    confirmed = config.getoption("gpu_cloud_opt_api_url", None) or os.environ.get(
+        "GPUCLOUD_API_URL"
+    )
+    if settings.api_url is not None and not confirmed:
+        why = untrusted_ini(config)
+        if why is not None:
+            raise ConfigError(
+                f"ini gpu_cloud_api_url {settings.api_url!r}: {why}, and the API key would "
+                "be sent there; confirm the URL with GPUCLOUD_API_URL or --gpu-api-url"
+            )
+    return settings

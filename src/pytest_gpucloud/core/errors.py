@@ -23,6 +23,10 @@ class ConfigError(GpuCloudError):
     """A bad option, ini value or environment variable."""
 
 
+class UnsafePath(GpuCloudError):
+    """A folder or file this plugin would use could be another local user's."""
+
+
 class MarkerError(GpuCloudError):
     """A bad ``@pytest.mark.gpu(...)`` argument."""
 

@@ -50,7 +50,9 @@ SPEC_FORMS = (
 )
 COUNT_FORMS = f"a whole number from 1 to {MAX_COUNT}"
 VRAM_FORMS = f'a whole number of GB from 1 to {MAX_VRAM_GB} such as 24 or "24GB"'
-IMAGE_FORMS = 'a container image such as "pytorch/pytorch:2.3.0-cuda12.1" (no whitespace)'
+IMAGE_FORMS = (
+    'a container image such as "pytorch/pytorch:2.3.0-cuda12.1" (no whitespace, no leading "-")'
+)
 TIMEOUT_FORMS = (
     'seconds (a positive number, at most 7 days) or a duration such as "90s", "5m", "1h30m"'
 )
@@ -313,7 +315,13 @@ def _image(value: object) -> str | None:
     if value is None:
         return None
     text = _str(value)
-    if not text or len(text) > MAX_IMAGE_LEN or not text.isprintable() or " " in text:
+    if (
+        not text
+        or len(text) > MAX_IMAGE_LEN
+        or not text.isprintable()
+        or " " in text
+        or text.startswith("-")  # it would reach `docker pull` as an option
+    ):
         raise _Bad(f"image must be {IMAGE_FORMS}; got {_got(value)}")
     return text
 

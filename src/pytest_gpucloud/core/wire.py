@@ -63,7 +63,7 @@ class InstanceModel(_Model):
     status: InstanceStatus
     gpu_type: GpuName
     count: int = Field(ge=1, le=16)
-    region: str
+    region: SafeId  # shown in the summary: letters, digits and ._- only
     price_per_hour: float = Field(ge=0, le=10_000)
     created_at: datetime
     labels: dict[AnswerLabel, AnswerLabel] = Field(default_factory=dict, max_length=64)

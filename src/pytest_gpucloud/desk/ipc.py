@@ -17,7 +17,7 @@ worker -> controller:
   lease  {"request": canonical request}  ``gpu_cloud.instance()``: a machine of its own
   exec   {"id", "command": str, "stdin": base64|None, "timeout": float}
   push   {"id", "local": path, "remote": path, "timeout": float}
-  pull   {"id", "remote": path, "local": folder, "timeout": float}
+  pull   {"id", "remote": path, "local": folder, "timeout": float, "max_bytes": int}
   release {"id"}
   service {"spec": ServiceSpec as a dict}  ``gpu_service(...)``: the shared server
   service_logs {"key"}
@@ -26,7 +26,7 @@ controller -> worker:
   planned {"errors": {nodeid: message}}
   result  {"result": RunResult as a dict}
   instances {"instances": [InstanceView as a dict]}
-  leased  {"id", "label", "workspace", "timeout", "rootdir"}
+  leased  {"id", "label", "workspace", "timeout", "rootdir", "unpickle_allow"}
   service {ServiceView as a dict}
   logs    {"text": str}
   done    {Completed as a dict} for exec; {"what": file|dir|missing} for pull; {} else
@@ -234,6 +234,7 @@ class IpcServer:
             workspace=machine.remote_root,
             timeout=lease.timeout,
             rootdir=str(lease.rootdir),
+            unpickle_allow=list(lease.unpickle_allow),
         )
 
     async def _on_lease(
@@ -257,7 +258,9 @@ class IpcServer:
             )
             await within(pushed, timeout, machine.id)
             return encode("done")
-        pulled = instance_handle.pull_from(machine, str(request["remote"]), Path(request["local"]))
+        pulled = instance_handle.pull_from(
+            machine, str(request["remote"]), Path(request["local"]), int(request["max_bytes"])
+        )
         return encode("done", what=await within(pulled, timeout, machine.id))
 
     def _release_later(self, machine: Machine) -> None:
@@ -331,7 +334,9 @@ class IpcClient:
     def lease(self, request: GpuRequest) -> contextlib.AbstractContextManager[InstanceHandle]:
         answer = self.ask("leased", encode("lease", request=request.canonical()))
         link = IpcInstanceLink(self, str(answer["id"]), str(answer["label"]), answer["workspace"])
-        return leased(link, float(answer["timeout"]), Path(answer["rootdir"]))
+        return leased(
+            link, float(answer["timeout"]), Path(answer["rootdir"]), answer["unpickle_allow"]
+        )
 
     def start_service(self, spec: ServiceSpec) -> ServiceView:
         answer = self.ask("service", encode("service", spec=spec.to_json()), ServiceError)
@@ -413,9 +418,11 @@ class IpcInstanceLink:
         request = encode("push", id=self.id, local=local_path, remote=remote, timeout=timeout)
         self._client.ask("done", request)
 
-    def pull(self, remote: str, local_dir: Path, timeout: float) -> str:
+    def pull(self, remote: str, local_dir: Path, timeout: float, max_bytes: int) -> str:
         folder = str(local_dir.absolute())
-        request = encode("pull", id=self.id, remote=remote, local=folder, timeout=timeout)
+        request = encode(
+            "pull", id=self.id, remote=remote, local=folder, timeout=timeout, max_bytes=max_bytes
+        )
         return str(self._client.ask("done", request)["what"])
 
     def release(self) -> None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from pytest_gpucloud.core.addresses import split_url
 from pytest_gpucloud.core.errors import InstanceError
+from pytest_gpucloud.core.private import private_dir
 from pytest_gpucloud.core.units import format_size
 from pytest_gpucloud.features import s3
 from pytest_gpucloud.remote.fixtures import artifacts_dir_name
@@ -105,7 +106,7 @@ class ArtifactStore:
             return
         name = artifacts_dir_name(nodeid)
         remote = posixpath.join(machine.remote_root, self.remote_root, name)
-        record = TestArtifacts(nodeid, self.root / name)
+        record = TestArtifacts(nodeid, private_dir(self.root, parents=True, tighten=True) / name)
         await asyncio.to_thread(shutil.rmtree, record.path, True)  # a former run's
         listed = _listed(frame)
         if listed is None:

@@ -5,13 +5,14 @@ For each name, this side asks S3 (with this machine's credentials) what the URL 
 object with that key, else every object under ``key/``. It sends the instance one presigned
 GET URL per object with its ETag and size, in the test's ``run`` frame, and the instance
 downloads them into its cache (``remote/datacache.py``). No credential reaches the instance:
-a presigned URL names the access key id (not a secret) and allows one GET of one object
-until it expires.
+a presigned URL names the access key id (not a secret) and allows GETs of one object until
+it expires: the test's time limit after it was made, plus the wait for an instance.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import posixpath
 import time
 from dataclasses import dataclass, field
@@ -26,9 +27,8 @@ if TYPE_CHECKING:
 
     from pytest_gpucloud.remote.protocol import Message
 
-# Presigned URLs live this long at least: long enough for a boot and a test's time limit.
-MIN_EXPIRY_S = 3600
 MAX_EXPIRY_S = 7 * 24 * 3600  # SigV4's limit
+LISTING_TTL_S = 600.0  # how long what a URL holds is taken as known
 
 
 class DataError(s3.S3Error):
@@ -47,21 +47,26 @@ class _Listing:
 
 
 class DataSource:
-    """Presigns the datasets of each test; listings are cached for half the URLs' life."""
+    """Presigns the datasets of each test, each URL for that test's time limit plus
+    ``wait_s`` (the longest a test may wait for an instance); listings are cached."""
 
-    def __init__(self, endpoint: str | None, expiry_s: float) -> None:
+    def __init__(self, endpoint: str | None, wait_s: float) -> None:
         self._clients = s3.Clients(endpoint)
         self._aws = endpoint is None
-        self.expiry_s = int(min(MAX_EXPIRY_S, max(MIN_EXPIRY_S, expiry_s)))
+        self.wait_s = wait_s
         self._listings: dict[str, _Listing] = {}
         self.downloads = 0
         self.downloaded_bytes = 0
         self.cache_hits = 0
 
-    async def presign(self, nodeid: str, data: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    async def presign(
+        self, nodeid: str, data: tuple[tuple[str, str], ...], timeout_s: float
+    ) -> dict[str, Any]:
         """The ``data`` field of ``nodeid``'s run frame: name -> dataset spec (see
-        ``remote/datacache.py``). Raises :class:`DataError` for a missing object."""
-        return await asyncio.to_thread(self._presign_all, nodeid, data)
+        ``remote/datacache.py``), its URLs valid for ``timeout_s`` (the test's time limit)
+        and the wait for an instance. Raises :class:`DataError` for a missing object."""
+        expiry = int(min(MAX_EXPIRY_S, math.ceil(self.wait_s + timeout_s)))
+        return await asyncio.to_thread(self._presign_all, nodeid, data, expiry)
 
     def note(self, frames: list[Message]) -> None:
         """Count a test's ``data`` frames: downloaded, or found in the instance's cache."""
@@ -80,7 +85,9 @@ class DataSource:
             f"{self.cache_hits} found in the instances' cache"
         ]
 
-    def _presign_all(self, nodeid: str, data: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    def _presign_all(
+        self, nodeid: str, data: tuple[tuple[str, str], ...], expiry_s: int
+    ) -> dict[str, Any]:
         specs: dict[str, Any] = {}
         for name, url in data:
             what = f"{nodeid}: data {name!r} ({url})"
@@ -88,7 +95,7 @@ class DataSource:
                 listing = self._listing(url, what)
                 client = self._clients.get(listing.region)
                 objects = [
-                    [obj_name, self._url(client, listing.bucket, key), etag, size]
+                    [obj_name, self._url(client, listing.bucket, key, expiry_s), etag, size]
                     for obj_name, key, etag, size in listing.objects
                 ]
             except s3.boto_errors() as exc:
@@ -96,14 +103,14 @@ class DataSource:
             specs[name] = {"source": url, "kind": listing.kind, "objects": objects}
         return specs
 
-    def _url(self, client: S3Client, bucket: str, key: str) -> str:
+    def _url(self, client: S3Client, bucket: str, key: str, expiry_s: int) -> str:
         return client.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.expiry_s
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expiry_s
         )
 
     def _listing(self, url: str, what: str) -> _Listing:
         cached = self._listings.get(url)
-        if cached is not None and time.monotonic() - cached.at < self.expiry_s / 2:
+        if cached is not None and time.monotonic() - cached.at < LISTING_TTL_S:
             return cached
         bucket, key = split_url(url)
         client = self._clients.get()

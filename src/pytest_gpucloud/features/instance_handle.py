@@ -11,8 +11,8 @@ worker, in the controller's (``ipc.IpcInstanceLink``, over the fleet's socket).
 :meth:`InstanceHandle.call` ships a callable with cloudpickle: the image needs python3 and
 cloudpickle (install it with ``--gpu-setup`` if it has none), at the Python minor version of
 this machine when the callable travels by value. Its value comes back pickled and is
-unpickled here: this side trusts the pickles of an instance it created itself and reaches
-with a pinned host key, and of no one else.
+unpickled here through an allow-list (:mod:`pytest_gpucloud.features.safe_unpickle`): a
+pinned host key does not make an instance honest.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import asyncio
 import base64
 import contextlib
 import os
-import pickle
 import posixpath
 import shlex
 import signal
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -34,10 +34,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import asyncssh
 
 from pytest_gpucloud.core.errors import GpuCloudError, InstanceError
+from pytest_gpucloud.core.escape import visible
+from pytest_gpucloud.features.safe_unpickle import DisallowedGlobal, allowed_names, safe_loads
+from pytest_gpucloud.transport.capped import run_capped
 from pytest_gpucloud.transport.files import pull, push
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator
+    from collections.abc import Awaitable, Callable, Iterable, Iterator
 
     from pytest_gpucloud.core.engine import Engine
     from pytest_gpucloud.core.request import GpuRequest
@@ -45,6 +48,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 RELEASE_TIMEOUT_S = 120.0
+GET_MAX_BYTES = 10**9  # what gpu.get() takes unless told otherwise
+RUN_OUTPUT_MAX = 256 << 20  # of each stream of gpu.run() and gpu.call()
 NO_CLOUDPICKLE = 3  # the loader's exit status when the image has no cloudpickle
 
 # Runs on the instance: the call arrives pickled on stdin; its value or exception goes
@@ -59,13 +64,22 @@ except ImportError:
     sys.stderr.write("cloudpickle is not installed on the instance")
     sys.exit(3)
 fn, args, kwargs = pickle.loads(sys.stdin.buffer.read())
+# Classes of a module that travelled by value come back by reference (module.Name), so
+# this side's allow-list can name them.
+name = getattr(fn, "__module__", None)
+if name and name not in sys.modules and hasattr(fn, "__globals__"):
+    import types
+    module = types.ModuleType(name)
+    module.__dict__.update(fn.__globals__)
+    module.__file__ = "<gpucloud call>"
+    sys.modules[name] = module
 try:
     answer = ("ok", fn(*args, **kwargs))
     data = cloudpickle.dumps(answer)
 except BaseException as exc:
     text = traceback.format_exc()
     try:
-        data = cloudpickle.dumps(("raised", exc, text))
+        data = cloudpickle.dumps(("raised", cloudpickle.dumps(exc), text))
     except Exception:
         data = cloudpickle.dumps(("raised", None, text))
 out.write(data)
@@ -138,8 +152,9 @@ class InstanceLink(Protocol):
     def push(self, local: Path, remote: str, timeout: float) -> None:
         """Copy a local file or folder to ``remote``."""
 
-    def pull(self, remote: str, local_dir: Path, timeout: float) -> str:
-        """Copy ``remote`` into ``local_dir``; what it was: ``file``, ``dir`` or ``missing``."""
+    def pull(self, remote: str, local_dir: Path, timeout: float, max_bytes: int) -> str:
+        """Copy ``remote`` into ``local_dir``; what it was: ``file``, ``dir`` or ``missing``.
+        More than ``max_bytes`` raises :class:`InstanceError`."""
 
     def release(self) -> None:
         """Delete the machine (errors are the fleet's to report)."""
@@ -152,9 +167,12 @@ class InstanceHandle:
     machine). ``timeout``: the default limit of each call, ``--gpu-timeout``.
     """
 
-    def __init__(self, link: InstanceLink, timeout: float, rootdir: Path) -> None:
+    def __init__(
+        self, link: InstanceLink, timeout: float, rootdir: Path, allow: Iterable[str] = ()
+    ) -> None:
         self._link = link
         self._rootdir = rootdir
+        self._allow = allowed_names(allow)
         self.timeout = timeout
 
     @property
@@ -184,28 +202,40 @@ class InstanceHandle:
         folder ``remote``."""
         self._link.push(Path(local), self._path(remote), self.timeout)
 
-    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
+    def get(
+        self, remote: str, local: str | os.PathLike[str], *, max_bytes: int = GET_MAX_BYTES
+    ) -> None:
         """Copy the file ``remote`` to the local file ``local``, or the folder ``remote``'s
-        files into the local folder ``local``. Only plain files come; the instance's paths
-        cannot leave ``local``."""
+        files into the local folder ``local``. Only plain files come, and only inside
+        ``local``: never through a link, at most ``max_bytes`` (else InstanceError)."""
         target = Path(local)
+        if target.is_symlink():
+            raise InstanceError(f"gpu.get() writes no file through a link, and {target} is one")
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gpucloud-get-") as tmp:
-            kind = self._link.pull(self._path(remote), Path(tmp), self.timeout)
+            # The checking reader unpacks into a fresh folder; only plain files come.
+            kind = self._link.pull(self._path(remote), Path(tmp), self.timeout, max_bytes)
             if kind == "missing":
                 raise FileNotFoundError(f"{remote}: no such file or folder on instance {self.id}")
             if kind == "file":
-                os.replace(next(Path(tmp).iterdir()), target)
+                os.replace(next(Path(tmp).iterdir()), target)  # replaces a link, never follows
                 return
-            target.mkdir(exist_ok=True)
-            for path in sorted(Path(tmp).rglob("*")):
-                if path.is_file():
-                    dest = target / path.relative_to(tmp)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(path, dest)
+            _move_inside(Path(tmp), target)
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def call(
+        self,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        allow: Iterable[type | str] = (),
+        trusted: bool = False,
+        **kwargs: Any,
+    ) -> Any:
         """``fn(*args, **kwargs)`` run on the instance; its value, or its exception raised
-        again here with the remote traceback in its message."""
+        again here with the remote traceback in its message.
+
+        The value is unpickled through an allow-list (builtin values, numpy arrays):
+        ``allow`` adds classes (a test's own dataclasses) or ``"module.Name"`` strings;
+        ``trusted=True`` lets the instance's pickle run any code on this machine."""
         payload = _dumps((fn, args, kwargs), fn, self._rootdir)
         done = self._link.exec(f"python3 -c {shlex.quote(_LOADER)}", payload, self.timeout)
         if done.exit_status == NO_CLOUDPICKLE:
@@ -214,15 +244,26 @@ class InstanceHandle:
                 "add it to the image or install it with --gpu-setup"
             )
         if done.exit_status != 0 or not done.stdout:
-            tail = _text(done.stderr).strip().splitlines()[-8:]
+            tail = visible(_text(done.stderr)).strip().splitlines()[-8:]
             raise InstanceError(
                 f"instance {self.id}: call() of {_name(fn)} ended with {_exit_text(done)}"
                 + ("; its last output:\n" + "\n".join(tail) if tail else "")
             )
-        answer = pickle.loads(done.stdout)
+        allowed = self._allow | allowed_names(allow)
+        answer = safe_loads(done.stdout, self.id, allow=allowed, trusted=trusted)
         if answer[0] == "ok":
             return answer[1]
-        raise _reraised(answer[1], answer[2], self.id)
+        _, pickled, text = answer
+        try:
+            exc = (
+                None
+                if pickled is None
+                else safe_loads(pickled, self.id, allow=allowed, trusted=trusted)
+            )
+        except DisallowedGlobal as refused:
+            text += f"\n(the exception itself stays there: {refused})"
+            exc = None
+        raise _reraised(exc, text, self.id)
 
     def _path(self, remote: str) -> str:
         return posixpath.join(self.workspace, remote)
@@ -238,6 +279,7 @@ class Lease:
     machine: Machine
     timeout: float  # a step's limit unless the call gives one (--gpu-timeout)
     rootdir: Path  # where relative local paths start
+    unpickle_allow: tuple[str, ...] = ()  # what call() values may name (--gpu-unpickle-allow)
 
 
 class Lessor(Protocol):
@@ -268,9 +310,9 @@ class MachineLink:
     def push(self, local: Path, remote: str, timeout: float) -> None:
         self._engine.run(within(push_to(self._machine, local, remote), timeout, self.id))
 
-    def pull(self, remote: str, local_dir: Path, timeout: float) -> str:
+    def pull(self, remote: str, local_dir: Path, timeout: float, max_bytes: int) -> str:
         return self._engine.run(
-            within(pull_from(self._machine, remote, local_dir), timeout, self.id)
+            within(pull_from(self._machine, remote, local_dir, max_bytes), timeout, self.id)
         )
 
     def release(self) -> None:
@@ -278,26 +320,46 @@ class MachineLink:
             self._engine.run(self._lessor.release_lease(self._machine), timeout=RELEASE_TIMEOUT_S)
 
 
-async def run_on(machine: Machine, command: str, stdin: bytes | None) -> Completed:
-    """Run ``command`` on ``machine`` in its workspace, inside its container if any."""
+async def run_on(
+    machine: Machine, command: str, stdin: bytes | None, max_bytes: int = RUN_OUTPUT_MAX
+) -> Completed:
+    """Run ``command`` on ``machine`` in its workspace, inside its container if any; more
+    than ``max_bytes`` of output on a stream raises InstanceError."""
     line = f"cd {shlex.quote(machine.remote_root)} && {command}"
     if machine.runtime is not None:
         line = machine.runtime.wrap(line)
     try:
-        done = await machine_conn(machine).run(line, input=stdin, encoding=None, check=False)
+        done = await run_capped(machine_conn(machine), line, stdin=stdin, max_bytes=max_bytes)
     except (OSError, asyncssh.Error) as exc:
         raise InstanceError(f"instance {machine.id}: {exc}") from None
-    exit_signal = done.exit_signal[0] if done.exit_signal is not None else None
-    return Completed(_bytes(done.stdout), _bytes(done.stderr), done.exit_status, exit_signal)
+    if done.cut:
+        raise InstanceError(
+            f"instance {machine.id}: {command[:60]!r} printed more than {max_bytes} bytes on "
+            "stdout or stderr; write big output to a file and gpu.get() it"
+        )
+    return Completed(done.stdout, done.stderr, done.exit_status, done.exit_signal)
 
 
 async def push_to(machine: Machine, local: Path, remote: str) -> None:
     await push(machine_conn(machine), local, remote)
 
 
-async def pull_from(machine: Machine, remote: str, local_dir: Path) -> str:
-    """Copy ``remote`` into ``local_dir``; what it was (``file``, ``dir``, ``missing``)."""
-    return (await pull(machine_conn(machine), remote, local_dir)).kind
+async def pull_from(machine: Machine, remote: str, local_dir: Path, max_bytes: int) -> str:
+    """Copy ``remote`` into ``local_dir``; what it was (``file``, ``dir``, ``missing``).
+    InstanceError where it holds more than ``max_bytes``, or names a path it may not."""
+    pulled = await pull(machine_conn(machine), remote, local_dir, max_bytes=max_bytes)
+    if pulled.left:
+        size = sum(size for _, size in pulled.left) + pulled.bytes
+        raise InstanceError(
+            f"instance {machine.id}: {remote} holds {size} bytes, more than the {max_bytes} "
+            "gpu.get() takes; pass max_bytes= to take more"
+        )
+    if pulled.refused:
+        name, why = pulled.refused[0]
+        raise InstanceError(
+            f"instance {machine.id} sent {visible(name)!r}, which was not written: {visible(why)}"
+        )
+    return pulled.kind
 
 
 async def within(step: Awaitable[T], timeout: float, instance_id: str) -> T:
@@ -312,10 +374,12 @@ async def within(step: Awaitable[T], timeout: float, instance_id: str) -> T:
 
 
 @contextlib.contextmanager
-def leased(link: InstanceLink, timeout: float, rootdir: Path) -> Iterator[InstanceHandle]:
+def leased(
+    link: InstanceLink, timeout: float, rootdir: Path, allow: Iterable[str] = ()
+) -> Iterator[InstanceHandle]:
     """A handle on ``link`` while the ``with`` block runs; the machine is released after."""
     try:
-        yield InstanceHandle(link, timeout, rootdir)
+        yield InstanceHandle(link, timeout, rootdir, allow)
     finally:
         link.release()
 
@@ -327,7 +391,7 @@ def lease(
     deleted after it."""
     lease = engine.run(lessor.lease(request))
     link = MachineLink(engine, lessor, lease.machine)
-    return leased(link, lease.timeout, lease.rootdir)
+    return leased(link, lease.timeout, lease.rootdir, lease.unpickle_allow)
 
 
 def machine_conn(machine: Machine) -> asyncssh.SSHClientConnection:
@@ -354,7 +418,29 @@ def _dumps(value: Any, fn: Callable[..., Any], rootdir: Path) -> bytes:
             cloudpickle.unregister_pickle_by_value(module)
 
 
+def _move_inside(source: Path, target: Path) -> None:
+    """Move the files under ``source`` to the same paths under ``target``, through real
+    folders only: a link (or a file) where a folder should be is refused, never followed,
+    and a link where a file goes is replaced."""
+    _real_folder(target)
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            folder = target
+            for part in path.relative_to(source).parts[:-1]:
+                folder = _real_folder(folder / part)
+            os.replace(path, folder / path.name)
+
+
+def _real_folder(folder: Path) -> Path:
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir()
+    if not stat.S_ISDIR(os.lstat(folder).st_mode):
+        raise InstanceError(f"gpu.get() writes nothing through a link, and {folder} is one")
+    return folder
+
+
 def _reraised(exc: BaseException | None, remote_traceback: str, instance_id: str) -> BaseException:
+    remote_traceback = visible(remote_traceback)
     header = f"(raised on instance {instance_id}; remote traceback:)\n{remote_traceback}"
     if exc is None:
         last = remote_traceback.strip().splitlines()[-1] if remote_traceback.strip() else "?"
@@ -371,10 +457,6 @@ def _name(fn: Callable[..., Any]) -> str:
 
 def _text(data: bytes) -> str:
     return data.decode(errors="replace")
-
-
-def _bytes(data: bytes | str | None) -> bytes:
-    return data if isinstance(data, bytes) else (data or "").encode()
 
 
 def _exit_text(done: Completed) -> str:

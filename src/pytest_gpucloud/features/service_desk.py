@@ -410,5 +410,7 @@ async def _end(running: _Running, *, hurry: bool = False) -> None:
         running.relay_dir = None
     with contextlib.suppress(GpuCloudError, asyncio.TimeoutError):
         target = running.local_log.parent
-        pulled = instance_handle.pull_from(running.machine, running.remote_log, target)
+        pulled = instance_handle.pull_from(
+            running.machine, running.remote_log, target, instance_handle.GET_MAX_BYTES
+        )
         await asyncio.wait_for(pulled, 60)

@@ -23,22 +23,27 @@ from pathlib import Path
 import asyncssh
 
 from pytest_gpucloud.core.errors import GpuMismatch, InstanceError
+from pytest_gpucloud.core.escape import visible
 from pytest_gpucloud.core.gpus import PROBE, Sighting, read_probe
+from pytest_gpucloud.core.private import private_file
 from pytest_gpucloud.machine.runtime import Runtime
+from pytest_gpucloud.transport.capped import Captured, run_capped
 
 STEP_TIMEOUT_S = 60.0
 CLEAN_TIMEOUT_S = 20.0
 # Files that decide what installing a project directory (``pip install -e .``) does.
 _PROJECT_FILES = ("pyproject.toml", "setup.py", "setup.cfg")
 _LOG_LINES = 15
+OUTPUT_MAX = 8 << 20  # of each stream of a step: a setup's log keeps its last 8 MiB
 
 
 async def run(
     conn: asyncssh.SSHClientConnection, command: str, *, timeout: float, doing: str
-) -> asyncssh.SSHCompletedProcess:
-    """Run ``command``; its exit status is the caller's to judge, SSH trouble raises."""
+) -> Captured:
+    """Run ``command``; its exit status is the caller's to judge, SSH trouble raises. Of
+    its output, the last :data:`OUTPUT_MAX` bytes per stream are kept."""
     try:
-        return await asyncio.wait_for(conn.run(command, check=False), timeout)
+        return await asyncio.wait_for(run_capped(conn, command, max_bytes=OUTPUT_MAX), timeout)
     except asyncio.TimeoutError:
         raise InstanceError(f"{doing} did not finish within {timeout:g} s") from None
     except (OSError, asyncssh.Error) as exc:
@@ -140,9 +145,9 @@ async def run_setup(
         _write_log(log, f"{exc}\n")
         raise InstanceError(f"setup failed on {where}: {exc}; log: {log}") from None
     output = _text(result.stdout) + _text(result.stderr)
-    _write_log(log, output)
+    _write_log(log, ("[earlier output dropped]\n" if result.cut else "") + output)
     if result.exit_status != 0:
-        tail = "\n".join(output.rstrip().splitlines()[-_LOG_LINES:])
+        tail = visible("\n".join(output.rstrip().splitlines()[-_LOG_LINES:]))
         raise InstanceError(
             f"setup failed on {where} (exit status {result.exit_status} of "
             f"{command!r}); its output is in {log}, ending:\n{tail}"
@@ -229,8 +234,7 @@ def _named_files(command: str, root: Path) -> list[Path]:
 
 
 def _write_log(log: Path, text: str) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(text, encoding="utf-8", errors="replace")
+    private_file(log, text)
 
 
 def _text(value: object) -> str:
@@ -239,6 +243,6 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _last_line(result: asyncssh.SSHCompletedProcess) -> str:
+def _last_line(result: Captured) -> str:
     said = (_text(result.stderr).strip() or _text(result.stdout).strip()).splitlines()
-    return said[-1][:300] if said else f"exit status {result.exit_status}"
+    return visible(said[-1][:300]) if said else f"exit status {result.exit_status}"

@@ -35,9 +35,10 @@ import asyncssh
 from pytest_gpucloud.core.catalog import GpuType, Offer
 from pytest_gpucloud.core.errors import ConfigError, OutOfCapacity
 from pytest_gpucloud.core.gpus import SMI_FORMAT, csv_rows, type_name
+from pytest_gpucloud.core.private import private_dir
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.leasing import LeaseBook, lease
-from pytest_gpucloud.remote.workspaces import WORKSPACES, private_dir, sweep, take_lease
+from pytest_gpucloud.remote.workspaces import WORKSPACES, sweep, take_lease
 from pytest_gpucloud.transport import ssh
 from pytest_gpucloud.transport.exec_server import kill_group, listen_exec, run_exec, within_home
 
@@ -212,7 +213,7 @@ class LocalProvider(LeaseBook[_Lease]):
     @classmethod
     async def start(cls, settings: Settings) -> LocalProvider:
         gpus = await asyncio.to_thread(list_gpus)
-        lock_dir = _private(_lock_dir())
+        lock_dir = private_dir(_lock_dir())
         return cls(
             gpus,
             lease_timeout=settings.boot_timeout,
@@ -287,7 +288,7 @@ class LocalProvider(LeaseBook[_Lease]):
         # The same GPUs, the same directory: a workspace (and a setup's editable install)
         # keeps its path from one session to the next.
         uuids = ",".join(gpu.uuid or gpu.index for gpu in gpus).encode()
-        home = _private(
+        home = private_dir(
             self._lock_dir / f"slot-{hashlib.sha1(uuids, usedforsecurity=False).hexdigest()[:12]}"
         )
         workspaces = await _take_workspaces(home, self._workspace_ttl)
@@ -351,14 +352,6 @@ async def _take_workspaces(home: Path, ttl_s: float) -> _SlotLock:
                 return _SlotLock(os.dup(lock.fileno()))  # the flock lives on in the copy
         await asyncio.sleep(0.1)
     raise OutOfCapacity(f"the workspaces of {home} stayed locked by another process")
-
-
-def _private(folder: Path) -> Path:
-    """``folder``, made if missing; a ConfigError when it is not this user's alone."""
-    problem = private_dir(os.fspath(folder))
-    if problem is not None:
-        raise ConfigError(f"--gpu-provider local refuses its folder: {problem}")
-    return folder
 
 
 def _environment(gpus: list[LocalGpu]) -> dict[str, str]:

@@ -30,6 +30,7 @@ from pytest_gpucloud.core.errors import (
     RateLimited,
     Transient,
 )
+from pytest_gpucloud.core.escape import visible
 from pytest_gpucloud.core.wire import (
     CreateInstanceRequest,
     ErrorBody,
@@ -238,8 +239,9 @@ def _api_error(response: httpx.Response, body: bytes, what: str) -> ProviderErro
         code, message = detail.code, detail.message
     except ValidationError:
         pass
-    # The API's words, on one line: they end up in a one-line error.
-    message = " ".join(message.split())[:300]
+    # The API's words, on one line and with control characters shown: they end up in a
+    # one-line error on the user's terminal.
+    message = visible(" ".join(message.split())[:300], one_line=True)
     said = f": {message}" if message else ""
     if status == 401 or code == "unauthorized":
         return AuthError(

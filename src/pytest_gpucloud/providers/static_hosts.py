@@ -252,4 +252,4 @@ class SshProvider(LeaseBook[_Lease]):
 
 def _workspaces_command(*args: str) -> str:
     words = " ".join(shlex.quote(arg) for arg in args)
-    return f"python3 -S -c {shlex.quote(source('workspaces'))} {words}"
+    return f"python3 -I -S -c {shlex.quote(source('workspaces'))} {words}"

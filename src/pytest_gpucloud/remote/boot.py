@@ -13,10 +13,16 @@ imported early: pytest would no longer rewrite their asserts, and would warn so.
 library and pytest only.
 """
 
+import sys
+
+# ``-c`` put the current folder first on sys.path; nothing may be imported from it before
+# the go (a file planted there, or a half-synced one).
+if sys.path[:1] == [""]:
+    del sys.path[0]
+
 import importlib
 import os
 import runpy
-import sys
 
 GO = b"g"  # the byte the local side sends once the sync is complete
 # What the GPU check printed, run in the same exec just before: told with ``loaded``.
@@ -24,7 +30,6 @@ PROBE_ENV = "GPUCLOUD_GPU_PROBE"
 
 
 def main() -> int:
-    cwd = sys.path.pop(0)
     import pytest  # noqa: F401  (the slow part of a start, done while the sync runs)
 
     probe = os.environ.pop(PROBE_ENV, None)
@@ -36,7 +41,7 @@ def main() -> int:
         os.write(1, json.dumps({"type": "loaded", "probe": probe}).encode() + b"\n")
     if os.read(0, 1) != GO:
         return 0
-    sys.path.insert(0, cwd)
+    sys.path.insert(0, "")  # the complete workspace, as ``-c`` had it
     # Folders that did not exist or were half-filled when pytest was imported.
     sys.path_importer_cache.clear()
     importlib.invalidate_caches()

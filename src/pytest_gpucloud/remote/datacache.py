@@ -11,7 +11,7 @@ hash of the source and of each object's name and ETag: a changed object makes a 
 an unchanged dataset is found again by later tests and later sessions. An entry is built
 under a temporary name and renamed when whole, so it is complete or absent.
 
-Also runs as ``python3 -S -c <source> CACHE_DIR`` with a spec as JSON on stdin; it prints
+Also runs as ``python3 -I -S -c <source> CACHE_DIR`` with a spec as JSON on stdin; it prints
 ``{"path", "cached", "bytes"}``.
 """
 

@@ -1,6 +1,6 @@
 """Plain files through one stream: the instance sends, or receives, over one SSH exec.
 
-Run on the instance as ``python3 -S -c <this source> send PATH MAX`` (instance -> here:
+Run on the instance as ``python3 -I -S -c <this source> send PATH MAX`` (instance -> here:
 artifacts, ``get``) or ``... recv DIR`` (here -> instance: ``put``); the local side imports
 the same functions for its end. Standard library only (Python >= 3.8), and no tarfile:
 both ends are this module, so the format is the one that costs least per file.
@@ -42,7 +42,11 @@ _CHUNK = 1 << 20
 _BAD_PARTS = frozenset(("", ".", ".."))
 _BATCH_FILES = 1000
 _LINE_MAX = 64 << 20  # one batch line: 1000 names of up to 4096 bytes, JSON-escaped
+FILES_MAX = 20_000  # files of one stream, written or refused
+DEPTH_MAX = 64  # folders a name may go down
+REFUSED_MAX = 100  # refused names of one stream; past it the stream is broken off
 # Never through a link, never over an existing file.
+_MTIME_MAX = 2.0**33  # the year 2242; past it os.utime overflows on some systems
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -146,9 +150,10 @@ def _line(value: Any) -> bytes:
 class _Dest:
     """The folder files are extracted into, with the checks that keep every write inside."""
 
-    def __init__(self, root: str) -> None:
-        os.makedirs(root, exist_ok=True)
+    def __init__(self, root: str, private: bool = False) -> None:
+        os.makedirs(root, mode=0o700 if private else 0o777, exist_ok=True)
         self.root = root
+        self._mask = 0o700 if private else 0o777
         self.real = os.path.realpath(root)
         self._checked: set[str] = set()
         # Files are read into this and written from it: no copy of their content between.
@@ -171,7 +176,7 @@ class _Dest:
 
     def write(self, path: str, body: _Body, mode: int, mtime: float) -> None:
         """Write a new file, or replace one through a temporary name and a rename."""
-        mode = 0o755 if mode & 0o100 else 0o644
+        mode = (0o755 if mode & 0o100 else 0o644) & self._mask
         try:
             fd = os.open(path, _NEW, mode)
         except FileExistsError:
@@ -265,16 +270,25 @@ def _tar_entries(tar: TarStream) -> Iterator[tuple[str, int, int, float, bool]]:
 
 
 def extract(
-    stream: IO[bytes], dest: str, max_bytes: int | None = None, *, tar: bool = False
+    stream: IO[bytes],
+    dest: str,
+    max_bytes: int | None = None,
+    *,
+    tar: bool = False,
+    max_files: int = FILES_MAX,
+    private: bool = False,
 ) -> dict[str, Any]:
     """Write the files of a stream under ``dest``; never outside it (see the module doc).
+    More than ``max_files`` entries, or than :data:`REFUSED_MAX` refused ones, break it off;
+    a name deeper than :data:`DEPTH_MAX` folders, or with an mtime out of range, is refused.
+    ``private``: files and the folder made are this user's only (0600, 0700).
 
     ``tar``: the stream is a tar stream (:func:`_tar_entries`), without a control line.
     Returns ``{"control": the control line ({} for tar), "files": n, "bytes": b,
     "refused": [[name, why], ...]}``. Raises :class:`PipeRefused` when the content passes
     ``max_bytes`` or the stream is garbled or cut short; the files written so far stay.
     """
-    target = _Dest(dest)
+    target = _Dest(dest, private)
     files = total = 0
     refused: list[list[str]] = []
     try:
@@ -286,9 +300,16 @@ def extract(
 
             stream = TarStream(stream)  # type: ignore[assignment]  # it reads like one
         entries = _tar_entries(stream) if tar else _entries(stream)  # type: ignore[arg-type]
-        for name, size, mode, mtime, regular in entries:
-            if not regular:
-                refused.append([name, "not a regular file"])
+        for count, (name, size, mode, mtime, regular) in enumerate(entries, 1):
+            if count > max_files:
+                raise PipeRefused(f"the stream holds more than the {max_files} files allowed")
+            if len(refused) >= REFUSED_MAX:
+                raise PipeRefused(f"the stream holds more than {REFUSED_MAX} refused names")
+            why = _refusal(name, mtime, regular)
+            if why:
+                refused.append([name[:200], why])
+                if regular:
+                    _Body(stream, size).skip()
                 continue
             if max_bytes is not None and total + size > max_bytes:
                 raise PipeRefused(f"the stream holds more than the {max_bytes} bytes allowed")
@@ -301,9 +322,20 @@ def extract(
                 files += 1
                 total += size
             body.skip()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise PipeRefused(f"a garbled stream: {exc}") from None
     return {"control": control, "files": files, "bytes": total, "refused": refused}
+
+
+def _refusal(name: str, mtime: float, regular: bool) -> str:
+    """Why the entry may not be written ("" if it may)."""
+    if not regular:
+        return "not a regular file"
+    if name.count("/") >= DEPTH_MAX:
+        return f"deeper than {DEPTH_MAX} folders"
+    if not 0 <= mtime < _MTIME_MAX:  # also NaN
+        return "an mtime out of range"
+    return ""
 
 
 def main(argv: list[str]) -> int:

@@ -80,7 +80,10 @@ def encode(kind: str, **fields: Any) -> bytes:
 
 
 def decode(line: bytes) -> Message:
-    message = json.loads(line)
+    try:
+        message = json.loads(line)
+    except RecursionError:  # nested too deep for json: a frame no worker writes
+        raise ValueError(f"not a protocol frame: {line[:200]!r}") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ValueError(f"not a protocol frame: {line[:200]!r}")
     return message

@@ -1,4 +1,4 @@
-"""Receiving end of a code sync; runs on the instance as ``python3 -S -c <source> DIR``.
+"""Receiving end of a code sync; runs on the instance as ``python3 -I -S -c <source> DIR``.
 
 Standard library only (Python >= 3.7): it is sent as the source of the exec itself, before
 anything of ours exists on the instance. ``DIR`` is absolute or relative to the login
@@ -347,6 +347,8 @@ class TarStream:
                     name = _text(block[345:500]) + "/" + name
             if "size" in pax:
                 size = int(pax["size"])
+                if size < 0:
+                    raise BadTar("a tar header with a negative size")
             self._payload, self._padding = size, -size % _BLOCK
             yield Member(name, kind, size, block, pax, long_link)
             if pax or long_name or long_link:

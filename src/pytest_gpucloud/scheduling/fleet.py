@@ -115,8 +115,7 @@ class Fleet:
         # Each test's gpu_artifacts brought home (None: left on the instances), and the
         # presigning of its datasets.
         self.artifacts = artifacts
-        expiry = settings.boot_timeout + settings.timeout
-        self.data = data or DataSource(settings.s3_endpoint, expiry)
+        self.data = data or DataSource(settings.s3_endpoint, settings.boot_timeout)
         self.session_id = settings.session_id or uuid.uuid4().hex[:12]
         self.machines: list[Machine] = []
         self.orphans: list[str] = []
@@ -210,7 +209,8 @@ class Fleet:
         of the same pool, if known (the remote session keeps the fixtures it shares).
         """
         try:
-            data = await self.data.presign(nodeid, request.data) if request.data else {}
+            limit = request.timeout_s or self.settings.timeout
+            data = await self.data.presign(nodeid, request.data, limit) if request.data else {}
         except GpuCloudError:
             self.forget([(nodeid, request)])
             raise
@@ -289,7 +289,9 @@ class Fleet:
             machine = await asyncio.wait_for(self._lease_whole(request), limit)
         except asyncio.TimeoutError:
             raise InstanceError(f"no instance for {request.spec} within {limit:g} s") from None
-        return Lease(machine, self.settings.timeout, self.launcher.rootdir)
+        return Lease(
+            machine, self.settings.timeout, self.launcher.rootdir, self.settings.unpickle_allow
+        )
 
     async def _lease_whole(self, request: GpuRequest) -> Machine:
         """The machine of :meth:`lease`, without its time limit."""

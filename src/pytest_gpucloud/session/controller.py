@@ -32,6 +32,7 @@ from pytest_gpucloud.session.outcomes import is_infrastructure_error
 from pytest_gpucloud.session.results import replay_result
 from pytest_gpucloud.session.startup import FleetStarter
 from pytest_gpucloud.session.stash import REQUEST_KEY
+from pytest_gpucloud.transport.sync import left_behind
 
 if TYPE_CHECKING:
     from collections.abc import Generator
@@ -280,6 +281,7 @@ class Controller:
             verbose=self.config.get_verbosity() > 0,
             failed=failed,
             infra_errors=self.infra_errors,
+            stayed=left_behind(self.config.rootpath) if outcome.machines else [],
         ):
             terminalreporter.write_line(line, **markup)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,8 +113,10 @@ def terminal_lines(
     verbose: bool,
     failed: list[str],
     infra_errors: int,
+    stayed: Sequence[str] = (),
 ) -> list[tuple[str, dict[str, bool]]]:
-    """The ``gpu-cloud`` section of the terminal summary: each line with its markup."""
+    """The ``gpu-cloud`` section of the terminal summary: each line with its markup.
+    ``stayed``: the files the sync left on this machine (secret-shaped, .gpucloudignore)."""
     lines: list[tuple[str, dict[str, bool]]] = []
     if simulated:
         lines.append((f"provider sim: {SIMULATED_NOTE}", {}))
@@ -141,6 +143,15 @@ def terminal_lines(
             # one line a machine: the whole message is its test's ERROR report already
             lines.append((f"{machine.id}: {_first_line(machine.error)}", {"yellow": True}))
     lines += [(note, {"yellow": True}) for note in outcome.notes]
+    if stayed:
+        shown = ", ".join(stayed[:10]) + (" ..." if len(stayed) > 10 else "")
+        lines.append(
+            (
+                f"gpu-cloud: {len(stayed)} file(s) stayed on this machine (secret-shaped, or in "
+                f".gpucloudignore): {shown} (a '!name' line in .gpucloudignore sends one)",
+                {},
+            )
+        )
     if outcome.orphans:
         lines.append(
             (

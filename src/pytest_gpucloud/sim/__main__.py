@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import secrets
 import signal
 import sys
 import threading
@@ -30,7 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=int, default=8787, help="0 picks a free port")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--api-key", help="accept only this bearer token (default: any)")
+    parser.add_argument(
+        "--api-key",
+        help="accept only this bearer token (default: a random one, printed once at start)",
+    )
     parser.add_argument("--boot-delay", type=float, default=0.2, metavar="S")
     parser.add_argument(
         "--dialect",
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             f"gpu-cloud sim: refusing to serve on {args.host}: its instances run any command "
             "on this machine; use a loopback host or pass --allow-remote"
         )
+    # Without a key any local user could run commands as this user through its instances.
+    api_key = args.api_key or secrets.token_urlsafe(24)
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         config = SimConfig(
             host=args.host,
             port=args.port,
-            api_key=args.api_key,
+            api_key=api_key,
             boot_delay_s=args.boot_delay,
             dialect=args.dialect,
         )
@@ -78,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         "(instances run tests on this machine's CPU)",
         flush=True,
     )
+    if args.api_key is None:
+        print(f"gpu-cloud sim: its API key (GPUCLOUD_API_KEY): {api_key}", flush=True)
     try:
         stopping.wait()
     finally:

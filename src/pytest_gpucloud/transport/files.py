@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from pytest_gpucloud.core.errors import InstanceError
+from pytest_gpucloud.core.escape import visible
 from pytest_gpucloud.remote import filepipe, source
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 _CHUNK = 1 << 20
+_LISTED_MAX = 1000  # names kept of what an instance says it left behind or skipped
 
 
 @dataclass
@@ -47,7 +49,7 @@ class Pulled:
 
 
 def _command(*args: str) -> str:
-    return shlex.join(["python3", "-S", "-c", source("filepipe"), *args])
+    return shlex.join(["python3", "-I", "-S", "-c", source("filepipe"), *args])
 
 
 async def pull(
@@ -67,14 +69,19 @@ async def pull(
     command = _command("send", remote_path, str(limit))
     result = await _receive(conn, command, local_dir, max_bytes, remote_path)
     control: dict[str, Any] = result["control"]
-    return Pulled(
-        kind=str(control.get("kind", "")),
-        files=result["files"],
-        bytes=result["bytes"],
-        left=[(str(name), int(size)) for name, size in control.get("left", [])],
-        skipped=[(str(name), str(why)) for name, why in control.get("skipped", [])],
-        refused=[(str(name), str(why)) for name, why in result["refused"]],
-    )
+    try:
+        return Pulled(
+            kind=str(control.get("kind", "")),
+            files=result["files"],
+            bytes=result["bytes"],
+            left=[(str(name), int(size)) for name, size in control["left"][:_LISTED_MAX]],
+            skipped=[(str(name), str(why)) for name, why in control["skipped"][:_LISTED_MAX]],
+            refused=[(str(name), str(why)) for name, why in result["refused"]],
+        )
+    except (KeyError, TypeError, ValueError):
+        raise InstanceError(
+            f"copying {remote_path} from the instance failed: a garbled control line"
+        ) from None
 
 
 async def pull_listed(
@@ -133,7 +140,7 @@ async def _receive(
         proc.stdin.write(stdin)
         proc.stdin.write_eof()
         result: dict[str, Any] = await asyncio.to_thread(
-            filepipe.extract, reader, str(local_dir), max_bytes, tar=tar
+            filepipe.extract, reader, str(local_dir), max_bytes, tar=tar, private=True
         )
         await _drain(proc)
     except filepipe.PipeRefused as exc:
@@ -213,14 +220,14 @@ async def _why(proc: asyncssh.SSHClientProcess[bytes]) -> str:
         err = await asyncio.wait_for(proc.stderr.read(), 2)
     except (asyncio.TimeoutError, OSError, asyncssh.Error):
         return ""
-    lines = err.decode(errors="replace").strip().splitlines()
+    lines = visible(err.decode(errors="replace")).strip().splitlines()
     return lines[-1] if lines else ""
 
 
 def _stderr(done: asyncssh.SSHCompletedProcess) -> str:
     err = done.stderr
     text = err.decode(errors="replace") if isinstance(err, bytes) else str(err or "")
-    lines = text.strip().splitlines()
+    lines = visible(text).strip().splitlines()
     return lines[-1] if lines else ""
 
 

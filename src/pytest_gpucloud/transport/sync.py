@@ -1,6 +1,6 @@
 """Mirror a project's files into a directory on an instance, in one SSH exec.
 
-The exec is ``python3 -S -c <source of remote/receive.py> DIR``; its docstring has the wire
+The exec is ``python3 -I -S -c <source of remote/receive.py> DIR``; its docstring has the wire
 format. The receiver first prints the manifest it stored last time, less the files changed
 on the instance since, so the diff needs no local state: a fresh instance gets everything,
 a warm one only what changed. This side then streams one pax tar: removals, chmods and
@@ -46,6 +46,7 @@ import asyncssh
 from pytest_gpucloud.core.errors import InstanceError
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.remote.receive import DIGESTS_HEADER, PACK_HEADER, ZLIB_HEADER
+from pytest_gpucloud.transport.exclusions import Exclusions
 
 if TYPE_CHECKING:
     from asyncssh import SSHWriter
@@ -126,13 +127,27 @@ def list_files(root: Path) -> list[str]:
     Inside a git work tree, the files git tracks or would track (``.gitignore`` respected);
     elsewhere, a walk that skips VCS folders, virtualenvs, caches and ``*.pyc``. Symlinks
     are listed, never followed, and left out when they point out of the tree (the receiver
-    would refuse them); a ``.gpucloud`` folder (local artifacts) never is listed.
+    would refuse them); a ``.gpucloud`` folder (local artifacts) never is listed, nor are
+    secret-shaped files and what ``.gpucloudignore`` names (:mod:`.exclusions`).
     """
     return sorted(_listed(root))
 
 
+def left_behind(root: Path) -> list[str]:
+    """The files under ``root`` that :func:`list_files` leaves out as :mod:`.exclusions`
+    says (secret-shaped, or named in ``.gpucloudignore``), sorted."""
+    exclusions = Exclusions.of(root)
+    return sorted(name for name in _candidates(root) if exclusions.excludes(name))
+
+
 def _listed(root: Path) -> _Files:
-    """:func:`list_files`' selection, each with its path and lstat (one lstat per file, on
+    """:func:`list_files`' selection, each with its path and lstat."""
+    exclusions = Exclusions.of(root)
+    return {n: f for n, f in _candidates(root).items() if not exclusions.excludes(n)}
+
+
+def _candidates(root: Path) -> _Files:
+    """Git's or the walk's selection, each with its path and lstat (one lstat per file, on
     plain strings: a Path per file would cost more than the lstat)."""
     try:
         done = subprocess.run(
@@ -228,7 +243,7 @@ async def sync(
     ``root_known`` gets the absolute ``remote_dir`` as soon as it exists on the instance,
     long before the files are there: what needs only the folder can start then."""
     started = time.perf_counter()
-    command = f"python3 -S -c {shlex.quote(source('receive'))} {shlex.quote(remote_dir)}"
+    command = f"python3 -I -S -c {shlex.quote(source('receive'))} {shlex.quote(remote_dir)}"
     failed = f"code sync to {remote_dir} failed"
     try:
         proc = await conn.create_process(command, encoding=None)

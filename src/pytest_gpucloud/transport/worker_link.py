@@ -24,6 +24,7 @@ from typing import Any, TypedDict, TypeVar
 import asyncssh
 
 from pytest_gpucloud.core.errors import RemoteError, TimeLimitExceeded
+from pytest_gpucloud.core.escape import visible
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.remote.boot import GO, PROBE_ENV
 from pytest_gpucloud.remote.protocol import (
@@ -36,6 +37,7 @@ from pytest_gpucloud.remote.protocol import (
 
 REMOTE_PACKAGE = "gpucloud_remote"
 _CHUNK = 256 * 1024
+FRAME_MAX = 64 << 20  # one frame: a report with its captured output, tracebacks, sections
 # How much longer than a test's time limit this side waits for the worker to stop itself.
 TIMEOUT_GRACE_S = 5.0
 READ_AHEAD = 8
@@ -106,11 +108,13 @@ class Collection:
 
 
 class _Frames:
-    """Splits the worker's stdout into frames; reads in large chunks, not line by line."""
+    """Splits the worker's stdout into frames; reads in large chunks, not line by line. A
+    frame longer than :data:`FRAME_MAX` is refused: nothing else bounds the buffer."""
 
     def __init__(self, stream: asyncssh.SSHReader[bytes]) -> None:
         self._stream = stream
-        self._buffer = b""
+        self._partial: list[bytes] = []  # the frame begun, in pieces (joined once, at its end)
+        self._partial_size = 0
         self._ready: collections.deque[bytes] = collections.deque()
 
     async def next(self) -> Message | None:
@@ -118,8 +122,17 @@ class _Frames:
             chunk = await self._stream.read(_CHUNK)
             if not chunk:
                 return None
-            *lines, self._buffer = (self._buffer + chunk).split(b"\n")
-            self._ready.extend(lines)
+            *lines, rest = chunk.split(b"\n")
+            if lines:
+                lines[0] = b"".join([*self._partial, lines[0]])
+                self._partial.clear()
+                self._partial_size = 0
+                self._ready.extend(lines)
+            if rest:
+                self._partial.append(rest)
+                self._partial_size += len(rest)
+                if self._partial_size > FRAME_MAX:
+                    raise ValueError(f"a frame longer than {FRAME_MAX >> 20} MiB")
         return decode(self._ready.popleft())
 
 
@@ -355,6 +368,7 @@ class WorkerLink:
         except (OSError, asyncssh.Error) as exc:
             raise self._lost(doing, f"SSH connection lost ({_first_line(exc)})") from None
         except ValueError as exc:
+            self.kill()
             raise self._lost(doing, f"garbled output ({exc})") from None
         if frame is None:
             await asyncio.sleep(0.05)  # let the exit status arrive
@@ -374,7 +388,8 @@ class WorkerLink:
         )
 
     def _last_output(self) -> str:
-        tail = b"".join(self._stderr).decode(errors="replace").strip().splitlines()[-8:]
+        text = visible(b"".join(self._stderr).decode(errors="replace"))
+        tail = text.strip().splitlines()[-8:]
         return ("; its last output:\n" + "\n".join(tail)) if tail else ""
 
     async def _drain_stderr(self) -> None:
