@@ -114,6 +114,7 @@ def test_cleanup_deletes_an_orphan_found_by_its_name(
     monkeypatch.setenv("GPUCLOUD_API_URL", pod_sim.base_url)
     assert cleanup.main(["--yes"], cwd=tmp_path) == 0
     assert f"deleted {made.json()['id']}" in capsys.readouterr().out
+    pod_sim.wait_gone(keep=frozenset({foreign}))
     assert [i["id"] for i in pod_sim.live()] == [foreign]
     pod_sim.api.delete(f"/pods/{foreign}").raise_for_status()
 

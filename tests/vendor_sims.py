@@ -30,10 +30,11 @@ class VendorSim(Sim):
             base_url=self.base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=10
         )
 
-    def wait_gone(self, timeout: float = 5.0) -> None:
-        """Wait until no instance is alive (a delete takes a moment to end one)."""
+    def wait_gone(self, timeout: float = 30.0, keep: frozenset[str] = frozenset()) -> None:
+        """Wait until no instance but those in ``keep`` is alive (a delete takes a moment to
+        end one, longer on a loaded machine)."""
         deadline = time.monotonic() + timeout
-        while self.live():
+        while {i["id"] for i in self.live()} - keep:
             assert time.monotonic() < deadline, f"instances left alive: {self.live()}"
             time.sleep(0.05)
 
