@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import asyncssh
-
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.errors import GpuCloudError, InstanceError
 from pytest_gpucloud.transport.filepipe import pull, push
 

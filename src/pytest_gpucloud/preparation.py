@@ -20,8 +20,7 @@ import shlex
 import time
 from pathlib import Path
 
-import asyncssh
-
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.errors import GpuMismatch, InstanceError
 from pytest_gpucloud.gpus import PROBE, read_probe
 from pytest_gpucloud.runtime import Runtime

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import asyncssh
-
 from pytest_gpucloud.catalog import GpuType, Offer
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.errors import ConfigError, OutOfCapacity
 from pytest_gpucloud.gpus import SMI_FORMAT, csv_rows, type_name
 from pytest_gpucloud.providers.base import Instance

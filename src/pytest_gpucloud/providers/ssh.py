@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import asyncssh
-
 from pytest_gpucloud.catalog import GpuType, Offer
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.errors import ConfigError, InstanceError, OutOfCapacity
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.leasing import LeaseBook, lease

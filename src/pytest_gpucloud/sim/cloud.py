@@ -17,8 +17,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import asyncssh
-
 from pytest_gpucloud.api_models import (
     CreateInstanceRequest,
     ErrorCode,
@@ -28,6 +26,7 @@ from pytest_gpucloud.api_models import (
     SimInstanceRecord,
     SimRequestRecord,
 )
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.sim.config import SimConfig, SimSettings
 from pytest_gpucloud.sim.faults import (
     BootFail,

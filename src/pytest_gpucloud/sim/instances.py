@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import asyncssh
-
 from pytest_gpucloud.api_models import SimCommandRecord
+from pytest_gpucloud.core.sshlib import asyncssh
 
 SSH_USER = "gpu"
 SSH_HOST = "127.0.0.1"

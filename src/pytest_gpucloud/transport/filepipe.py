@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import asyncssh
-
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.errors import InstanceError
 from pytest_gpucloud.remote import filepipe, source
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-import asyncssh
-
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.errors import HostKeyMismatch, InstanceError
 from pytest_gpucloud.providers.base import Instance
 

@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import asyncssh
 import pytest
 
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.errors import RemoteError
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.remote.boot import GO
