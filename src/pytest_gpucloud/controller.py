@@ -19,6 +19,7 @@ from pytest_gpucloud.fleet import Fleet
 from pytest_gpucloud.interrupts import Interrupts
 from pytest_gpucloud.ipc import Handoff, IpcClient, IpcServer
 from pytest_gpucloud.replay import (
+    TeardownStep,
     remote_pytest_args,
     replay_collectreport,
     replay_infra_error,
@@ -33,6 +34,7 @@ from pytest_gpucloud.service import (
     LocalAccess,
     RunResult,
 )
+from pytest_gpucloud.session.local_teardown import teardown_locally, with_local_teardown
 from pytest_gpucloud.settings import OPTIONS
 from pytest_gpucloud.stash import PROVIDERS_KEY, REQUEST_KEY
 
@@ -259,12 +261,16 @@ class Controller:
         if request is None:
             return None
         result = self.access.run(_remote_nodeid(item), request, self._nextid(item, nextitem))
-        self._replay(item, result)
+
+        def teardown(remote: pytest.TestReport) -> pytest.TestReport:
+            return with_local_teardown(remote, teardown_locally(item, nextitem))
+
+        self._replay(item, result, teardown)
         return True
 
-    def _replay(self, item: pytest.Item, result: RunResult) -> None:
+    def _replay(self, item: pytest.Item, result: RunResult, teardown: TeardownStep) -> None:
         if result.error is not None:
-            replay_infra_error(item, result.error, result.properties)
+            replay_infra_error(item, result.error, result.properties, teardown)
             return
         self._ran_on[item.nodeid] = sys.intern(result.machine_label)  # one string a machine
         paths = {"remote_root": result.remote_root, "local_root": str(self.config.rootpath)}
@@ -276,11 +282,13 @@ class Controller:
             replay_warning(self.config, warning, **paths)
         if result.missing:
             replay_infra_error(
-                item, f"gpu-cloud: {item.nodeid} was not collected on instance {result.machine_id}"
+                item,
+                f"gpu-cloud: {item.nodeid} was not collected on instance {result.machine_id}",
+                teardown=teardown,
             )
         else:
             frames = _renamed(result.reports, result.nodeid, item.nodeid)
-            replay_test(item, frames, **paths, properties=result.properties)
+            replay_test(item, frames, **paths, properties=result.properties, teardown=teardown)
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         self._session = session
