@@ -707,9 +707,10 @@ class Fleet:
         pool = request.pool_key
         if machine.pool == pool:
             return True
-        if not hosts(machine.pool, machine.offer, pool, self._feasible_offers(pool)):
-            return False
         offers = self._new_offers(pool)
+        best = offers[0] if offers else None
+        if not hosts(machine.pool, machine.offer, pool, self._feasible_offers(pool), best):
+            return False
         return not offers or self.costs.share_ok(
             machine.price_per_hour, offers[0], pool.count, nodeid
         )

@@ -121,13 +121,31 @@ class Plan:
         }
 
 
-def hosts(host: GpuRequest, offer: Offer, request: GpuRequest, feasible: Sequence[Offer]) -> bool:
-    """Whether an instance of ``offer`` made for ``host`` satisfies ``request`` too."""
+def hosts(
+    host: GpuRequest,
+    offer: Offer,
+    request: GpuRequest,
+    feasible: Sequence[Offer],
+    best: Offer | None = None,
+) -> bool:
+    """Whether an instance of ``offer`` made for ``host`` satisfies ``request`` too.
+
+    ``feasible``: ``request``'s offers; ``best``: the best of them that can be had now. An
+    ordered list keeps its order: no later choice is shared while an earlier one can be had.
+    """
     return (
         host.count == request.count
         and host.image == request.image
         and any(o.key == offer.key for o in feasible)
+        and (best is None or _choice(request, offer) <= _choice(request, best))
     )
+
+
+def _choice(request: GpuRequest, offer: Offer) -> int:
+    """Which entry of an ordered list ``offer`` answers (0 for every other form)."""
+    if request.mode != "ordered":
+        return 0
+    return next(i for i, name in enumerate(request.types) if offer.gpu.matches(name))
 
 
 def make_plan(
@@ -199,7 +217,7 @@ def _sharing(
             for host, offer in own.items()
             if host != pool
             and host not in hosted
-            and hosts(host, offer, pool, feasible)
+            and hosts(host, offer, pool, feasible, own[pool])
             and all(
                 costs.share_ok(offer.price(host.count), own[pool], pool.count, nodeid)
                 for nodeid in pools[pool]
