@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_gpucloud import preparation, remote
 from pytest_gpucloud.deletion import delete_verified
-from pytest_gpucloud.errors import GpuCloudError, OutOfCapacity, ProviderError
+from pytest_gpucloud.errors import GpuCloudError, InstanceError, OutOfCapacity, ProviderError
 from pytest_gpucloud.failover import offer_name
 from pytest_gpucloud.providers.base import LeasingProvider
 from pytest_gpucloud.runtime import Runtime, runtime_for
@@ -215,6 +215,22 @@ class Launcher:
         else:
             machine.conn = await ssh.connect(machine.instance, self.key, timeout=connect_timeout)
         phases.connect = lap()
+        try:
+            await self._sync_and_start(machine, files, deadline)
+        except InstanceError:
+            # An image's python3 too old for the instance side fails in many ways: say so.
+            older = await preparation.older_python(machine.conn, machine.runtime, machine.id)
+            if older is None:
+                raise
+            raise older from None
+        phases.ready = time.perf_counter() - reachable
+        machine.ready_at = time.time()
+        machine.state = MachineState.READY
+
+    async def _sync_and_start(
+        self, machine: Machine, files: list[str] | None, deadline: float
+    ) -> None:
+        """Sync the code, prepare the instance, start the worker and let it collect."""
         # With no setup command to run between them, the container, the GPU check and the
         # worker's start (its pytest import) go on while the code is still syncing.
         early = self.settings.setup is None
@@ -239,10 +255,7 @@ class Launcher:
             machine.collection = await machine.link.begin(
                 machine.worker_start, timeout=_left(deadline)
             )
-            phases.collect = machine.collection.collect_s
-        phases.ready = time.perf_counter() - reachable
-        machine.ready_at = time.time()
-        machine.state = MachineState.READY
+            machine.phases.collect = machine.collection.collect_s
 
     async def _sync(self, machine: Machine, root_known: asyncio.Future[str]) -> None:
         assert machine.conn is not None
