@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The tested versions of everything make test installs; `make lock` refreshes it, on purpose.
 LOCK := requirements.lock
 
-.PHONY: demo test lint types unit matrix lock bench clean
+.PHONY: demo test lint types unit podman matrix lock bench clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 types: $(STAMP)
 	$(BIN)/mypy
@@ -27,7 +28,12 @@ types: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -n 2 -q
 
-test: lint types unit
+# The container tests' engine: podman, runc and debootstrap installed if missing, and the test
+# image built once (cached by a hash of its recipe). Needs root; see README, "Containers".
+podman: $(STAMP)
+	PYTHON=$(BIN)/python tests/podman/setup
+
+test: lint types podman unit
 
 # The whole suite on Python 3.10-3.13 with the locked set, and on the newest and the lowest
 # versions (noxfile.py).

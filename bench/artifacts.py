@@ -8,14 +8,14 @@ interleaved, each into a fresh folder.
   1,000 small files   a test's artifacts folder of 1,000 files of 1-8 KB, brought home:
                       ours: what the plugin does after a test, the worker's listing of the
                       folder (timed on the instance, inside one Python process as in the
-                      worker) plus :func:`pytest_gpucloud.transport.filepipe.pull_listed`;
+                      worker) plus :func:`pytest_gpucloud.transport.files.pull_listed`;
                       baseline: ``tar cf -`` on the instance piped through an exec channel
                       of the same connection into ``tar xf -`` here.
   one 200 MB file     the same with one file of 200 MB of random bytes.
   dataset 200 MB      a 200 MB object fetched onto the instance: ours: the worker's
                       download (``remote/datacache.py``) through a presigned URL made here by
-                      :class:`pytest_gpucloud.data.DataSource`; baseline: the same bytes sent
-                      from here with ``tar cf - | <channel> | tar xf -`` on the instance.
+                      :class:`pytest_gpucloud.features.data.DataSource`; baseline: the same
+                      bytes sent from here with ``tar cf - | <channel> | tar xf -`` on the instance.
 
 Target: each at most 1.2x its baseline. Run: ``python bench/artifacts.py``.
 """
@@ -39,10 +39,10 @@ from typing import Any
 import asyncssh
 import boto3
 
-from pytest_gpucloud.data import DataSource
+from pytest_gpucloud.features.data import DataSource
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.transport import ssh
-from pytest_gpucloud.transport.filepipe import pull_listed
+from pytest_gpucloud.transport.files import pull_listed
 from simcloud import TMPFS, SimProcess, instance
 
 REPEATS = 7

@@ -41,8 +41,8 @@ from typing import Any, Literal
 import httpx
 import pytest
 
-from pytest_gpucloud import cleanup
-from pytest_gpucloud.api_models import LIVE_STATUSES
+from pytest_gpucloud.cli import cleanup
+from pytest_gpucloud.core.wire import LIVE_STATUSES
 from pytest_gpucloud.sim import SimConfig, SimServer
 
 REPEATS = 20

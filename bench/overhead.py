@@ -261,9 +261,10 @@ Before, on this machine (2,000 tests): 2.5-3.1 ms of overhead per test; 263 MB p
   reads ahead: after a quick test (under 50 ms) the `run` frames of the next planned tests
   of the same machine (up to 8) are already sent, topped up in one write per 4 tests, so
   the worker runs them back to back while this side replays (`transport/worker_link.py`;
-  the plan comes from `Controller._plan` via `Fleet.read_ahead`). Not with `-x`,
-  `--maxfail` or `--stepwise`; a run asked for out of the plan's order drops what was read
-  ahead, and `shutdown` skips runs still waiting (`skip_waiting`).
+  the plan comes from `session/order.py` via `FleetService.expect` into
+  `scheduling/read_ahead.py`). Not with `-x`, `--maxfail` or `--stepwise`; a run asked for
+  out of the plan's order drops what was read ahead, and `shutdown` skips runs still
+  waiting (`skip_waiting`).
 - The worker started a `threading.Timer` per test for the time limit: as costly as the
   trivial test itself. Now one watchdog thread per session, re-armed per test, woken only
   for a nearer deadline (`remote/worker.py: Watchdog`).

@@ -17,8 +17,8 @@ import random
 import time
 from typing import TYPE_CHECKING
 
-from pytest_gpucloud.catalog import GpuType, Offer, check_known, feasible_offers
-from pytest_gpucloud.request import GpuRequest, parse_marker
+from pytest_gpucloud.core.catalog import GpuType, Offer, check_known, feasible_offers
+from pytest_gpucloud.core.request import GpuRequest, parse_marker
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from pytest_gpucloud.catalog import Offer
+from pytest_gpucloud.core.catalog import Offer
 from pytest_gpucloud.providers.rest import RestProvider
 from pytest_gpucloud.transport import ssh
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpucloud.remote.filepipe import Refused, chunks, extract, walk
+from pytest_gpucloud.remote.filepipe import PipeRefused, chunks, extract, walk
 from pytest_gpucloud.remote.fixtures import artifacts_dir_name
-from tests.conftest import GpuRun
+from tests.cloud import GpuRun
 
 PROJECT = """
 import os
@@ -233,7 +233,7 @@ def test_extract_never_writes_through_a_link(tmp_path: Path) -> None:
     ],
 )
 def test_extract_refuses_broken_streams(tmp_path: Path, stream: bytes, message: str) -> None:
-    with pytest.raises(Refused, match=message):
+    with pytest.raises(PipeRefused, match=message):
         extract(io.BytesIO(stream), str(tmp_path / "dest"), max_bytes=10)
 
 
@@ -298,5 +298,5 @@ def test_extract_refuses_hostile_tar_members(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "dest").iterdir()] == ["fine.txt"]
     corrupt = bytearray(buffer.getvalue())
     corrupt[10] ^= 0xFF
-    with pytest.raises(Refused, match="bad checksum"):
+    with pytest.raises(PipeRefused, match="bad checksum"):
         extract(io.BytesIO(bytes(corrupt)), str(tmp_path / "other"), tar=True)

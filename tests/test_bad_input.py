@@ -20,11 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_gpucloud.catalog import GpuType, Offer
-from pytest_gpucloud.errors import GpuCloudError
+from pytest_gpucloud.core.catalog import GpuType, Offer
+from pytest_gpucloud.core.errors import GpuCloudError
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.rest import MAX_BODY, RestProvider
-from tests.conftest import GpuRun, Sim
+from tests.cloud import GpuRun, Sim
 
 USAGE = pytest.ExitCode.USAGE_ERROR
 COLLECTION = pytest.ExitCode.INTERRUPTED  # pytest stops after collection errors

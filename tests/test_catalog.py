@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_gpucloud.catalog import (
+from pytest_gpucloud.core.catalog import (
     GpuType,
     Offer,
     check_known,
     explain_infeasible,
     feasible_offers,
 )
-from pytest_gpucloud.errors import MarkerError
-from pytest_gpucloud.request import GpuRequest, parse_marker
+from pytest_gpucloud.core.errors import MarkerError
+from pytest_gpucloud.core.request import GpuRequest, parse_marker
 
 US, EU_W, EU_C = "us-east-1", "eu-west-1", "eu-central-1"
 

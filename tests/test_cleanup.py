@@ -15,10 +15,10 @@ import asyncssh
 import httpx
 import pytest
 
-from pytest_gpucloud import cleanup
 from pytest_gpucloud.__main__ import main as package_main
-from pytest_gpucloud.labels import EXPIRES, OWNER, PROJECT, SESSION, project_label
-from tests.conftest import Sim
+from pytest_gpucloud.cli import cleanup
+from pytest_gpucloud.core.labels import EXPIRES, OWNER, PROJECT, SESSION, project_label
+from tests.cloud import Sim
 
 KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
 

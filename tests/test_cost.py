@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpucloud.catalog import GpuType, Offer, explain_infeasible, feasible_offers
-from pytest_gpucloud.cost import Bill, CostModel, billed, billed_hourly, summary_lines
-from pytest_gpucloud.durations import DEFAULT_BOOT_S, DEFAULT_TEST_S, Durations
-from pytest_gpucloud.errors import ProviderError
-from pytest_gpucloud.failover import Failover
-from pytest_gpucloud.planner import Plan, Tests, hosts, make_plan
-from pytest_gpucloud.request import GpuRequest, parse_marker
+from pytest_gpucloud.core.catalog import GpuType, Offer, explain_infeasible, feasible_offers
+from pytest_gpucloud.core.errors import ProviderError
+from pytest_gpucloud.core.request import GpuRequest, Tests, parse_marker
+from pytest_gpucloud.machine.failover import Failover
+from pytest_gpucloud.scheduling.cost import Bill, CostModel, billed, billed_hourly
+from pytest_gpucloud.scheduling.durations import DEFAULT_BOOT_S, DEFAULT_TEST_S, Durations
+from pytest_gpucloud.scheduling.planner import Plan, make_plan
+from pytest_gpucloud.scheduling.policy import hosts
+from pytest_gpucloud.session.summary import summary_lines
 
 US, EU_W, EU_C = "us-east-1", "eu-west-1", "eu-central-1"
 CATALOG = [
@@ -268,7 +270,7 @@ def test_a_damaged_cache_entry_is_ignored(pytester: pytest.Pytester) -> None:
 
 
 def test_report_file_is_json(tmp_path: Path) -> None:
-    from pytest_gpucloud.cost import report, write_report
+    from pytest_gpucloud.session.summary import report, write_report
 
     data = report([], {}, budget=1.5, plan=None)
     write_report(tmp_path / "sub" / "report.json", data)

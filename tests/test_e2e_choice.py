@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import GpuRun, Sim
+from tests.cloud import GpuRun, Sim
 
 
 def _new(sim: Sim, before: set[str]) -> list[dict[str, Any]]:
@@ -173,10 +173,10 @@ def test_budget_ends_the_tests_it_cannot_pay_for_as_errors_and_creates_nothing_m
     result.stdout.fnmatch_lines(
         [
             "*ERROR at setup of test_dear *",
-            "gpu-cloud: the budget of $0.05 would be passed by *::test_dear on a new B200 "
+            "gpu-cloud: the budget of $0.0500 would be passed by *::test_dear on a new B200 "
             "(expected boot 90 s + test 30 s at $6.99/h): *; raise --gpu-budget to run it",
             "*ERROR at setup of test_dear_too*",
-            "gpu-cloud: the budget of $0.05 would be passed by *::test_dear_too on a new H100 *",
+            "gpu-cloud: the budget of $0.0500 would be passed by *::test_dear_too on a new H100 *",
         ]
     )
     result.stdout.fnmatch_lines(["budget: $0.0500, $0.0* spent"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GpuRun, Sim
+from tests.cloud import GpuRun, Sim
 
 OUTCOMES = """
 import logging
@@ -264,7 +264,7 @@ def test_summary_lists_every_instance_with_its_cost(
     assert "gpu-cloud" in text
     for instance_id in ids:
         assert instance_id in text
-    result.stdout.fnmatch_lines(["*T4*tests*s  $*", "*A100-80GB*s  $*", "total: 2 instance(s)*"])
+    result.stdout.fnmatch_lines(["*T4*test*s  $*", "*A100-80GB*s  $*", "total: 2 instance(s)*"])
 
 
 def test_interrupted_session_deletes_its_instance(
@@ -335,7 +335,9 @@ def test_standalone_sim_and_embedded_sim_agree(
     )
     assert standalone.parseoutcomes() == embedded.parseoutcomes()
     assert embedded.parseoutcomes()["passed"] == 7
-    embedded.stdout.fnmatch_lines(["gpu-cloud: provider sim (the simulated GPU cloud*CPU)"])
+    embedded.stdout.fnmatch_lines(
+        ["gpu-cloud: provider sim (the simulated GPU cloud*CPU*not pulled)"]
+    )
 
 
 def _free_port() -> int:

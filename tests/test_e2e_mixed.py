@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GpuRun
+from tests.cloud import GpuRun
 
 SCOPES = ("session", "package", "module", "class", "function")
 #: Logs each setup and teardown of the fixtures of both sides; the remote side's go to the

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import GpuRun, Sim
+from tests.cloud import GpuRun, Sim
 
 # Big enough that the sync lasts well past the worker's launch.
 PAYLOAD_BYTES = 24 << 20

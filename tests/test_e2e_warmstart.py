@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import GpuRun, Sim
+from tests.cloud import GpuRun, Sim
 
 # Local tests that take longer than the boot, then a gpu test; the last local test notes
 # when it ended, which is before the gpu test starts.

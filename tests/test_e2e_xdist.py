@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpucloud.engine import Engine
-from pytest_gpucloud.errors import ProviderError
-from pytest_gpucloud.fleet import Fleet
-from pytest_gpucloud.ipc import IpcClient, IpcServer
-from pytest_gpucloud.request import GpuRequest
-from pytest_gpucloud.service import FleetService
-from tests.conftest import GpuRun, Sim
+from pytest_gpucloud.core.engine import Engine
+from pytest_gpucloud.core.errors import ProviderError
+from pytest_gpucloud.core.request import GpuRequest
+from pytest_gpucloud.desk.ipc import IpcClient, IpcServer
+from pytest_gpucloud.desk.service import FleetService
+from pytest_gpucloud.scheduling.fleet import Fleet
+from tests.cloud import GpuRun, Sim
 from tests.test_e2e_core import INI, _junit, _summary
 
 # Each module's first test waits until the other module's first test runs too: the run

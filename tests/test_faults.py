@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from pytest_gpucloud.labels import project_label
-from tests.conftest import GpuRun, Sim
+from pytest_gpucloud.core.labels import project_label
+from tests.cloud import GpuRun, Sim
 
 ONE_TEST = "import pytest\n\n@pytest.mark.gpu('T4')\ndef test_a():\n    pass\n"
 

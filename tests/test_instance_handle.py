@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import GpuRun, Sim
+from tests.cloud import GpuRun, Sim
 
 LOCAL_TEST = """
 import os
@@ -14,7 +14,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from pytest_gpucloud.instance_handle import RemoteCallError
+from pytest_gpucloud.features.instance_handle import RemoteCallError
 
 
 def scaled(values, factor):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import uv
 
-from tests.conftest import GpuRun, Sim, Store
+from tests.cloud import GpuRun, Sim, Store
 
 INSTANCE_PYTHONS = ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
 INSTANCE_TEST = """

@@ -21,10 +21,11 @@ import asyncssh
 import httpx
 import pytest
 
-from pytest_gpucloud.catalog import GpuType, Offer
-from pytest_gpucloud.errors import OutOfCapacity
-from pytest_gpucloud.providers.ssh import SshProvider, StaticHost, parse_hosts
-from tests.conftest import GpuRun, Sim, Standins
+from pytest_gpucloud.core.addresses import StaticHost, parse_hosts
+from pytest_gpucloud.core.catalog import GpuType, Offer
+from pytest_gpucloud.core.errors import OutOfCapacity
+from pytest_gpucloud.providers.static_hosts import SshProvider
+from tests.cloud import GpuRun, Sim, Standins
 
 STANDINS = Path(__file__).parent / "standins"
 ONE_TEST = "import pytest\n\n@pytest.mark.gpu('T4')\ndef test_a():\n    pass\n"

@@ -21,7 +21,7 @@ import pytest
 
 import pytest_gpucloud.remote
 from pytest_gpucloud.remote.protocol import Message, decode, encode
-from pytest_gpucloud.replay import _PathMap, remote_pytest_args
+from pytest_gpucloud.session.replay import _PathMap, remote_pytest_args
 
 # This plugin stays out of the inner sessions (they replay by hand); hypothesis's plugin
 # would re-import hypothesis in each of them (~1 s).
@@ -59,7 +59,7 @@ def pytest_runtest_protocol(item, nextitem):
     path = os.environ.get("PARITY_REPLAY")
     if not path:
         return None
-    from pytest_gpucloud.replay import replay_test
+    from pytest_gpucloud.session.replay import replay_test
     with open(path) as f:
         data = json.load(f)
     replay_test(item, data["tests"][item.nodeid], remote_root=data["remote_root"],
@@ -279,7 +279,7 @@ def test_remote_collection_errors_and_warnings(
     pytester.makeconftest(
         """
         import json
-        from pytest_gpucloud.replay import replay_collectreport, replay_warning
+        from pytest_gpucloud.session.replay import replay_collectreport, replay_warning
 
         def pytest_collection_finish(session):
             with open("collection.json") as f:
@@ -311,7 +311,7 @@ def test_infra_errors_read_as_errors(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(
         """
         import pytest
-        from pytest_gpucloud.replay import replay_infra_error, replay_test
+        from pytest_gpucloud.session.replay import replay_infra_error, replay_test
 
         def setup_passed(item):
             report = pytest.TestReport(item.nodeid, item.location, {}, "passed", None, "setup")

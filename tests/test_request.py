@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_gpucloud.errors import MarkerError
-from pytest_gpucloud.request import KEYWORDS, GpuRequest, parse_marker, request_for_item
+from pytest_gpucloud.core.errors import MarkerError
+from pytest_gpucloud.core.request import KEYWORDS, GpuRequest, parse_marker, request_for_item
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -419,8 +419,8 @@ def test_arbitrary_canonical_strings_never_crash(text: str) -> None:
 # --- markers on items -------------------------------------------------------------------
 
 CONFTEST = """
-from pytest_gpucloud.errors import MarkerError
-from pytest_gpucloud.request import request_for_item
+from pytest_gpucloud.core.errors import MarkerError
+from pytest_gpucloud.core.request import request_for_item
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu(spec, **kw): run on a cloud GPU")

@@ -1,8 +1,9 @@
 """Container runtimes, the setup command and the GPU health check.
 
-Unit tests pin the exact command lines of each runtime. End-to-end, no container engine can
-run here: recording stand-ins of the docker, podman and apptainer CLIs (tests/standins) go
-first on the sim instances' PATH; they log every call and run ``exec`` commands directly.
+Unit tests pin the exact command lines of each runtime. End-to-end, recording stand-ins of
+the docker, podman and apptainer CLIs (tests/standins) go first on the sim instances' PATH;
+they log every call and run ``exec`` commands directly. The real engine's sessions are in
+test_container_engines.py.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from pytest_gpucloud.gpus import SeenGpu, Sighting, is_type, read_probe, type_name
-from pytest_gpucloud.preparation import setup_key
-from pytest_gpucloud.runtime import Apptainer, Docker, Podman, Runtime, runtime_for
-from tests.conftest import GpuRun, Sim, Standins
+from pytest_gpucloud.core.gpus import SeenGpu, Sighting, is_type, read_probe, type_name
+from pytest_gpucloud.machine.preparation import setup_key
+from pytest_gpucloud.machine.runtime import Apptainer, Docker, Podman, Runtime, runtime_for
+from tests.cloud import GpuRun, Sim, Standins
 
 WS = "/home/gpu/gpucloud/my proj"
 IMAGE = "python:3.12-slim"
@@ -36,7 +37,9 @@ def test_docker_command_lines() -> None:
     assert docker.has_image() == "docker image inspect --format '{{.Id}}' python:3.12-slim"
     assert docker.pull() == "docker pull -q python:3.12-slim"
     assert docker.start() == (
-        "docker run -d --name gpucloud-i-1 --gpus all --ipc=host -e CUDA_VISIBLE_DEVICES "
+        "gpus=; test -e /dev/nvidiactl && gpus='--gpus all'; "
+        "docker run -d --name gpucloud-i-1 $gpus --ipc=host "
+        "-e CUDA_VISIBLE_DEVICES -e GPUCLOUD_SIM_GPU "
         "-v '/home/gpu/gpucloud/my proj:/home/gpu/gpucloud/my proj' "
         "-w '/home/gpu/gpucloud/my proj' --entrypoint sleep python:3.12-slim infinity"
     )
@@ -49,14 +52,33 @@ def test_docker_command_lines() -> None:
 def test_podman_command_lines_use_cdi_devices() -> None:
     podman = Podman(image=IMAGE, workspace="/w", container="c")
     assert podman.start() == (
-        "podman run -d --name c --device nvidia.com/gpu=all --security-opt=label=disable "
-        "--ipc=host -e CUDA_VISIBLE_DEVICES -v /w:/w -w /w --entrypoint sleep "
-        "python:3.12-slim infinity"
+        "gpus=; test -e /dev/nvidiactl && gpus='--device nvidia.com/gpu=all'; "
+        "podman run -d --name c $gpus --security-opt=label=disable "
+        "--ipc=host -e CUDA_VISIBLE_DEVICES -e GPUCLOUD_SIM_GPU -v /w:/w -w /w "
+        "--entrypoint sleep python:3.12-slim infinity"
     )
     assert podman.wrap("pytest") == "podman exec -i -w /w c sh -c pytest"
     assert podman.has_image() == "podman image inspect --format '{{.Id}}' python:3.12-slim"
     assert podman.pull() == "podman pull -q python:3.12-slim"
-    assert podman.remove() == "podman rm -f c"
+    assert podman.remove() == "podman rm -f -t 0 c"  # sleep ignores SIGTERM: no 10 s wait
+
+
+@pytest.mark.parametrize(
+    ("runtime", "said"),
+    [
+        ("podman", "Error: setting up CDI devices: unresolvable CDI devices nvidia.com/gpu=all"),
+        (
+            "docker",
+            'docker: Error response from daemon: could not select device driver "" with '
+            "capabilities: [[gpu]].",
+        ),
+    ],
+)
+def test_a_start_refused_for_want_of_gpu_support_names_the_fix(runtime: str, said: str) -> None:
+    engine = runtime_for(runtime, image=IMAGE, workspace="/w", container="c")
+    assert engine.explain(said).startswith(f"{said} (")
+    assert "nvidia-ctk" in engine.explain(said)
+    assert engine.explain("Error: no space left on device") == "Error: no space left on device"
 
 
 def test_apptainer_command_lines() -> None:
@@ -222,23 +244,22 @@ def test_session_runs_through_each_runtime(
         execs = calls[1:]
         assert all(c[:7] == ["exec", "--nv", "--bind", ws, "--pwd", ws, sif] for c in execs)
     else:
-        gpu_flags = (
-            ["--gpus", "all"]
-            if runtime == "docker"
-            else ["--device", "nvidia.com/gpu=all", "--security-opt=label=disable"]
-        )
+        # no GPU flags: this machine has no NVIDIA driver
+        flags = ["--security-opt=label=disable"] if runtime == "podman" else []
         assert calls[:3] == [
             ["image", "inspect", "--format", "{{.Id}}", IMAGE],
             ["pull", "-q", IMAGE],
             [
-                "run", "-d", "--name", name, *gpu_flags, "--ipc=host",
-                "-e", "CUDA_VISIBLE_DEVICES", "-v", f"{ws}:{ws}", "-w", ws,
-                "--entrypoint", "sleep", IMAGE, "infinity",
+                "run", "-d", "--name", name, *flags, "--ipc=host",
+                "-e", "CUDA_VISIBLE_DEVICES", "-e", "GPUCLOUD_SIM_GPU", "-v", f"{ws}:{ws}",
+                "-w", ws, "--entrypoint", "sleep", IMAGE, "infinity",
             ],
         ]  # fmt: skip
         execs = calls[3:-1]
         assert all(c[:5] == ["exec", "-i", "-w", ws, name] for c in execs)
-        assert calls[-1] == ["rm", "-f", name]
+        assert calls[-1] == (
+            ["rm", "-f", name] if runtime == "docker" else ["rm", "-f", "-t", "0", name]
+        )
     # in the container: the setup-done check, the setup, the GPU check, the worker
     inner = [c[-1] for c in execs]
     assert len(inner) == 4

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_gpucloud.data import DataError, DataSource
+from pytest_gpucloud.features.data import DataError, DataSource
 from pytest_gpucloud.remote.fixtures import artifacts_dir_name
-from tests.conftest import GpuRun, Sim, Store
+from tests.cloud import GpuRun, Sim, Store
 
 if TYPE_CHECKING:
     pass

@@ -11,9 +11,9 @@ import asyncssh
 import httpx
 import pytest
 
-from pytest_gpucloud.settings import resolve
+from pytest_gpucloud.config.settings import resolve
 from pytest_gpucloud.sim import SimConfig, SimServer
-from tests.conftest import GpuRun
+from tests.cloud import GpuRun
 
 # Recognisable; the remote tests (whose source and bytecode are synced) never spell it out.
 CANARY_PREFIX = "gpucloud-canary-"

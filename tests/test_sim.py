@@ -21,7 +21,7 @@ import httpx
 import pytest
 from pydantic import TypeAdapter
 
-from pytest_gpucloud.api_models import (
+from pytest_gpucloud.core.wire import (
     ErrorBody,
     GpuTypeModel,
     InstanceModel,

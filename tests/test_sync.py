@@ -18,7 +18,7 @@ from typing import Literal
 import asyncssh
 import pytest
 
-from pytest_gpucloud.errors import InstanceError
+from pytest_gpucloud.core.errors import InstanceError
 from pytest_gpucloud.remote import receive
 from pytest_gpucloud.transport.sync import (
     Entry,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pytest_gpucloud import cleanup
+from pytest_gpucloud.cli import cleanup
 
 COMMANDS = {"cleanup": cleanup.main}
 USAGE = "usage: python -m pytest_gpucloud {cleanup} [--help]"

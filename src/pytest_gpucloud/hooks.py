@@ -18,8 +18,8 @@ def pytest_gpucloud_register_providers() -> Mapping[str, ProviderFactory]:  # ty
     """Return the GPU providers this plugin or conftest adds, by name.
 
     A factory is ``async def factory(settings) -> Provider``: it gets the session's
-    :class:`~pytest_gpucloud.settings.Settings` and returns an object that follows
-    :class:`~pytest_gpucloud.providers.base.Provider`. ``--gpu-provider NAME`` picks one.
+    :class:`~pytest_gpucloud.Settings` and returns an object that follows
+    :class:`~pytest_gpucloud.Provider`. ``--gpu-provider NAME`` picks one.
     The built-in providers (``rest``, ``sim``, ``local``, ``ssh``) register through this
     hook too; a name registered twice is a usage error. Called once, in
     ``pytest_configure``; only initial conftests (those next to the rootdir or the
@@ -27,7 +27,7 @@ def pytest_gpucloud_register_providers() -> Mapping[str, ProviderFactory]:  # ty
 
     Example::
 
-        from pytest_gpucloud.providers.rest import RestProvider
+        from pytest_gpucloud import RestProvider
 
         async def make_mycloud(settings):
             return RestProvider("https://api.mycloud.example", os.environ["MYCLOUD_KEY"])

@@ -1,7 +1,7 @@
 """pytest hooks: options, the ``gpu`` marker, and the controller when ``--gpu-cloud`` is on.
 
-Thin by design: settings live in settings.py, the grammar in request.py, and the running
-of gpu tests in controller.py.
+Thin by design: settings live in config/settings.py, the grammar in core/request.py, and the
+running of gpu tests in session/controller.py.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_gpucloud import hooks
-from pytest_gpucloud.errors import PREFIX, ConfigError, MarkerError
+from pytest_gpucloud.config.settings import OPTIONS, from_config
+from pytest_gpucloud.core.environment import API_KEY_ENV
+from pytest_gpucloud.core.errors import PREFIX, ConfigError, MarkerError
+from pytest_gpucloud.core.request import GpuRequest, request_for_item
 from pytest_gpucloud.providers import BUILTIN, ProviderFactory, ProviderRegistry
-from pytest_gpucloud.request import GpuRequest, request_for_item
-from pytest_gpucloud.settings import API_KEY_ENV, OPTIONS, from_config
-from pytest_gpucloud.stash import (
-    CONTROLLER_KEY,
+from pytest_gpucloud.session.stash import (
     PROVIDERS_KEY,
     REQUEST_KEY,
     SETTINGS_KEY,
@@ -26,8 +26,11 @@ from pytest_gpucloud.stash import (
 )
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.controller import Controller, GpuCloudHandle
-    from pytest_gpucloud.ipc import Handoff
+    from pytest_gpucloud.desk.ipc import Handoff
+    from pytest_gpucloud.session.controller import Controller
+    from pytest_gpucloud.session.handle import GpuCloudHandle
+# The --gpu-cloud session's controller; named here, so the stash needs no controller import.
+CONTROLLER_KEY: pytest.StashKey[Controller] = pytest.StashKey()
 MARKER_DOC = (
     "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None): "
     "run this test on a cloud GPU instance with pytest --gpu-cloud (skipped without it)"
@@ -96,7 +99,7 @@ def pytest_configure(config: pytest.Config) -> None:
             "with the same --gpu-cloud options"
         )
     # Imported here: a session without --gpu-cloud never loads SSH, HTTP or the fleet.
-    from pytest_gpucloud.controller import Controller
+    from pytest_gpucloud.session.controller import Controller
 
     controller = Controller(config, settings, provider, handoff)
     config.stash[CONTROLLER_KEY] = controller
@@ -121,6 +124,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         controller.close()
         config.pluginmanager.unregister(controller)
         del config.stash[CONTROLLER_KEY]
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """Options of this plugin given without ``--gpu-cloud`` do nothing: say so once."""
+    if CONTROLLER_KEY in config.stash:
+        return None
+    given = [o.flag for o in OPTIONS if config.getoption(o.dest, None) not in (None, False)]
+    if not given:
+        return None
+    return f"gpu-cloud: off (no --gpu-cloud): {', '.join(given)} do nothing; gpu tests are skipped"
 
 
 class XdistControllerHooks:
@@ -176,3 +189,20 @@ def gpu_cloud(request: pytest.FixtureRequest) -> GpuCloudHandle:
     if controller is None:
         pytest.skip(SKIP_REASON)
     return controller.handle()
+
+
+def _remote_only(name: str) -> Any:
+    @pytest.fixture(name=name)
+    def fixture() -> None:
+        """Lives on the instances only: say so rather than 'fixture not found'."""
+        pytest.fail(
+            f"{PREFIX}the {name} fixture lives on the instance, for gpu-marked tests: mark "
+            f"this test @pytest.mark.gpu(...) to run it there, or drop {name}",
+            pytrace=False,
+        )
+
+    return fixture
+
+
+gpu_artifacts = _remote_only("gpu_artifacts")
+gpu_data = _remote_only("gpu_data")

@@ -3,6 +3,9 @@
 They come from a registry, filled by the hook ``pytest_gpucloud_register_providers`` (see
 :mod:`pytest_gpucloud.hooks`) and by the entry-point group ``pytest_gpucloud.providers``.
 The built-in ones register through the hook, like any other.
+
+Providers obey rather than decide, and know no pytest. May import: ``transport``,
+``config``, ``core`` (and ``sim``: ``providers/sim.py`` only).
 """
 
 from __future__ import annotations
@@ -11,11 +14,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING
 
-from pytest_gpucloud.errors import ConfigError
+from pytest_gpucloud.core.errors import ConfigError, GpuCloudError
 
 if TYPE_CHECKING:
+    from pytest_gpucloud.config.settings import Settings
     from pytest_gpucloud.providers.base import Provider
-    from pytest_gpucloud.settings import Settings
 
 ENTRY_POINT_GROUP = "pytest_gpucloud.providers"
 ProviderFactory = Callable[["Settings"], Awaitable["Provider"]]
@@ -46,7 +49,7 @@ async def _local(settings: Settings) -> Provider:
 
 
 async def _ssh(settings: Settings) -> Provider:
-    from pytest_gpucloud.providers.ssh import SshProvider
+    from pytest_gpucloud.providers.static_hosts import SshProvider
 
     return SshProvider.from_settings(settings)
 
@@ -105,7 +108,19 @@ class ProviderRegistry:
                     f"GPU provider {name!r} ({factory.value}, entry point of "
                     f"{ENTRY_POINT_GROUP}) failed to load: {type(exc).__name__}: {exc}"
                 ) from None
-        provider: Provider = await factory(settings)
+        try:
+            provider: Provider = await factory(settings)
+        except GpuCloudError:
+            raise
+        except Exception as exc:
+            # A factory is user code (a conftest, a plugin): one line, not an INTERNALERROR.
+            text = str(exc)
+            if settings.api_key is not None:
+                text = text.replace(settings.api_key.get_secret_value(), "***")
+            raise ConfigError(
+                f"GPU provider {name!r} ({_describe(factory)}) failed to start: "
+                f"{type(exc).__name__}: {text}"
+            ) from None
         return provider
 
 

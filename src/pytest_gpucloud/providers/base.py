@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from pytest_gpucloud.catalog import GpuType, Offer
+from pytest_gpucloud.core.catalog import GpuType, Offer
 
 if TYPE_CHECKING:
     import asyncssh
@@ -36,7 +36,7 @@ class Instance:
 class Provider(Protocol):
     """A source of GPU machines.
 
-    Errors are those of :mod:`pytest_gpucloud.errors`: ``OutOfCapacity``, ``RateLimited``,
+    Errors are those of :mod:`pytest_gpucloud.core.errors`: ``OutOfCapacity``, ``RateLimited``,
     ``AuthError``, ``InvalidRequest``, ``Transient``, ``NotFound``, ``BadAnswer``.
     """
 

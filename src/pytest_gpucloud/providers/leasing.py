@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
-from pytest_gpucloud.errors import NotFound, OutOfCapacity
+from pytest_gpucloud.core.errors import NotFound, OutOfCapacity
 from pytest_gpucloud.providers.base import Instance
 
 T = TypeVar("T")

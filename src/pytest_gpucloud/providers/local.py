@@ -27,17 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pytest_gpucloud.catalog import GpuType, Offer
+from pytest_gpucloud.core.catalog import GpuType, Offer
+from pytest_gpucloud.core.errors import ConfigError, OutOfCapacity
+from pytest_gpucloud.core.gpus import SMI_FORMAT, csv_rows, type_name
 from pytest_gpucloud.core.sshlib import asyncssh
-from pytest_gpucloud.errors import ConfigError, OutOfCapacity
-from pytest_gpucloud.gpus import SMI_FORMAT, csv_rows, type_name
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.leasing import LeaseBook, lease
-from pytest_gpucloud.sim.instances import kill_group, listen_exec, run_exec
 from pytest_gpucloud.transport import ssh
+from pytest_gpucloud.transport.exec_server import kill_group, listen_exec, run_exec
 
 if TYPE_CHECKING:
-    from pytest_gpucloud.settings import Settings
+    from pytest_gpucloud.config.settings import Settings
 
 REGION = "local"
 SSH_USER = "local"

@@ -19,14 +19,8 @@ from tenacity import (
     wait_random,
 )
 
-from pytest_gpucloud.api_models import (
-    CreateInstanceRequest,
-    ErrorBody,
-    GpuTypeModel,
-    InstanceModel,
-)
-from pytest_gpucloud.catalog import GpuType, Offer
-from pytest_gpucloud.errors import (
+from pytest_gpucloud.core.catalog import GpuType, Offer
+from pytest_gpucloud.core.errors import (
     AuthError,
     BadAnswer,
     InstanceError,
@@ -36,6 +30,12 @@ from pytest_gpucloud.errors import (
     ProviderError,
     RateLimited,
     Transient,
+)
+from pytest_gpucloud.core.wire import (
+    CreateInstanceRequest,
+    ErrorBody,
+    GpuTypeModel,
+    InstanceModel,
 )
 from pytest_gpucloud.providers.base import Instance
 
@@ -71,6 +71,9 @@ class RestProvider:
             trust_env=False,
             transport=transport,
         )
+        url = self._client.base_url
+        # host[:port] only: a URL's user info never reaches a message
+        self._where = url.host + (f":{url.port}" if url.port else "")
         self._attempts = attempts
         self._poll_interval = poll_interval
 
@@ -176,7 +179,8 @@ class RestProvider:
             raise Transient(f"the GPU cloud API did not answer {what} in time") from None
         except httpx.TransportError as exc:
             raise Transient(
-                f"could not reach the GPU cloud API for {what}: {type(exc).__name__}"
+                f"could not reach the GPU cloud API at {self._where} "
+                f"for {what}: {type(exc).__name__}"
             ) from None
         if response.status_code >= 400:
             raise _api_error(response, body, what)

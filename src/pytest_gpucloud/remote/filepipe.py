@@ -46,7 +46,7 @@ _LINE_MAX = 64 << 20  # one batch line: 1000 names of up to 4096 bytes, JSON-esc
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
 
-class Refused(Exception):
+class PipeRefused(Exception):
     """The stream cannot be taken: more bytes than allowed, cut short, or garbled."""
 
 
@@ -211,7 +211,7 @@ class _Body:
             return b""
         data = self._stream.read(min(size, self.left))
         if not data:
-            raise Refused("the stream ended in the middle of a file")
+            raise PipeRefused("the stream ended in the middle of a file")
         self.left -= len(data)
         return data
 
@@ -220,7 +220,7 @@ class _Body:
             return 0
         size = self._stream.readinto(buffer[: min(len(buffer), self.left)])  # type: ignore[attr-defined]
         if not size:
-            raise Refused("the stream ended in the middle of a file")
+            raise PipeRefused("the stream ended in the middle of a file")
         self.left -= size
         return int(size)
 
@@ -232,7 +232,9 @@ class _Body:
 def _read_line(stream: IO[bytes]) -> Any:
     line = stream.readline(_LINE_MAX)
     if not line.endswith(b"\n"):
-        raise Refused("the stream was cut short" if len(line) < _LINE_MAX else "a line too long")
+        raise PipeRefused(
+            "the stream was cut short" if len(line) < _LINE_MAX else "a line too long"
+        )
     return json.loads(line.decode("utf-8", "surrogateescape"))
 
 
@@ -241,11 +243,11 @@ def _entries(stream: IO[bytes]) -> Iterator[tuple[str, int, int, float, bool]]:
     caller reads its :class:`_Body` before asking for the next."""
     while batch := _read_line(stream):
         if not isinstance(batch, list):
-            raise Refused("a batch line is not a list")
+            raise PipeRefused("a batch line is not a list")
         for entry in batch:
             name, size, mode, mtime = entry
             if not (isinstance(name, str) and isinstance(size, int) and size >= 0):
-                raise Refused(f"a bad entry {entry!r:.200}")
+                raise PipeRefused(f"a bad entry {entry!r:.200}")
             yield name, size, int(mode), float(mtime), True
 
 
@@ -270,7 +272,7 @@ def extract(
 
     ``tar``: the stream is a tar stream (:func:`_tar_entries`), without a control line.
     Returns ``{"control": the control line ({} for tar), "files": n, "bytes": b,
-    "refused": [[name, why], ...]}``. Raises :class:`Refused` when the content passes
+    "refused": [[name, why], ...]}``. Raises :class:`PipeRefused` when the content passes
     ``max_bytes`` or the stream is garbled or cut short; the files written so far stay.
     """
     target = _Dest(dest)
@@ -279,7 +281,7 @@ def extract(
     try:
         control = {} if tar else _read_line(stream)
         if not isinstance(control, dict):
-            raise Refused("the stream does not start with its control line")
+            raise PipeRefused("the stream does not start with its control line")
         if tar:  # only here, never on the instance, where this module runs alone
             from .receive import TarStream
 
@@ -290,7 +292,7 @@ def extract(
                 refused.append([name, "not a regular file"])
                 continue
             if max_bytes is not None and total + size > max_bytes:
-                raise Refused(f"the stream holds more than the {max_bytes} bytes allowed")
+                raise PipeRefused(f"the stream holds more than the {max_bytes} bytes allowed")
             body = _Body(stream, size)
             try:
                 target.write(target.path(name), body, mode, mtime)
@@ -301,7 +303,7 @@ def extract(
                 total += size
             body.skip()
     except (ValueError, TypeError) as exc:
-        raise Refused(f"a garbled stream: {exc}") from None
+        raise PipeRefused(f"a garbled stream: {exc}") from None
     return {"control": control, "files": files, "bytes": total, "refused": refused}
 
 
@@ -325,7 +327,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["recv"] and len(argv) == 2:
         try:
             result = extract(sys.stdin.buffer, os.path.expanduser(argv[1]))
-        except (Refused, OSError) as exc:
+        except (PipeRefused, OSError) as exc:
             sys.stderr.write(f"gpucloud filepipe: {exc}\n")
             return 1
         out.write(_line(result))

@@ -1,4 +1,5 @@
-"""The fixtures a remote test gets from this plugin: ``gpu_artifacts`` and ``gpu_data``.
+"""The fixtures a remote test gets from this plugin: ``gpu_artifacts`` and ``gpu_data``
+(and ``gpu_cloud``, which only says that it lives in the local session).
 
 ``gpu_artifacts`` is the test's own folder below the ``start`` frame's ``artifacts`` root
 (in the workspace's ``.gpucloud/``: never synced over, seen inside a container, and left in
@@ -13,7 +14,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
@@ -22,7 +23,6 @@ from .filepipe import walk
 
 if TYPE_CHECKING:
     from .protocol import Message
-    from .worker import Channel
 
 PREFIX = "gpu-cloud: "
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -36,10 +36,16 @@ def artifacts_dir_name(nodeid: str) -> str:
     return f"{readable}-{hashlib.sha1(nodeid.encode()).hexdigest()[:8]}"
 
 
+class Frames(Protocol):
+    """Where the fixtures queue their frames (the worker's channel)."""
+
+    def queue(self, kind: str, **fields: Any) -> None: ...
+
+
 class GpuFixtures:
     """Registered into the remote session beside the worker plugin."""
 
-    def __init__(self, channel: Channel, artifacts: str | None) -> None:
+    def __init__(self, channel: Frames, artifacts: str | None) -> None:
         self._channel = channel
         # The worker starts in the workspace; a test may change directory later.
         self._artifacts = os.path.abspath(artifacts) if artifacts else None
@@ -81,6 +87,16 @@ class GpuFixtures:
         path.mkdir(parents=True)
         self._made = path
         return path
+
+    @pytest.fixture(scope="session")
+    def gpu_cloud(self) -> None:
+        """Lives in the local session only: say so rather than 'fixture not found'."""
+        pytest.fail(
+            f"{PREFIX}the gpu_cloud fixture lives in the local session (it is the fleet of "
+            "instances), not on an instance, where gpu-marked tests run: use it in an unmarked "
+            "test or fixture",
+            pytrace=False,
+        )
 
     @pytest.fixture
     def gpu_data(self) -> dict[str, Path]:

@@ -1,6 +1,7 @@
 """The simulated GPU cloud: the REST API over real HTTP, instances as real SSH servers.
 
-It never imports the plugin: it shares only ``pytest_gpucloud.api_models`` with it.
+It is a server: it never imports the session, scheduling, machine or providers. It shares
+the wire models (``core.wire``) and the exec server (``transport.exec_server``) with them.
 """
 
 from __future__ import annotations

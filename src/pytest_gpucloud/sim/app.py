@@ -3,7 +3,7 @@
 Every path needs ``Authorization: Bearer <token>``: with an ``api_key`` configured only
 that token, else any non-empty one. Errors are ``{"error": {"code", "message"}}``.
 
-Admin API, for tests and the CLI (models in ``pytest_gpucloud.api_models``):
+Admin API, for tests and the CLI (models in ``pytest_gpucloud.core.wire``):
 
 - ``GET /_sim/instances`` -> ``[SimInstanceRecord]``: every instance ever created, with
   its time stamps and every command run on it over SSH.
@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pytest_gpucloud.api_models import (
+from pytest_gpucloud.core.wire import (
     CreateInstanceRequest,
     ErrorBody,
     ErrorCode,

@@ -17,7 +17,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from pytest_gpucloud.api_models import (
+from pytest_gpucloud.core.sshlib import asyncssh
+from pytest_gpucloud.core.wire import (
     CreateInstanceRequest,
     ErrorCode,
     GpuTypeModel,
@@ -26,7 +27,6 @@ from pytest_gpucloud.api_models import (
     SimInstanceRecord,
     SimRequestRecord,
 )
-from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.sim.config import SimConfig, SimSettings
 from pytest_gpucloud.sim.faults import (
     BootFail,
@@ -39,7 +39,7 @@ from pytest_gpucloud.sim.faults import (
     WrongGpu,
     WrongHostKey,
 )
-from pytest_gpucloud.sim.instances import SSH_HOST, SSH_USER, Machine, utcnow
+from pytest_gpucloud.sim.instances import SSH_HOST, SSH_USER, SimMachine, utcnow
 
 _WATCH_INTERVAL_S = 0.02
 
@@ -59,7 +59,7 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
 
-class Instance:
+class SimInstance:
     """One instance: its public record, its faults and, once booted, its machine."""
 
     def __init__(
@@ -83,7 +83,7 @@ class Instance:
         self.deleted_at: datetime | None = None
         self.terminated_at: datetime | None = None
         self.termination_reason: TerminationReason | None = None
-        self.machine: Machine | None = None
+        self.machine: SimMachine | None = None
         self.ssh_port: int | None = None
         self.announced_host_key: str | None = None
         self._boot: asyncio.Task[None] | None = None
@@ -162,7 +162,7 @@ class Instance:
             return
         gpu = f"{self.request.gpu_type}:{self.request.count}"
         gpu = next((f.gpu for f in self.faults if isinstance(f, WrongGpu)), gpu)
-        machine = self.machine = Machine(self.id, gpu, self.client_key, extra_path)
+        machine = self.machine = SimMachine(self.id, gpu, self.client_key, extra_path)
         self.ssh_port = machine.refuse() if self._has(SshRefuse) else await machine.listen()
         wrong_key = self._has(WrongHostKey)
         self.announced_host_key = _other_host_key() if wrong_key else machine.host_key_text
@@ -170,7 +170,7 @@ class Instance:
         self.running_at = utcnow()
         self._arm_faults(machine)
 
-    def _arm_faults(self, machine: Machine) -> None:
+    def _arm_faults(self, machine: SimMachine) -> None:
         loop = asyncio.get_running_loop()
         for fault in self.faults:
             if isinstance(fault, DropSsh):
@@ -208,14 +208,14 @@ class Cloud:
         self.config = config
         self.faults = FaultBook()
         self.requests: deque[SimRequestRecord] = deque(maxlen=10_000)
-        self.instances: dict[str, Instance] = {}
-        self._by_token: dict[str, Instance] = {}
+        self.instances: dict[str, SimInstance] = {}
+        self._by_token: dict[str, SimInstance] = {}
 
     def configure(self, patch: SimSettings) -> None:
         changes = {name: getattr(patch, name) for name in patch.model_fields_set}
         self.config = self.config.model_copy(update=changes)
 
-    def create(self, request: CreateInstanceRequest) -> Instance:
+    def create(self, request: CreateInstanceRequest) -> SimInstance:
         """Create an instance, or return the one made earlier with this ``client_token``."""
         earlier = self._by_token.get(request.client_token)
         if earlier is not None:
@@ -224,7 +224,7 @@ class Cloud:
         region = request.region or gpu.regions[0]
         if not gpu.available or region not in gpu.regions:
             raise ApiError(503, "out_of_capacity", f"no {gpu.name} capacity in {region}")
-        instance = Instance(
+        instance = SimInstance(
             self._new_id(),
             request,
             gpu,
@@ -236,13 +236,13 @@ class Cloud:
         instance.boot(self.config.boot_delay_s, self.config.extra_path)
         return instance
 
-    def get(self, instance_id: str) -> Instance:
+    def get(self, instance_id: str) -> SimInstance:
         instance = self.instances.get(instance_id)
         if instance is None:
             raise ApiError(404, "not_found", f"no instance {instance_id!r}")
         return instance
 
-    def live(self, labels: dict[str, str]) -> list[Instance]:
+    def live(self, labels: dict[str, str]) -> list[SimInstance]:
         """The instances not terminated yet that carry all these labels."""
         return [
             instance

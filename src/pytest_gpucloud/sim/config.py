@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pytest_gpucloud.api_models import GpuTypeModel
+from pytest_gpucloud.core.wire import GpuTypeModel
 
 _US, _EU_WEST, _EU_CENTRAL = "us-east-1", "eu-west-1", "eu-central-1"
 

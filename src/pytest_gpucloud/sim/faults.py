@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from pytest_gpucloud.api_models import ErrorCode
+from pytest_gpucloud.core.wire import ErrorCode
 
 Op = Literal["gpu_types", "create", "get", "list", "delete"]
 # A file name in an instance's home whose appearance fires a fault (no directories).

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
+from pytest_gpucloud.core.errors import HostKeyMismatch, InstanceError
 from pytest_gpucloud.core.sshlib import asyncssh
-from pytest_gpucloud.errors import HostKeyMismatch, InstanceError
-from pytest_gpucloud.providers.base import Instance
 
 # AES-GCM first: one AES-NI call per packet where asyncssh's chacha20-poly1305 makes
 # several (bench/results.md has the measurement); the rest as asyncssh orders them.
@@ -23,6 +23,21 @@ ENCRYPTION_ALGS += [
 ]
 
 
+class Endpoint(Protocol):
+    """Where an instance is reached over SSH (a provider's ``Instance`` is one)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def ip(self) -> str | None: ...
+    @property
+    def ssh_port(self) -> int | None: ...
+    @property
+    def ssh_user(self) -> str | None: ...
+    @property
+    def ssh_host_key(self) -> str | None: ...
+
+
 def new_client_key() -> asyncssh.SSHKey:
     return asyncssh.generate_private_key("ssh-ed25519", comment="pytest-gpucloud")
 
@@ -32,7 +47,7 @@ def public_key_line(key: asyncssh.SSHKey) -> str:
 
 
 async def connect(
-    instance: Instance,
+    instance: Endpoint,
     key: asyncssh.SSHKey,
     *,
     timeout: float,

@@ -19,12 +19,11 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from importlib.metadata import version
+from typing import Any, TypedDict, TypeVar
 
-import pytest
-
+from pytest_gpucloud.core.errors import RemoteError
 from pytest_gpucloud.core.sshlib import asyncssh
-from pytest_gpucloud.errors import RemoteError
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.remote.boot import GO
 from pytest_gpucloud.remote.protocol import (
@@ -46,10 +45,22 @@ READ_AHEAD_BELOW_S = 0.05
 _T = TypeVar("_T")
 
 
+class WorkerStart(TypedDict):
+    """The worker's ``start`` frame: its pytest arguments (the files to collect last), the
+    plugin's options and ini keys it accepts and ignores, the environment it adds, and where
+    a test's artifacts go."""
+
+    args: list[str]
+    options: list[dict[str, object]]  # {"name": flag, "takes_value": bool}
+    ini: list[str]
+    environ: dict[str, str]
+    artifacts: str
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One ``run`` frame: the test, the test after it on this worker, its limit and env,
-    and its datasets (presigned, see data.py)."""
+    and its datasets (presigned, see features/data.py)."""
 
     nodeid: str
     nextid: str | None
@@ -139,7 +150,7 @@ class WorkerLink:
         the workspace is complete.
 
         ``wrap``: turns the worker's shell command line into the one to run (a container
-        runtime's, see :meth:`pytest_gpucloud.runtime.Runtime.wrap`).
+        runtime's, see :meth:`pytest_gpucloud.machine.runtime.Runtime.wrap`).
         """
         command = (
             f"cd {shlex.quote(workspace)} && PYTHONPATH={shlex.quote(package_dir)} "
@@ -154,7 +165,7 @@ class WorkerLink:
         link.start_s = time.perf_counter() - started
         return link
 
-    async def begin(self, start: Message, timeout: float) -> Collection:
+    async def begin(self, start: WorkerStart, timeout: float) -> Collection:
         """Let the launched worker run from the complete workspace, send it ``start`` and
         wait until it has collected."""
         return await self._within(self._handshake(start), timeout, "did not finish collecting")
@@ -176,7 +187,7 @@ class WorkerLink:
         if frame.get("type") != "loaded":
             raise self._lost("starting", f"first frame was {frame.get('type')!r}")
 
-    async def _handshake(self, start: Message) -> Collection:
+    async def _handshake(self, start: WorkerStart) -> Collection:
         started = time.perf_counter()
         await self._send(GO)
         hello = await self._expect_frame("starting")
@@ -354,6 +365,7 @@ class WorkerLink:
 def _check_versions(hello: Message, instance_id: str) -> None:
     remote_protocol = hello.get("protocol")
     remote_pytest = str(hello.get("pytest", "?"))
+    local_pytest = version("pytest")  # read, not imported: transport knows no pytest
     if remote_protocol != PROTOCOL_VERSION:
         raise RemoteError(
             f"instance {instance_id}: remote worker speaks protocol {remote_protocol}, this "
@@ -362,7 +374,7 @@ def _check_versions(hello: Message, instance_id: str) -> None:
     if not _replayable(remote_pytest):
         raise RemoteError(
             f"instance {instance_id}: pytest {remote_pytest} on the instance (Python "
-            f"{hello.get('python')}) cannot replay into pytest {pytest.__version__} here; "
+            f"{hello.get('python')}) cannot replay into pytest {local_pytest} here; "
             f"install pytest {OLDEST_REMOTE_PYTEST[0]}.{OLDEST_REMOTE_PYTEST[1]} or newer in "
             "the image or via --gpu-setup"
         )

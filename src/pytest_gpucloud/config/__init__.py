@@ -1,0 +1,5 @@
+"""Options, ini keys and environment turned into one ``Settings``: pytest is read here. It
+reads, never builds providers.
+
+May import: ``core``.
+"""

@@ -1,0 +1,269 @@
+"""What bring-up does on a machine between the code sync and the worker: the image and its
+container, the setup command, the GPU health check; and what release undoes.
+
+Every step is one SSH exec of a command line from :mod:`pytest_gpucloud.machine.runtime`, bounded
+in time, and raises :class:`~pytest_gpucloud.core.errors.InstanceError` naming the instance.
+Each returns a short note for the machine's status line.
+
+The setup command runs once per container: a marker named by :func:`setup_key` (a hash of
+the command, the files it names, the image, the container and the workspace) is written
+where the setup's effects live, in the container's own ``~/.cache``. A machine that ran the
+same setup already (a static host or GPU slot leased again) skips it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import shlex
+import time
+from pathlib import Path
+
+from pytest_gpucloud.core.errors import GpuMismatch, InstanceError
+from pytest_gpucloud.core.gpus import PROBE, read_probe
+from pytest_gpucloud.core.sshlib import asyncssh
+from pytest_gpucloud.machine.runtime import Runtime
+
+STEP_TIMEOUT_S = 60.0
+#: The oldest Python the instance side runs on: ``remote/`` keeps to its syntax and library.
+OLDEST_PYTHON = (3, 8)
+# Any python3 runs it, Python 2 included.
+_PYTHON_VERSION = """python3 -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])'"""
+CLEAN_TIMEOUT_S = 20.0
+# Files that decide what installing a project directory (``pip install -e .``) does.
+_PROJECT_FILES = ("pyproject.toml", "setup.py", "setup.cfg")
+_LOG_LINES = 15
+
+
+async def run(
+    conn: asyncssh.SSHClientConnection, command: str, *, timeout: float, doing: str
+) -> asyncssh.SSHCompletedProcess:
+    """Run ``command``; its exit status is the caller's to judge, SSH trouble raises."""
+    try:
+        return await asyncio.wait_for(conn.run(command, check=False), timeout)
+    except asyncio.TimeoutError:
+        raise InstanceError(f"{doing} did not finish within {timeout:g} s") from None
+    except (OSError, asyncssh.Error) as exc:
+        raise InstanceError(f"{doing} failed: SSH: {str(exc) or type(exc).__name__}") from None
+
+
+async def start_container(
+    conn: asyncssh.SSHClientConnection,
+    runtime: Runtime,
+    instance_id: str,
+    *,
+    pull_timeout: float,
+    leftover: bool,
+) -> tuple[str | None, list[str]]:
+    """Fetch the image unless it is there, and start the container (``leftover``: remove one
+    of the same name first, left by a session that ended badly on a static machine).
+
+    Returns the container's id (None where the runtime runs none) and the notes."""
+    notes: list[str] = []
+    where = f"instance {instance_id}"
+    present = runtime.has_image()
+    if present is not None:
+        found = await run(
+            conn, present, timeout=STEP_TIMEOUT_S, doing=f"looking for the image on {where}"
+        )
+        if found.exit_status == 0:
+            notes.append(f"image {runtime.image} present")
+        else:
+            pull = runtime.pull()
+            if pull is None:
+                raise InstanceError(f"{where} has no image {runtime.image} ({runtime.name})")
+            started = time.monotonic()
+            doing = f"pulling image {runtime.image} on {where}"
+            pulled = await run(conn, pull, timeout=pull_timeout, doing=doing)
+            if pulled.exit_status != 0:
+                raise InstanceError(f"{doing} failed: {_last_line(pulled)}")
+            notes.append(f"image {runtime.image} pulled in {time.monotonic() - started:.1f} s")
+    start = runtime.start()
+    if start is None:
+        return None, notes
+    remove = runtime.remove()
+    if leftover and remove is not None:
+        await run(
+            conn, remove, timeout=CLEAN_TIMEOUT_S, doing=f"removing an old container on {where}"
+        )
+    doing = f"starting the {runtime.name} container on {where}"
+    started_container = await run(conn, start, timeout=STEP_TIMEOUT_S, doing=doing)
+    if started_container.exit_status != 0:
+        raise InstanceError(f"{doing} failed: {runtime.explain(_last_line(started_container))}")
+    lines = _text(started_container.stdout).split()
+    notes.append(f"{runtime.name} container {runtime.container}")
+    return (lines[-1] if lines else runtime.container), notes
+
+
+def setup_key(command: str, rootdir: Path, *, runtime: Runtime, container_id: str | None) -> str:
+    """The hash that says whether ``command`` ran in this container already: of the command,
+    the content of the files it names (a directory: its pyproject.toml, setup.py and
+    setup.cfg), the runtime, image, container and workspace."""
+    digest = hashlib.sha256()
+    for part in (command, runtime.name, runtime.image, container_id or "", runtime.workspace):
+        digest.update(part.encode() + b"\0")
+    root = rootdir.resolve()
+    for path in _named_files(command, root):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:24]
+
+
+async def run_setup(
+    conn: asyncssh.SSHClientConnection,
+    runtime: Runtime,
+    instance_id: str,
+    *,
+    command: str,
+    key: str,
+    log: Path,
+    timeout: float,
+) -> str:
+    """Run the setup command in the workspace unless the marker of ``key`` says it ran;
+    keep its output in ``log``. Failure raises with the log's path and last lines."""
+    marker = f'marker="${{XDG_CACHE_HOME:-$HOME/.cache}}/pytest-gpucloud/setup-{key}"'
+    where = f"instance {instance_id}"
+    done = await run(
+        conn,
+        runtime.wrap(f'{marker}; test -f "$marker"'),
+        timeout=STEP_TIMEOUT_S,
+        doing=f"looking for an earlier setup on {where}",
+    )
+    if done.exit_status == 0:
+        return "setup cached"
+    script = (
+        f"cd {shlex.quote(runtime.workspace)} && sh -c {shlex.quote(command)} 2>&1 && "
+        f'{marker} && mkdir -p "${{marker%/*}}" && : > "$marker"'
+    )
+    started = time.monotonic()
+    try:
+        result = await run(conn, runtime.wrap(script), timeout=timeout, doing=f"setup on {where}")
+    except InstanceError as exc:
+        _write_log(log, f"{exc}\n")
+        raise InstanceError(f"setup failed on {where}: {exc}; log: {log}") from None
+    output = _text(result.stdout) + _text(result.stderr)
+    _write_log(log, output)
+    if result.exit_status != 0:
+        tail = "\n".join(output.rstrip().splitlines()[-_LOG_LINES:])
+        raise InstanceError(
+            f"setup failed on {where} (exit status {result.exit_status} of "
+            f"{command!r}); its output is in {log}, ending:\n{tail}"
+        )
+    return f"setup ran in {time.monotonic() - started:.1f} s (log: {log})"
+
+
+async def check_gpus(
+    conn: asyncssh.SSHClientConnection,
+    runtime: Runtime,
+    instance_id: str,
+    *,
+    gpu: str,
+    count: int,
+) -> str:
+    """The health check: the machine shows at least ``count`` GPUs of type ``gpu``, as
+    nvidia-smi sees them inside the runtime (or as the simulated cloud declares them)."""
+    where = f"instance {instance_id}"
+    probe = await run(
+        conn, runtime.wrap(PROBE), timeout=STEP_TIMEOUT_S, doing=f"checking the GPUs of {where}"
+    )
+    sighting = read_probe(probe.exit_status, _text(probe.stdout), _text(probe.stderr))
+    if not sighting.has(gpu, count):
+        raise GpuMismatch(f"{where} was asked for {count} x {gpu} but shows {sighting.describe()}")
+    return f"GPUs: {sighting.describe()}"
+
+
+async def older_python(
+    conn: asyncssh.SSHClientConnection | None, runtime: Runtime | None, instance_id: str
+) -> InstanceError | None:
+    """After a failed bring-up: the error naming a python3 there (on the instance, then in
+    its container) older than :data:`OLDEST_PYTHON`; None if there is none to blame."""
+    if conn is None:
+        return None
+    commands = [_PYTHON_VERSION]
+    if runtime is not None:
+        commands = list(dict.fromkeys([*commands, runtime.wrap(_PYTHON_VERSION)]))
+    for command in commands:
+        try:
+            done = await run(conn, command, timeout=STEP_TIMEOUT_S, doing="python3 --version")
+        except InstanceError:
+            return None
+        found = re.fullmatch(r"(\d+)\.(\d+)\.\d+", _text(done.stdout).strip())
+        if found and (int(found[1]), int(found[2])) < OLDEST_PYTHON:
+            oldest = ".".join(map(str, OLDEST_PYTHON))
+            return InstanceError(
+                f"instance {instance_id}: python3 is Python {found[0]}, older than {oldest}, "
+                "the oldest the plugin runs on an instance (use an image with a newer python3)"
+            )
+    return None
+
+
+async def clean(
+    conn: asyncssh.SSHClientConnection, runtime: Runtime, instance_id: str, *, workspace: bool
+) -> list[str]:
+    """Remove the container and, with ``workspace``, the workspace (a static machine outlives
+    the session); the files the container made are removed from inside it, as their owner.
+    Returns what failed, if anything."""
+    where = f"instance {instance_id}"
+    ws = shlex.quote(runtime.workspace)
+    steps: list[tuple[str, str, bool]] = []
+    remove = runtime.remove()
+    if workspace and remove is not None:
+        # Inside, the mount point itself cannot go: its contents do.
+        steps.append(
+            (runtime.wrap(f"rm -rf {ws}"), "removing the workspace in the container", False)
+        )
+    if remove is not None:
+        steps.append((remove, f"removing the {runtime.name} container", True))
+    if workspace:
+        manifest = shlex.quote(f"{runtime.workspace}.manifest.json")
+        steps.append((f"rm -rf {ws} {manifest}", "removing the workspace", True))
+    failed: list[str] = []
+    for command, doing, must in steps:
+        try:
+            result = await run(conn, command, timeout=CLEAN_TIMEOUT_S, doing=f"{doing} on {where}")
+        except InstanceError as exc:
+            failed.append(str(exc))
+            continue
+        if must and result.exit_status != 0:
+            failed.append(f"{doing} on {where} failed: {_last_line(result)}")
+    return failed
+
+
+def _named_files(command: str, root: Path) -> list[Path]:
+    """The files under ``root`` (resolved) that ``command`` names."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        words = command.split()
+    found: dict[Path, None] = {}
+    for word in words:
+        for part in {word, word.partition("=")[2]}:
+            name = re.sub(r"\[[^\]]*\]$", "", part)  # .[test] names the directory .
+            if not name or name.startswith("-"):
+                continue
+            path = (root / name).resolve()
+            if not path.is_relative_to(root):
+                continue
+            if path.is_file():
+                found[path] = None
+            elif path.is_dir():
+                project = (path / file for file in _PROJECT_FILES)
+                found.update(dict.fromkeys(p for p in project if p.is_file()))
+    return sorted(found)
+
+
+def _write_log(log: Path, text: str) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(text, encoding="utf-8", errors="replace")
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value if isinstance(value, str) else ""
+
+
+def _last_line(result: asyncssh.SSHCompletedProcess) -> str:
+    said = (_text(result.stderr).strip() or _text(result.stdout).strip()).splitlines()
+    return said[-1][:300] if said else f"exit status {result.exit_status}"
