@@ -43,6 +43,12 @@ SHOW_VERSIONS = (
 )
 
 
+def _install(session: nox.Session, *args: str) -> None:
+    """The project with its dev extras, and pip: tests/podman/setup fetches the image's
+    pytest with it (a uv environment has none of its own)."""
+    session.install(*args, "-e", ".[dev]", "pip>=24")
+
+
 def _pytest(session: nox.Session) -> None:
     session.run("python", "-c", SHOW_VERSIONS, silent=False)
     session.run("pytest", "-n", "2", "-q", *session.posargs)
@@ -50,17 +56,17 @@ def _pytest(session: nox.Session) -> None:
 
 @nox.session(python=PYTHONS)
 def locked(session: nox.Session) -> None:
-    session.install("-c", LOCK, "-e", ".[dev]")
+    _install(session, "-c", LOCK)
     _pytest(session)
 
 
 @nox.session(python=PYTHONS[-1])
 def newest(session: nox.Session) -> None:
-    session.install("--upgrade", "-e", ".[dev]")
+    _install(session, "--upgrade")
     _pytest(session)
 
 
 @nox.session(python=PYTHONS[0])
 def lowest(session: nox.Session) -> None:
-    session.install("--resolution", "lowest-direct", "-e", ".[dev]")
+    _install(session, "--resolution", "lowest-direct")
     _pytest(session)

@@ -7,17 +7,22 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from pytest_gpucloud.core.catalog import GpuType, Offer, explain_infeasible, feasible_offers
 from pytest_gpucloud.core.errors import ProviderError
-from pytest_gpucloud.core.request import GpuRequest, Tests, parse_marker
+from pytest_gpucloud.core.request import GpuRequest, parse_marker
 from pytest_gpucloud.machine.failover import Failover
 from pytest_gpucloud.scheduling.cost import Bill, CostModel, billed, billed_hourly
 from pytest_gpucloud.scheduling.durations import DEFAULT_BOOT_S, DEFAULT_TEST_S, Durations
 from pytest_gpucloud.scheduling.planner import Plan, make_plan
 from pytest_gpucloud.scheduling.policy import hosts
+
+if TYPE_CHECKING:
+    # not at run time: pytest 8.0 would collect the alias as a test class
+    from pytest_gpucloud.core.request import Tests
 from pytest_gpucloud.session.summary import summary_lines
 
 US, EU_W, EU_C = "us-east-1", "eu-west-1", "eu-central-1"
