@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The tested versions of everything make test installs; `make lock` refreshes it, on purpose.
 LOCK := requirements.lock
 
-.PHONY: demo test lint types unit podman matrix lock bench clean
+.PHONY: demo test lint types unit podman chromium matrix lock bench clean dist wheel-check
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,25 @@ unit: $(STAMP)
 podman: $(STAMP)
 	PYTHON=$(BIN)/python tests/podman/setup
 
-test: lint types podman unit
+# Headless chromium, which renders the timeline in its test: Debian's package if missing.
+chromium:
+	scripts/ensure-chromium
+
+test: lint types podman chromium unit
+
+# The release artifacts: an sdist, and a wheel built from it (so a file the sdist lacks fails).
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
+# The wheel, not the checkout, in a fresh environment: a session on the simulated cloud.
+wheel-check: dist
+	rm -rf .wheel-venv
+	$(PYTHON) -m venv .wheel-venv
+	.wheel-venv/bin/python -m pip install -q dist/*.whl numpy  # numpy: examples/' model
+	cd examples && ../.wheel-venv/bin/python -c 'import pytest_gpucloud as p; assert "/.wheel-venv/" in p.__file__, p.__file__'
+	cd examples && ../.wheel-venv/bin/python -m pytest -p no:cacheprovider -q --gpu-cloud --gpu-provider sim
 
 # The whole suite on Python 3.10-3.13 with the locked set, and on the newest and the lowest
 # versions (noxfile.py).
@@ -48,4 +66,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .nox .pytest_cache .mypy_cache .ruff_cache .gpucloud examples/.gpucloud
+	rm -rf $(VENV) .nox .wheel-venv dist .pytest_cache .mypy_cache .ruff_cache .gpucloud examples/.gpucloud

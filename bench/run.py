@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("plan", "sync", "overhead", "fanout", "faults", "artifacts")
+BENCHMARKS = ("plan", "sync", "overhead", "fanout", "faults", "artifacts", "service")
 RESULTS = Path(__file__).with_name("results.md")
 COLUMNS = ("figure", "value", "baseline (same run)", "ratio", "target", "met")
 

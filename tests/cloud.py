@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,13 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 BOOT_DELAY = 0.05
+STANDINS = Path(__file__).parent / "standins"
+
+
+def standin_gpus(*names: str) -> str:
+    """STANDIN_NVIDIA_GPUS for GPUs of these names, with uuids of their own."""
+    token = secrets.token_hex(4)
+    return ";".join(f"GPU-{token}-{i}|{name}|15360" for i, name in enumerate(names))
 
 
 class Sim:
@@ -79,6 +87,9 @@ class GpuRun:
         self.sim = sim
         monkeypatch.setenv("GPUCLOUD_API_KEY", sim.api_key)
         monkeypatch.delenv("GPUCLOUD_PROVIDER", raising=False)
+        # Sessions under test write no job summary or annotations for the CI running them.
+        for name in ("GITHUB_STEP_SUMMARY", "GITHUB_ACTIONS"):
+            monkeypatch.delenv(name, raising=False)
 
     def args(self) -> list[str]:
         return ["--gpu-cloud", "--gpu-provider", "rest", "--gpu-api-url", self.sim.url]

@@ -12,9 +12,21 @@ from pathlib import Path
 import pytest
 
 from pytest_gpucloud.sim import SimConfig, SimServer
-from tests.cloud import BOOT_DELAY, GpuRun, Moto, RequestLog, Sim, Standins, Store
+from tests import engines
+from tests.cloud import BOOT_DELAY, STANDINS, GpuRun, Moto, RequestLog, Sim, Standins, Store
+from tests.engines import Engine
 
-STANDINS = Path(__file__).parent / "standins"
+#: The inner sessions of the suite run without what would change them unasked: the test
+#: order of pytest-randomly and pytest-asyncio's warning about an unset loop scope (both
+#: are installed for tests/test_e2e_plugins.py, which sets what it tests itself).
+INNER_ADDOPTS = "-p no:randomly -o asyncio_default_fixture_loop_scope=function"
+
+
+@pytest.fixture(autouse=True)
+def _plain_inner_sessions(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("pytester")  # which clears PYTEST_ADDOPTS when it starts
+        monkeypatch.setenv("PYTEST_ADDOPTS", INNER_ADDOPTS)
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +105,11 @@ def store(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> Store:
     bucket = f"bucket-{secrets.token_hex(4)}"
     client.create_bucket(Bucket=bucket)
     return Store(moto.endpoint, bucket, client, moto.requests, [key_id, secret])
+
+
+@pytest.fixture(scope="session")
+def podman_engine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Engine:
+    """The real podman engine, set up by the project's own script (tests/engines.py)."""
+    return engines.podman(tmp_path_factory.mktemp("podman-cli"), request.session)

@@ -77,7 +77,8 @@ def test_artifacts_of_passing_failing_and_crashed_tests_come_home(
     )
     pytester.makepyfile(test_art=PROJECT)
     result = gpu_run("--gpu-artifacts-dir", "arts", "--junitxml=out.xml", "-rA")
-    result.assert_outcomes(passed=5, failed=1, errors=2)
+    # test_timeout fails in its body (its time limit), test_crash errors (its worker died)
+    result.assert_outcomes(passed=5, failed=2, errors=1)
     root = pytester.path / "arts"
 
     def folder(test: str) -> Path:

@@ -73,6 +73,8 @@ CASES = [
         "a duration such as 300", USAGE, ini="gpu_cloud_boot_timeout = 1 fortnight"),
     Bad("unknown provider", "--gpu-provider 'aws'", "choose one of", USAGE,
         args=("--gpu-provider", "aws")),
+    Bad("session id with a space", "GPUCLOUD_SESSION_ID 'my run'", "such as gh-1234-1", USAGE,
+        env={"GPUCLOUD_SESSION_ID": "my run"}),
     Bad("negative retries", "--gpu-retries '-1'", "a whole number such as 0 or 3", USAGE,
         args=("--gpu-retries", "-1")),
     Bad("lifetime below the minimum", "--gpu-max-lifetime '10s'", "at least 60 s", USAGE,

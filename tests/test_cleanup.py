@@ -10,6 +10,7 @@ import io
 import secrets
 import time
 from collections.abc import Iterator
+from importlib import metadata
 
 import asyncssh
 import httpx
@@ -33,9 +34,9 @@ class Cloud:
         )
         self.made: list[str] = []
 
-    def leave(self, project: str, *, expires_in: float) -> str:
+    def leave(self, project: str, *, expires_in: float, session: str = "0123456789ab") -> str:
         labels = {
-            SESSION: "0123456789ab",
+            SESSION: session,
             PROJECT: project,
             OWNER: "someone",
             EXPIRES: str(int(time.time() + expires_in)),
@@ -86,6 +87,20 @@ def test_deletes_only_this_projects_instances_past_their_expiry(
     assert out.splitlines()[0] == f"1 instance(s) of project {project} past their expiry:"
     assert f"deleted {expired}" in out
     assert cloud.alive() == {fresh, other}
+
+
+def test_session_takes_every_live_instance_of_that_session_only(
+    cloud: Cloud, pytester: pytest.Pytester, capsys: pytest.CaptureFixture[str], sim: Sim
+) -> None:
+    pytester.makeini(f"[pytest]\ngpu_cloud_api_url = {sim.url}\ngpu_cloud_provider = rest\n")
+    project = project_label(pytester.path.name)
+    mine = {cloud.leave(project, expires_in=3600, session="gh-7-1-ab") for _ in range(2)}
+    other = cloud.leave(project, expires_in=-60, session="gh-7-1-cd")
+    assert cleanup.main(["--session", "gh-7-1-ab", "--yes"], cwd=pytester.path) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "2 instance(s) of session gh-7-1-ab:"
+    assert all(f"deleted {i}" in out for i in mine)
+    assert cloud.alive() == {other}
 
 
 def test_older_than_takes_every_instance_of_the_project_older_than_that(
@@ -203,3 +218,8 @@ def test_bad_settings_are_one_line_errors(
 def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert package_main(["sweep"]) == 2
     assert "unknown command 'sweep'" in capsys.readouterr().err
+
+
+def test_version_comes_from_the_installed_package(capsys: pytest.CaptureFixture[str]) -> None:
+    assert package_main(["--version"]) == 0
+    assert capsys.readouterr().out == f"pytest-gpucloud {metadata.version('pytest-gpucloud')}\n"

@@ -24,8 +24,7 @@ import pytest
 from pytest_gpucloud.machine.runtime import runtime_for
 from pytest_gpucloud.remote.fixtures import artifacts_dir_name
 from tests import engines
-from tests.cloud import GpuRun, Sim
-from tests.conftest import STANDINS
+from tests.cloud import STANDINS, GpuRun, Sim
 from tests.engines import INSIDE, Engine
 
 SETUP = "echo ok > /opt/made-by-setup && echo ran >> setup-runs.txt"
@@ -59,13 +58,6 @@ def test_setup_ran_in_it_once():
 @pytest.fixture(autouse=True)
 def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "400")
-
-
-@pytest.fixture(scope="session")
-def podman_engine(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Engine:
-    return engines.podman(tmp_path_factory.mktemp("podman-cli"), request.session)
 
 
 @pytest.fixture(scope="session", params=["podman", "docker"])
@@ -117,7 +109,7 @@ def test_tests_setup_and_artifacts_run_in_the_container_on_the_sim(
     before = {i["id"] for i in engine_sim.instances()}
     result = gpu_run(
         *("--gpu-runtime", engine.name, "--gpu-image", engine.image, "--gpu-setup", SETUP),
-        *("--gpu-artifacts-dir", "arts", "-p", "no:randomly"),
+        *("--gpu-artifacts-dir", "arts"),
     )
     result.assert_outcomes(passed=2)
     (instance,) = _new(engine_sim, before)
@@ -214,9 +206,7 @@ def test_local_provider_runs_tests_in_a_container_of_its_gpu_slot(
         + "\n\ndef test_sees_its_gpu_slot():\n"
         + "    assert os.environ['CUDA_VISIBLE_DEVICES'] == '1'\n"
     )
-    result = pytester.runpytest_inprocess(
-        *local_gpus, "--gpu-artifacts-dir", "arts", "-p", "no:randomly"
-    )
+    result = pytester.runpytest_inprocess(*local_gpus, "--gpu-artifacts-dir", "arts")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(
         [

@@ -60,7 +60,7 @@ def test_instance_boots_while_local_tests_run_and_says_so(
             f"gpu-cloud: {label} booting in eu-central-1 at $0.53/h",
             f"gpu-cloud: {label} ready in * s*",
             f"gpu-cloud: {label} busy with *::test_gpu",
-            f"gpu-cloud: {label} released after * s, $0.0*",
+            f"gpu-cloud: {label} released * s after its request; * s billed, $0.0*",
         ]
     )
     result.stdout.fnmatch_lines([f"*::test_gpu PASSED [[]{label}[]]*"])

@@ -237,3 +237,58 @@ def test_failover_says_why_in_the_booting_line(gpu_run: GpuRun) -> None:
     )
     # a status line never continues the line of a test's progress
     assert not [line for line in result.outlines if "%]gpu-cloud" in line]
+
+
+def test_a_remote_test_is_announced_when_sent_and_status_lines_come_as_they_happen(
+    gpu_run: GpuRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sim's instances share this machine's disk: the remote test sees whether the local
+    session announced it (pytest_runtest_logstart) before it ran."""
+    announced = tmp_path / "announced"
+    monkeypatch.setenv("GPUCLOUD_TEST_ANNOUNCED", str(announced))
+    gpu_run.pytester.makeconftest(
+        """
+        import os, pathlib
+
+        def pytest_runtest_logstart(nodeid):
+            if "GPUCLOUD_SIM_INSTANCE" not in os.environ:  # the local session's, not the remote's
+                pathlib.Path(os.environ["GPUCLOUD_TEST_ANNOUNCED"]).write_text(nodeid)
+        """
+    )
+    gpu_run.pytester.makepyfile(
+        test_x="""
+        import os, pathlib, time, pytest
+
+        @pytest.mark.gpu("T4", env="GPUCLOUD_TEST_ANNOUNCED")
+        def test_a():
+            seen = pathlib.Path(os.environ["GPUCLOUD_TEST_ANNOUNCED"]).read_text()
+            assert seen == "test_x.py::test_a"
+            time.sleep(1)
+        """
+    )
+    result = gpu_run("-v")
+    result.assert_outcomes(passed=1)
+    lines = result.outlines
+    busy = next(i for i, line in enumerate(lines) if "busy with test_x.py::test_a" in line)
+    passed = next(i for i, line in enumerate(lines) if "test_x.py::test_a PASSED" in line)
+    assert busy < passed, "the status line came after the result it leads to"
+
+
+def test_a_machine_error_is_one_line_in_the_summary(gpu_run: GpuRun) -> None:
+    gpu_run.pytester.makepyfile(
+        test_x="""
+        import time, pytest
+
+        @pytest.mark.gpu("T4", timeout=1)
+        def test_slow():
+            time.sleep(30)
+        """
+    )
+    result = gpu_run()
+    summary = result.outlines[
+        next(i for i, line in enumerate(result.outlines) if "= gpu-cloud =" in line) :
+    ]
+    errors = [line for line in summary if line.startswith("i-") and "gpu-cloud:" in line]
+    assert len(errors) == 1
+    assert errors[0].endswith("(raise the limit with --gpu-timeout or gpu(timeout=...))")
+    assert not [line for line in summary if "time.sleep(30)" in line]

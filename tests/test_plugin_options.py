@@ -61,7 +61,7 @@ def test_gpu_cloud_without_provider_names_both_ways_forward(
     ("args", "env", "ini", "expected"),
     [
         (["--gpu-timeout", "soon"], {}, "", "*--gpu-timeout 'soon': *duration*"),
-        (["--gpu-provider", "aws"], {}, "", "*--gpu-provider 'aws'*rest, sim*"),
+        (["--gpu-provider", "aws"], {}, "", "*--gpu-provider 'aws'*rest, runpod, sim*"),
         ([], {"GPUCLOUD_TIMEOUT": "-5"}, "", "*GPUCLOUD_TIMEOUT '-5'*"),
         ([], {}, "gpu_cloud_boot_timeout = 1 fortnight", "*ini gpu_cloud_boot_timeout*"),
         (["--gpu-api-url", "http://api.example.com"], {}, "", "*--gpu-api-url*https*"),

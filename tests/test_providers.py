@@ -25,9 +25,8 @@ from pytest_gpucloud.core.addresses import StaticHost, parse_hosts
 from pytest_gpucloud.core.catalog import GpuType, Offer
 from pytest_gpucloud.core.errors import OutOfCapacity
 from pytest_gpucloud.providers.static_hosts import SshProvider
-from tests.cloud import GpuRun, Sim, Standins
+from tests.cloud import STANDINS, GpuRun, Sim, Standins, standin_gpus
 
-STANDINS = Path(__file__).parent / "standins"
 ONE_TEST = "import pytest\n\n@pytest.mark.gpu('T4')\ndef test_a():\n    pass\n"
 
 
@@ -74,7 +73,7 @@ def test_a_conftest_registers_a_provider(
     unknown.stderr.fnmatch_lines(
         [
             "*--gpu-provider 'othercloud': unknown GPU provider; choose one of: "
-            "local, mycloud, rest, sim, ssh"
+            "lambda, local, lyceum, mycloud, rest, runpod, sim, ssh"
         ]
     )
 
@@ -119,12 +118,6 @@ def test_an_entry_point_registers_a_provider(
 
 
 # -- local --------------------------------------------------------------------------------
-
-
-def _gpus(*names: str) -> str:
-    """STANDIN_NVIDIA_GPUS for GPUs of these names, with uuids of their own."""
-    token = secrets.token_hex(4)
-    return ";".join(f"GPU-{token}-{i}|{name}|15360" for i, name in enumerate(names))
 
 
 @pytest.fixture
@@ -191,7 +184,7 @@ def test_local_fans_out_over_the_gpus_one_test_per_slot_at_a_time(
     folder.mkdir()
     pytester.makepyfile(test_slots=SLOT_TESTS.format(folder=str(folder)))
     monkeypatch.setenv("PATH", smi_path)
-    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", _gpus("Tesla T4", "Tesla T4", "NVIDIA L4"))
+    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", standin_gpus("Tesla T4", "Tesla T4", "NVIDIA L4"))
     monkeypatch.setenv("GPUCLOUD_API_KEY", "not-for-the-tests")
     result = pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "local", "-n", "2")
     result.assert_outcomes(passed=4)
@@ -215,7 +208,7 @@ def test_local_with_more_workers_than_gpus_queues_tests_for_the_gpu(
         """
     )
     monkeypatch.setenv("PATH", smi_path)
-    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", _gpus("NVIDIA H200"))
+    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", standin_gpus("NVIDIA H200"))
     result = pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "local", "-n", "3")
     result.assert_outcomes(passed=6)
     # The workers asking while the one GPU is leased wait for it, rather than erroring.
@@ -261,7 +254,7 @@ def test_local_release_waits_for_the_output_of_what_the_lease_ran(
     """Like a worker killed with a GPU context, which holds its pipes open a while."""
     pytester.makepyfile(LINGERING_CHILD)
     monkeypatch.setenv("PATH", smi_path)
-    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", _gpus("NVIDIA H200"))
+    monkeypatch.setenv("STANDIN_NVIDIA_GPUS", standin_gpus("NVIDIA H200"))
     result = pytester.runpytest_subprocess("--gpu-cloud", "--gpu-provider", "local")
     result.assert_outcomes(passed=1)
     output = result.stdout.str() + result.stderr.str()

@@ -357,8 +357,11 @@ def test_infra_errors_read_as_errors(pytester: pytest.Pytester) -> None:
     assert "<skipped" not in xml
 
 
-def test_remote_pytest_args(pytester: pytest.Pytester) -> None:
-    pytester.makeini("[pytest]\naddopts = -p pytester\n")
+def test_remote_pytest_args(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYTEST_ADDOPTS")  # set by tests/conftest.py; every argument is listed here
+    pytester.makeini(
+        "[pytest]\naddopts = -p pytester\nasyncio_default_fixture_loop_scope = function\n"
+    )
     config = pytester.parseconfigure(
         *NO_PLUGIN,
         "-p",

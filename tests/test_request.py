@@ -334,6 +334,7 @@ keyword_values: Mapping[str, st.SearchStrategy[object]] = {
     ),
     "env": st.one_of(identifiers, st.lists(identifiers, max_size=4)),
     "data": st.dictionaries(identifiers, urls, max_size=3),
+    "spot": st.booleans(),
 }
 valid_kwargs = st.fixed_dictionaries(
     {}, optional={key: value for key, value in keyword_values.items() if key != "count"}

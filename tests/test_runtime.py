@@ -9,6 +9,7 @@ test_container_engines.py.
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,14 @@ import pytest
 
 from pytest_gpucloud.core.gpus import SeenGpu, Sighting, is_type, read_probe, type_name
 from pytest_gpucloud.machine.preparation import setup_key
-from pytest_gpucloud.machine.runtime import Apptainer, Docker, Podman, Runtime, runtime_for
+from pytest_gpucloud.machine.runtime import (
+    DRIVER_DEVICE,
+    Apptainer,
+    Docker,
+    Podman,
+    Runtime,
+    runtime_for,
+)
 from tests.cloud import GpuRun, Sim, Standins
 
 WS = "/home/gpu/gpucloud/my proj"
@@ -244,8 +252,10 @@ def test_session_runs_through_each_runtime(
         execs = calls[1:]
         assert all(c[:7] == ["exec", "--nv", "--bind", ws, "--pwd", ws, sif] for c in execs)
     else:
-        # no GPU flags: this machine has no NVIDIA driver
-        flags = ["--security-opt=label=disable"] if runtime == "podman" else []
+        # GPU flags only where the machine (this one) has an NVIDIA driver
+        gpus = {"docker": ["--gpus", "all"], "podman": ["--device", "nvidia.com/gpu=all"]}
+        flags = gpus[runtime] if os.path.exists(DRIVER_DEVICE) else []
+        flags += ["--security-opt=label=disable"] if runtime == "podman" else []
         assert calls[:3] == [
             ["image", "inspect", "--format", "{{.Id}}", IMAGE],
             ["pull", "-q", IMAGE],

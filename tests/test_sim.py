@@ -8,6 +8,7 @@ import re
 import secrets
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -633,3 +634,48 @@ def test_standalone_sim_refuses_a_remote_host() -> None:
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1
     assert "--allow-remote" in done.stderr
+
+
+def test_forwarding_reaches_the_instances_loopback_and_home_only(
+    api: httpx.Client, tmp_path: Path
+) -> None:
+    # gpu_service forwards to a server on the instance; nothing else is reachable through it
+    instance = launch(api)
+    home = Path(str(record_of(api, instance.id).home))
+
+    async def attempts() -> list[str]:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(await reader.read(100))
+            await writer.drain()
+            writer.close()
+
+        tcp = await asyncio.start_server(echo, "0.0.0.0", 0)
+        inside = await asyncio.start_unix_server(echo, str(home / "in.sock"))
+        outside = await asyncio.start_unix_server(echo, str(tmp_path / "out.sock"))
+        port = tcp.sockets[0].getsockname()[1]
+        results = []
+        async with asyncssh.connect(**ssh_options(instance)) as conn:
+            targets: list[tuple[str, int] | str] = [
+                ("127.0.0.1", port),
+                str(home / "in.sock"),
+                # this machine by its name: reachable, but not as the instance's loopback
+                (socket.gethostname(), port),
+                str(tmp_path / "out.sock"),
+            ]
+            for target in targets:
+                try:
+                    if isinstance(target, str):
+                        reader, writer = await conn.open_unix_connection(target)
+                    else:
+                        reader, writer = await conn.open_connection(*target)
+                except asyncssh.ChannelOpenError:
+                    results.append("refused")
+                    continue
+                writer.write(b"ping")
+                results.append((await reader.read(100)).decode())
+                writer.close()
+        for server in (tcp, inside, outside):
+            server.close()
+        return results
+
+    assert asyncio.run(attempts()) == ["ping", "ping", "refused", "refused"]

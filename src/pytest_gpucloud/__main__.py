@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 from pytest_gpucloud.cli import cleanup
 
 COMMANDS = {"cleanup": cleanup.main}
-USAGE = "usage: python -m pytest_gpucloud {cleanup} [--help]"
+USAGE = "usage: python -m pytest_gpucloud {cleanup} [--help] | --version"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--version"]:
+        print(f"pytest-gpucloud {metadata.version('pytest-gpucloud')}")
+        return 0
     if not args or args[0] in ("-h", "--help"):
         print(f"{USAGE}\n\n  cleanup  delete this project's instances past their expiry")
         return 0 if args else 2

@@ -6,6 +6,7 @@ running of gpu tests in session/controller.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -13,10 +14,10 @@ import pytest
 
 from pytest_gpucloud import hooks
 from pytest_gpucloud.config.settings import OPTIONS, from_config
-from pytest_gpucloud.core.environment import API_KEY_ENV
+from pytest_gpucloud.core.environment import SECRET_ENV
 from pytest_gpucloud.core.errors import PREFIX, ConfigError, MarkerError
 from pytest_gpucloud.core.request import GpuRequest, request_for_item
-from pytest_gpucloud.providers import BUILTIN, ProviderFactory, ProviderRegistry
+from pytest_gpucloud.providers import BUILTIN, ProviderFactory, ProviderRegistry, vendors
 from pytest_gpucloud.session.stash import (
     PROVIDERS_KEY,
     REQUEST_KEY,
@@ -26,14 +27,19 @@ from pytest_gpucloud.session.stash import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from pytest_gpucloud.desk.ipc import Handoff
+    from pytest_gpucloud.features.gpu_service import ServiceFactory
     from pytest_gpucloud.session.controller import Controller
     from pytest_gpucloud.session.handle import GpuCloudHandle
 # The --gpu-cloud session's controller; named here, so the stash needs no controller import.
 CONTROLLER_KEY: pytest.StashKey[Controller] = pytest.StashKey()
+CI_OUTPUTS = "gpucloud-ci-outputs"
 MARKER_DOC = (
-    "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None): "
-    "run this test on a cloud GPU instance with pytest --gpu-cloud (skipped without it)"
+    "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None, "
+    "spot=False): run this test on a cloud GPU instance with pytest --gpu-cloud (skipped "
+    "without it)"
 )
 
 
@@ -87,6 +93,7 @@ def pytest_configure(config: pytest.Config) -> None:
         provider = None
         if settings.enabled:
             provider = handoff["provider"] if handoff else settings.chosen_provider()
+            vendors.check(provider, settings)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = settings
@@ -104,6 +111,10 @@ def pytest_configure(config: pytest.Config) -> None:
     controller = Controller(config, settings, provider, handoff)
     config.stash[CONTROLLER_KEY] = controller
     config.pluginmanager.register(controller, "gpucloud-controller")
+    if workerinput is None:
+        from pytest_gpucloud.session.ci_outputs import CiOutputs
+
+        config.pluginmanager.register(CiOutputs(controller), CI_OUTPUTS)
     if settings.plan and workerinput is None:
         # --gpu-plan runs no test, so it starts no xdist worker (xdist configures after us)
         config.option.dist = "no"
@@ -119,6 +130,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         xdist_hooks.restore()
         config.pluginmanager.unregister(xdist_hooks)
         del config.stash[XDIST_HOOKS_KEY]
+    ci_outputs = config.pluginmanager.get_plugin(CI_OUTPUTS)
+    if ci_outputs is not None:
+        config.pluginmanager.unregister(ci_outputs)
     controller = config.stash.get(CONTROLLER_KEY, None)
     if controller is not None:
         controller.close()
@@ -138,22 +152,22 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 class XdistControllerHooks:
     """pytest-xdist's controller hooks, registered only where xdist is installed: every
-    worker gets the fleet's socket in its ``workerinput``; no worker gets the API key."""
+    worker gets the fleet's socket in its ``workerinput``; no worker gets an API key."""
 
     def __init__(self, controller: Controller) -> None:
         self._controller = controller
-        self._hidden_key: str | None = None
+        self._hidden: dict[str, str] = {}
 
     def pytest_xdist_setupnodes(self) -> None:
-        # Workers inherit this process's environment; the key is in Settings already.
-        self._hidden_key = os.environ.pop(API_KEY_ENV, None)
+        # Workers inherit this process's environment; the keys are in Settings already.
+        self._hidden = {name: os.environ.pop(name) for name in SECRET_ENV if name in os.environ}
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput[WORKERINPUT_KEY] = self._controller.handoff()
 
     def restore(self) -> None:
-        if self._hidden_key is not None:
-            os.environ.setdefault(API_KEY_ENV, self._hidden_key)
+        for name, value in self._hidden.items():
+            os.environ.setdefault(name, value)
 
 
 XDIST_HOOKS_KEY = pytest.StashKey[XdistControllerHooks]()
@@ -175,6 +189,8 @@ def pytest_collection_modifyitems(
             session.ihook.pytest_collectreport(report=report)
             continue
         if request is not None:
+            if enabled and config.stash[CONTROLLER_KEY].settings.spot and not request.spot:
+                request = dataclasses.replace(request, spot=True)  # --gpu-spot
             item.stash[REQUEST_KEY] = request
             if not enabled:
                 item.add_marker(pytest.mark.skip(reason=f"{SKIP_REASON} ({request.canonical()})"))
@@ -189,6 +205,19 @@ def gpu_cloud(request: pytest.FixtureRequest) -> GpuCloudHandle:
     if controller is None:
         pytest.skip(SKIP_REASON)
     return controller.handle()
+
+
+@pytest.fixture(scope="session")
+def gpu_service(request: pytest.FixtureRequest) -> Iterator[ServiceFactory]:
+    """``gpu_service(cmd, port=8000, spec="L4")``: a server started on a GPU instance for
+    the session, health-checked, its port forwarded here; ``.url``, ``.base_url``,
+    ``.logs()``, ``.openai_client()``. Skipped without ``--gpu-cloud``."""
+    controller = request.config.stash.get(CONTROLLER_KEY, None)
+    if controller is None:
+        pytest.skip(SKIP_REASON)
+    factory = controller.service_factory()
+    yield factory
+    factory.close()
 
 
 def _remote_only(name: str) -> Any:

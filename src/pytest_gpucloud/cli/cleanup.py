@@ -3,7 +3,9 @@
 The backstop for sessions that could not delete their instances (killed with SIGKILL, a
 machine that lost power, an API that failed every delete): every instance carries the
 labels of :mod:`pytest_gpucloud.core.labels`, so the project's instances past their expiry (or
-older than ``--older-than``) can be listed and, after confirmation, deleted.
+older than ``--older-than``) can be listed and, after confirmation, deleted. ``--session ID``
+takes every live instance of one session instead, expired or not: the teardown of a CI job
+whose pytest process was killed.
 
 Settings are read as the plugin reads them, less the command line: the ``GPUCLOUD_*``
 environment, then the ``gpu_cloud_*`` keys of the project's pytest configuration file. That
@@ -35,7 +37,7 @@ from pytest_gpucloud.core.errors import ConfigError, GpuCloudError
 from pytest_gpucloud.core.units import parse_duration
 from pytest_gpucloud.machine.deletion import delete_verified
 from pytest_gpucloud.providers import BUILTIN, ProviderRegistry
-from pytest_gpucloud.providers.base import Instance, Provider
+from pytest_gpucloud.providers.base import Instance, KeyKeeper, Provider
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -172,10 +174,10 @@ async def _provider(settings: Settings) -> Provider:
     return await ProviderRegistry.collect([BUILTIN]).make(name, settings)
 
 
-async def _list(settings: Settings, project: str) -> list[Instance]:
+async def _list(settings: Settings, selector: dict[str, str]) -> list[Instance]:
     provider = await _provider(settings)
     try:
-        return await provider.list_instances({labels.PROJECT: project})
+        return await provider.list_instances(selector)
     finally:
         await provider.aclose()
 
@@ -196,6 +198,15 @@ async def _delete(settings: Settings, ids: list[str]) -> list[tuple[str, str]]:
     ]
 
 
+async def _delete_stale_keys(settings: Settings, now: float) -> list[str]:
+    """The SSH keys of dead sessions deleted from the account, where a provider keeps any."""
+    provider = await _provider(settings)
+    try:
+        return await provider.delete_stale_keys(now) if isinstance(provider, KeyKeeper) else []
+    finally:
+        await provider.aclose()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -209,6 +220,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_duration,
         help="instead of the expiry: every instance of the project created longer ago than "
         "this, e.g. 2h, 90m, 0",
+    )
+    parser.add_argument(
+        "--session",
+        metavar="ID",
+        help="instead of the expiry: every live instance of the session with this id "
+        "(pytest's --gpu-session-id), e.g. in a CI job's always-run step",
     )
     parser.add_argument(
         "--yes", action="store_true", help="delete without asking (for CI and scripts)"
@@ -235,7 +252,10 @@ def main(argv: Sequence[str] | None = None, cwd: Path | None = None) -> int:
     try:
         project = find_project((cwd or Path.cwd()).resolve())
         settings = load_settings(project, dict(os.environ))
-        instances = asyncio.run(_list(settings, project.label))
+        selector = (
+            {labels.SESSION: args.session} if args.session else {labels.PROJECT: project.label}
+        )
+        instances = asyncio.run(_list(settings, selector))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -243,12 +263,17 @@ def main(argv: Sequence[str] | None = None, cwd: Path | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     now = time.time()
-    found = stale(instances, now, args.older_than)
-    what = "past their expiry" if args.older_than is None else "older than that"
+    if args.session:
+        found = [i for i in instances if i.status != "terminated"]
+        what = f"of session {args.session}"
+    else:
+        found = stale(instances, now, args.older_than)
+        when = "past their expiry" if args.older_than is None else "older than that"
+        what = f"of project {project.label} {when}"
     if not found:
-        print(f"no instances of project {project.label} {what}")
-        return 0
-    print(f"{len(found)} instance(s) of project {project.label} {what}:")
+        print(f"no instances {what}")
+        return _keys_cleaned(settings, now)
+    print(f"{len(found)} instance(s) {what}:")
     for instance in found:
         print(describe(instance, now))
     if not args.yes:
@@ -276,5 +301,15 @@ def main(argv: Sequence[str] | None = None, cwd: Path | None = None) -> int:
             + ", ".join(instance_id for instance_id, _ in failed),
             file=sys.stderr,
         )
+        return 1
+    return _keys_cleaned(settings, now)
+
+
+def _keys_cleaned(settings: Settings, now: float) -> int:
+    try:
+        for name in asyncio.run(_delete_stale_keys(settings, now)):
+            print(f"deleted SSH key {name}")
+    except GpuCloudError as exc:
+        print(exc, file=sys.stderr)
         return 1
     return 0

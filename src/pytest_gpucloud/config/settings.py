@@ -26,9 +26,11 @@ from pydantic import (
 )
 
 from pytest_gpucloud.core.addresses import parse_hosts, split_url
-from pytest_gpucloud.core.environment import API_KEY_ENV, env_name_fault
+from pytest_gpucloud.core.environment import API_KEY_ENV, VENDOR_KEY_ENV, env_name_fault
 from pytest_gpucloud.core.errors import ConfigError
 from pytest_gpucloud.core.units import parse_duration, parse_size
+
+HostKeyPolicy = Literal["inject", "announced", "tofu", "strict"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,29 @@ OPTIONS: tuple[Option, ...] = (
         metavar="PATH",
     ),
     Option(
+        "host_key",
+        "--gpu-host-key",
+        "how instances' SSH host keys are verified: inject (a key made here goes onto the "
+        "instance), announced (the API's), tofu (trust the first, where neither exists) or "
+        "strict (inject or announced, never tofu); default: the provider's best",
+        env="GPUCLOUD_HOST_KEY",
+        metavar="POLICY",
+    ),
+    Option(
+        "spot",
+        "--gpu-spot",
+        "ask for interruptible (spot) capacity for every gpu test, where the provider has it",
+        env="GPUCLOUD_SPOT",
+        is_switch=True,
+    ),
+    Option(
+        "spot_fallback",
+        "--gpu-spot-fallback",
+        "retry a test whose spot instance was preempted on on-demand capacity",
+        env="GPUCLOUD_SPOT_FALLBACK",
+        is_switch=True,
+    ),
+    Option(
         "timeout",
         "--gpu-timeout",
         "time limit of one remote test, e.g. 300, 90s, 10m",
@@ -213,6 +238,38 @@ OPTIONS: tuple[Option, ...] = (
         metavar="PATH",
     ),
     Option(
+        "session_id",
+        "--gpu-session-id",
+        "label the session's instances with this id (default: a random one); "
+        "python -m pytest_gpucloud cleanup --session ID deletes them whatever became of "
+        "the session",
+        env="GPUCLOUD_SESSION_ID",
+        metavar="ID",
+    ),
+    Option(
+        "summary_md",
+        "--gpu-summary-md",
+        "append the session's summary as markdown to this file (default: "
+        "$GITHUB_STEP_SUMMARY when set)",
+        env="GPUCLOUD_SUMMARY_MD",
+        metavar="PATH",
+    ),
+    Option(
+        "timeline",
+        "--gpu-timeline",
+        "draw the session's timeline (instances, their tests, the local tests) as SVG to this file",
+        env="GPUCLOUD_TIMELINE",
+        metavar="PATH",
+    ),
+    Option(
+        "plan_md",
+        "--gpu-plan-md",
+        "with --gpu-plan: also write the plan as a markdown table to this file, e.g. for "
+        "a pull-request comment",
+        env="GPUCLOUD_PLAN_MD",
+        metavar="PATH",
+    ),
+    Option(
         "artifacts_dir",
         "--gpu-artifacts-dir",
         "where each remote test's gpu_artifacts folder is brought back to, one folder per "
@@ -270,6 +327,10 @@ class Settings(BaseModel):
     provider: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     api_url: str | None = None
     api_key: SecretStr | None = Field(default=None, repr=False)
+    vendor_keys: dict[str, SecretStr] = Field(default_factory=dict, repr=False)
+    host_key: HostKeyPolicy | None = None
+    spot: bool = False
+    spot_fallback: bool = False
     image: str = Field(default="python:3.12-slim", min_length=1)
     timeout: Duration = Field(default=1800.0, gt=0)
     boot_timeout: Duration = Field(default=600.0, gt=0)
@@ -289,6 +350,10 @@ class Settings(BaseModel):
     start: Literal["jit", "eager", "lazy"] = "jit"
     plan: bool = False
     report: str | None = Field(default=None, min_length=1)
+    session_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,63}$")
+    summary_md: str | None = Field(default=None, min_length=1)
+    timeline: str | None = Field(default=None, min_length=1)
+    plan_md: str | None = Field(default=None, min_length=1)
     artifacts_dir: str | None = Field(default=None, min_length=1)
     artifacts_max: int = Field(default=10**9, gt=0)
     artifacts_s3: str | None = None
@@ -441,6 +506,9 @@ def resolve(
     values: dict[str, Any] = {field: source.value for field, source in sources.items()}
     if environ.get(API_KEY_ENV):
         values["api_key"] = environ[API_KEY_ENV]
+    values["vendor_keys"] = {
+        vendor: environ[name] for vendor, name in VENDOR_KEY_ENV.items() if environ.get(name)
+    }
     try:
         settings = Settings.model_validate(values, context={"providers": providers})
     except ValidationError as exc:
@@ -491,8 +559,10 @@ _HINTS = {
     "max_creates": " (a whole number of at least 1, such as 20)",
     "budget": " (US dollars, a positive number such as 5 or 12.50)",
     "start": " (choose one of: jit, eager, lazy)",
+    "host_key": " (choose one of: inject, announced, tofu, strict)",
     "artifacts_max": " (a size such as 500MB, 2GB or 1.5GiB)",
     "artifacts_s3": " (such as s3://my-bucket/ci-artifacts)",
+    "session_id": " (up to 64 letters, digits and ._:@+-, such as gh-1234-1)",
 }
 
 

@@ -24,13 +24,17 @@ _MAX_REASONS = 5
 
 @dataclass(frozen=True)
 class GpuType:
-    """One kind of GPU in a provider's catalog (price is per GPU per hour)."""
+    """One kind of GPU in a provider's catalog (prices are per GPU per hour).
+
+    ``spot_price_per_hour``: the price of interruptible capacity; None where there is none.
+    """
 
     name: str
     vram_gb: int
     price_per_hour: float
     available: bool
     regions: tuple[str, ...]
+    spot_price_per_hour: float | None = None
 
     @property
     def family(self) -> str:
@@ -49,17 +53,20 @@ class GpuType:
 
 @dataclass(frozen=True)
 class Offer:
-    """A GPU type in one region: the unit a provider can create."""
+    """A GPU type in one region, on-demand or spot: the unit a provider can create."""
 
     gpu: GpuType
     region: str
+    spot: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.gpu.name, self.region)
+        """What failover avoids: spot capacity runs out apart from on-demand capacity."""
+        return (f"{self.gpu.name} spot" if self.spot else self.gpu.name, self.region)
 
     def price(self, count: int) -> float:
-        return self.gpu.price_per_hour * count
+        per_gpu = self.gpu.spot_price_per_hour if self.spot else None
+        return (self.gpu.price_per_hour if per_gpu is None else per_gpu) * count
 
 
 def feasible_offers(
@@ -70,7 +77,8 @@ def feasible_offers(
     An ordered request keeps its list order (cheapest first within one entry); every other
     form is sorted by total price, then type name, then region. Unavailable types are left
     out, and so is every region that matches none of the ``regions`` patterns (fnmatch,
-    e.g. ``"eu-*"``; empty allows all): an allow-list, never a preference.
+    e.g. ``"eu-*"``; empty allows all): an allow-list, never a preference. A spot request
+    gets spot offers only, of the types that have a spot price.
     """
     if request.mode != "ordered":
         names = {name.upper() for name in request.types}
@@ -122,6 +130,11 @@ def explain_infeasible(
             dict.fromkeys(gpu for name in request.types for gpu in catalog if gpu.matches(name))
         )
     available = [gpu for gpu in named if gpu.available]
+    if request.spot and not any(gpu.spot_price_per_hour is not None for gpu in available):
+        reasons.append("this provider offers no spot capacity for it")
+    available = [
+        gpu for gpu in available if not request.spot or gpu.spot_price_per_hour is not None
+    ]
     if request.types:
         reasons += [f"{gpu.name} is unavailable" for gpu in named if not gpu.available]
     elif not available:
@@ -162,9 +175,11 @@ def _allowed(region: str, patterns: Sequence[str]) -> bool:
 
 def _offers(request: GpuRequest, gpus: Iterable[GpuType], regions: Sequence[str]) -> list[Offer]:
     offers = {
-        (gpu.name, region): Offer(gpu, region)
+        (gpu.name, region): Offer(gpu, region, request.spot)
         for gpu in gpus
-        if gpu.available and _fits(gpu, request)
+        if gpu.available
+        and _fits(gpu, request)
+        and (not request.spot or gpu.spot_price_per_hour is not None)
         for region in gpu.regions
         if _allowed(region, regions)
     }

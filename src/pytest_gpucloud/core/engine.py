@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -31,14 +32,22 @@ class Engine:
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    def run(
+        self,
+        coro: Coroutine[Any, Any, T],
+        timeout: float | None = None,
+        *,
+        while_waiting: Callable[[], None] | None = None,
+    ) -> T:
         """Run ``coro`` on the engine's loop and wait for its result (or raise its error).
 
         On timeout the coroutine is cancelled and ``TimeoutError`` is raised.
+        ``while_waiting`` is called on this thread every ``WAIT_TICK`` seconds until then
+        (to show status lines as they happen).
         """
         future = self.submit(coro)
         try:
-            return future.result(timeout)
+            return _wait(future, timeout, while_waiting)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise TimeoutError(f"timed out after {timeout:g} s") from None
@@ -51,3 +60,24 @@ class Engine:
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
+
+
+WAIT_TICK = 0.1
+
+
+def _wait(
+    future: concurrent.futures.Future[T],
+    timeout: float | None,
+    while_waiting: Callable[[], None] | None,
+) -> T:
+    if while_waiting is None:
+        return future.result(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        tick = WAIT_TICK if deadline is None else min(WAIT_TICK, deadline - time.monotonic())
+        try:
+            return future.result(max(tick, 0.0))
+        except concurrent.futures.TimeoutError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+        while_waiting()

@@ -6,6 +6,8 @@ names the culprit and, where there is one, the fix.
 
 from __future__ import annotations
 
+from typing import Any
+
 PREFIX = "gpu-cloud: "
 
 
@@ -45,6 +47,10 @@ class AuthError(ProviderError):
     """The API key was refused."""
 
 
+class QuotaExceeded(ProviderError):
+    """The account may have no more instances: one clear error, no failover to other offers."""
+
+
 class InvalidRequest(ProviderError):
     """The API rejected the request as malformed."""
 
@@ -73,9 +79,24 @@ class RemoteError(InstanceError):
     """The remote worker crashed, hung or spoke an unexpected protocol."""
 
 
+class TimeLimitExceeded(RemoteError):
+    """A remote test outlived its time limit. ``reports``: the serialized reports of its
+    phases that ended before, so it is reported in the phase it was in; ``remote_root``: the
+    workspace their paths name."""
+
+    def __init__(self, message: str, reports: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.reports = reports
+        self.remote_root = ""
+
+
 class GpuMismatch(InstanceError):
     """The instance does not show the GPUs its request asked for (type or count)."""
 
 
 class BudgetError(GpuCloudError):
     """Running a test would pass ``--gpu-budget``."""
+
+
+class ServiceError(GpuCloudError):
+    """A ``gpu_service`` server could not start, got no healthy answer, or is gone."""

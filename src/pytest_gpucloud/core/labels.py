@@ -1,6 +1,8 @@
 """The labels every instance is created with: whose it is, and until when it may live.
 
-``python -m pytest_gpucloud cleanup`` finds a project's instances by these labels.
+``python -m pytest_gpucloud cleanup`` finds a project's instances by these labels. A cloud
+without labels gets them in the instance's name instead, ``gpucloud-<session>-<expiry>``
+(:func:`instance_name`), which holds the session and the expiry but not the project.
 """
 
 from __future__ import annotations
@@ -43,3 +45,26 @@ def expires_at(labels: Mapping[str, str]) -> float | None:
         return float(labels[EXPIRES])
     except (KeyError, ValueError):
         return None
+
+
+_NAME = re.compile(r"gpucloud-([0-9a-f]{1,32})-([0-9]{1,12})")
+
+
+def instance_name(labels: Mapping[str, str]) -> str:
+    """The name that carries ``labels``' session and expiry, for clouds without labels."""
+    return f"gpucloud-{labels[SESSION]}-{labels[EXPIRES]}"
+
+
+def from_name(name: str | None) -> dict[str, str]:
+    """The labels an :func:`instance_name` carries; empty for any other name."""
+    found = _NAME.fullmatch(name or "")
+    return {SESSION: found[1], EXPIRES: found[2]} if found else {}
+
+
+def selects(wanted: Mapping[str, str], carried: Mapping[str, str]) -> bool:
+    """Whether an instance carrying ``carried`` is one of ``wanted``: a project instance
+    (it has a session) whose labels agree with every wanted one it carries (a name holds
+    no project or owner)."""
+    return SESSION in carried and all(
+        carried[key] == value for key, value in wanted.items() if key in carried
+    )

@@ -2,7 +2,8 @@
 
 ::
 
-    @pytest.mark.gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None)
+    @pytest.mark.gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None,
+                     spot=False)
 
     spec: "A100"            a type; case-insensitive; a family ("A100") matches its variants
           "A100-80GB:2"     type and count
@@ -14,6 +15,7 @@
 A request also has a canonical string (:meth:`GpuRequest.canonical`) that
 :meth:`GpuRequest.parse` reads back, e.g.
 ``[H100,A100]:2 vram=80GB image=repo/img:tag timeout=1h30m env=HF_TOKEN data.train=s3://b/k``.
+``spot=True`` (canonical ``spot``) asks for interruptible capacity where the provider has it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ MAX_COUNT = 16
 MAX_VRAM_GB = 100_000
 MAX_TIMEOUT_S = 7 * 24 * 3600
 MAX_IMAGE_LEN = 512
-KEYWORDS = ("spec", "count", "vram", "image", "timeout", "env", "data")
+KEYWORDS = ("spec", "count", "vram", "image", "timeout", "env", "data", "spot")
 
 SPEC_FORMS = (
     'a GPU type such as "A100", "A100-80GB:2", "24GB+", "any", '
@@ -82,13 +84,16 @@ class GpuRequest:
     timeout_s: float | None = None
     env: tuple[str, ...] = ()
     data: tuple[tuple[str, str], ...] = ()
+    spot: bool = False
 
     @property
     def pool_key(self) -> GpuRequest:
         """The request without its per-test settings: equal keys can share instances."""
         if self.timeout_s is None and not self.env and not self.data:
             return self
-        return GpuRequest(self.types, self.mode, self.min_vram_gb, self.count, self.image)
+        return GpuRequest(
+            self.types, self.mode, self.min_vram_gb, self.count, self.image, spot=self.spot
+        )
 
     @property
     def spec(self) -> str:
@@ -117,6 +122,8 @@ class GpuRequest:
         if self.env:
             parts.append("env=" + ",".join(self.env))
         parts.extend(f"data.{name}={url}" for name, url in self.data)
+        if self.spot:
+            parts.append("spot")
         return " ".join(parts)
 
     @classmethod
@@ -180,6 +187,7 @@ def _parse(args: Sequence[object], kwargs: Mapping[str, object]) -> GpuRequest:
     timeout: float | None = None
     env: tuple[str, ...] = ()
     data: tuple[tuple[str, str], ...] = ()
+    spot = False
     for key, value in kwargs.items():
         name = _keyword(key)
         if name == "count":
@@ -194,7 +202,16 @@ def _parse(args: Sequence[object], kwargs: Mapping[str, object]) -> GpuRequest:
             env = _env(value)
         elif name == "data":
             data = _data(value)
-    return GpuRequest(types, mode, vram, 1 if count is None else count, image, timeout, env, data)
+        elif name == "spot":
+            spot = _spot(value)
+    count = 1 if count is None else count
+    return GpuRequest(types, mode, vram, count, image, timeout, env, data, spot)
+
+
+def _spot(value: object) -> bool:
+    if value is not True and value is not False:  # no isinstance: it asks the object
+        raise _Bad(f"spot must be True or False; got {_got(value)}")
+    return value is True
 
 
 def _keyword(key: object) -> str:
@@ -391,9 +408,12 @@ def _canonical_args(text: str) -> tuple[tuple[object], dict[str, object]]:
             kwargs[key] = value
         elif key == "env" and equals:
             kwargs[key] = value.split(",")
+        elif token == "spot":
+            kwargs["spot"] = True
         else:
             raise _Bad(
-                f"unknown part {_show(token)}; expected vram=, image=, timeout=, env=, data.NAME="
+                f"unknown part {_show(token)}; expected vram=, image=, timeout=, env=, "
+                "data.NAME=, spot"
             )
     if data:
         kwargs["data"] = data

@@ -76,6 +76,7 @@ class InstanceModel(_Model):
 class ErrorDetail(_Model):
     code: Literal[
         "out_of_capacity",
+        "quota_exceeded",
         "rate_limited",
         "unauthorized",
         "invalid_request",
@@ -91,7 +92,13 @@ class ErrorBody(_Model):
 
 # The same codes as ErrorDetail.code, as a name other modules can type with.
 ErrorCode = Literal[
-    "out_of_capacity", "rate_limited", "unauthorized", "invalid_request", "not_found", "internal"
+    "out_of_capacity",
+    "quota_exceeded",
+    "rate_limited",
+    "unauthorized",
+    "invalid_request",
+    "not_found",
+    "internal",
 ]
 
 

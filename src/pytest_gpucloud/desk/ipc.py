@@ -10,7 +10,8 @@ Frames are the JSON lines of ``remote/protocol.py``, one answer per request:
 
 worker -> controller:
   hello  {"token": str, "owner": str}   first, once; ``owner``: the xdist worker id
-  plan   {"tests": [[nodeid, canonical request or null (a local test)], ...]}
+  plan   {"tests": [[nodeid, canonical request or null (a local test)], ...],
+          "services": [[cmd, canonical request], ...]}   the gpu_service servers declared
   run    {"nodeid": str, "request": canonical request, "nextid": str|None}
   instances {}
   lease  {"request": canonical request}  ``gpu_cloud.instance()``: a machine of its own
@@ -18,17 +19,24 @@ worker -> controller:
   push   {"id", "local": path, "remote": path, "timeout": float}
   pull   {"id", "remote": path, "local": folder, "timeout": float}
   release {"id"}
+  service {"spec": ServiceSpec as a dict}  ``gpu_service(...)``: the shared server
+  service_logs {"key"}
+  service_stop {"key"}
 controller -> worker:
   planned {"errors": {nodeid: message}}
   result  {"result": RunResult as a dict}
   instances {"instances": [InstanceView as a dict]}
   leased  {"id", "label", "workspace", "timeout", "rootdir"}
+  service {ServiceView as a dict}
+  logs    {"text": str}
   done    {Completed as a dict} for exec; {"what": file|dir|missing} for pull; {} else
   error   {"message": str}              the request failed (a ``gpu-cloud:`` message)
 
 A worker that goes away while its test runs (a crash, a kill) has that run cancelled, and
-the machines it leased released. Paths in ``push`` and ``pull`` are this machine's: the
-controller reads and writes them for the worker (same machine, same user).
+the machines it leased released; the ``gpu_service`` servers are the session's, not the
+worker's, and run on until the session ends (or a ``service_stop``). Paths in ``push`` and
+``pull`` are this machine's: the controller reads and writes them for the worker (same
+machine, same user).
 """
 
 from __future__ import annotations
@@ -44,16 +52,18 @@ import shutil
 import socket
 import tempfile
 from base64 import b64decode, b64encode
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from traceback import format_exc
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, InstanceError
+from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, InstanceError, ServiceError
 from pytest_gpucloud.core.request import GpuRequest
 from pytest_gpucloud.desk.service import InstanceView, RunResult
 from pytest_gpucloud.features import instance_handle
+from pytest_gpucloud.features.gpu_service import Declared
 from pytest_gpucloud.features.instance_handle import Completed, InstanceHandle, leased, within
+from pytest_gpucloud.features.service_desk import ServiceSpec, ServiceView
 from pytest_gpucloud.remote.protocol import Message, decode, encode
 
 if TYPE_CHECKING:
@@ -165,7 +175,11 @@ class IpcServer:
                 (str(nodeid), None if text is None else GpuRequest.parse(text))
                 for nodeid, text in request["tests"]
             ]
-            return self._planned(tests)
+            services = [
+                Declared(str(cmd), GpuRequest.parse(text))
+                for cmd, text in request.get("services", [])
+            ]
+            return self._planned(tests, services)
         if kind == "run":
             nextid = request["nextid"]
             if nextid is not None and not isinstance(nextid, str):
@@ -178,10 +192,27 @@ class IpcServer:
             return self._lease(GpuRequest.parse(request["request"]), leases)
         if kind in ("exec", "push", "pull", "release"):
             return self._on_lease(kind, request, leases[str(request["id"])], leases)
+        if kind == "service":
+            return self._service_started(ServiceSpec.from_json(request["spec"]))
+        if kind == "service_logs":
+            return self._service_logs(str(request["key"]))
+        if kind == "service_stop":
+            return self._service_stopped(str(request["key"]))
         raise ValueError(f"unknown request {kind!r}")
 
-    async def _planned(self, tests: Tests) -> bytes:
-        return encode("planned", errors=await self._service.plan(tests))
+    async def _planned(self, tests: Tests, services: list[Declared]) -> bytes:
+        return encode("planned", errors=await self._service.plan(tests, services))
+
+    async def _service_started(self, spec: ServiceSpec) -> bytes:
+        view = await self._service.services.start(spec)
+        return encode("service", **dataclasses.asdict(view))
+
+    async def _service_logs(self, key: str) -> bytes:
+        return encode("logs", text=await self._service.services.logs(key))
+
+    async def _service_stopped(self, key: str) -> bytes:
+        await self._service.services.stop(key)
+        return encode("done")
 
     async def _result(
         self, nodeid: str, request: GpuRequest, nextid: str | None, owner: str
@@ -272,9 +303,10 @@ class IpcClient:
         self._owner = owner
         self._stream: io.BufferedRWPair | None = None
 
-    def plan(self, tests: Tests) -> dict[str, str]:
+    def plan(self, tests: Tests, services: Sequence[Declared] = ()) -> dict[str, str]:
         listed = [[nodeid, r.canonical() if r else None] for nodeid, r in tests]
-        answer = self._ask(encode("plan", tests=listed))
+        declared = [[s.cmd, s.request.canonical()] for s in services]
+        answer = self._ask(encode("plan", tests=listed, services=declared))
         if answer["type"] != "planned":
             raise GpuCloudError(str(answer.get("message")))
         return {str(nodeid): str(message) for nodeid, message in answer["errors"].items()}
@@ -301,11 +333,24 @@ class IpcClient:
         link = IpcInstanceLink(self, str(answer["id"]), str(answer["label"]), answer["workspace"])
         return leased(link, float(answer["timeout"]), Path(answer["rootdir"]))
 
-    def ask(self, expected: str, request: bytes) -> Message:
-        """The answer to ``request``, of type ``expected``; an error answer raises it."""
+    def start_service(self, spec: ServiceSpec) -> ServiceView:
+        answer = self.ask("service", encode("service", spec=spec.to_json()), ServiceError)
+        return ServiceView(**{f: str(answer[f]) for f in ServiceView.__dataclass_fields__})
+
+    def service_logs(self, key: str) -> str:
+        return str(self.ask("logs", encode("service_logs", key=key), ServiceError)["text"])
+
+    def stop_service(self, key: str) -> None:
+        self.ask("done", encode("service_stop", key=key), ServiceError)
+
+    def ask(
+        self, expected: str, request: bytes, error: type[GpuCloudError] = InstanceError
+    ) -> Message:
+        """The answer to ``request``, of type ``expected``; an error answer raises it as
+        ``error``."""
         answer = self._ask(request)
         if answer["type"] != expected:
-            raise InstanceError(str(answer.get("message")))
+            raise error(str(answer.get("message")))
         return answer
 
     def close(self) -> None:

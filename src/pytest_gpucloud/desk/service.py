@@ -12,20 +12,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pytest_gpucloud.core.catalog import check_known
-from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, MarkerError
+from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, MarkerError, TimeLimitExceeded
 from pytest_gpucloud.features import instance_handle
+from pytest_gpucloud.features.gpu_service import ServiceAccess
+from pytest_gpucloud.features.service_desk import ServiceDesk, ServiceHome
 from pytest_gpucloud.scheduling import cost
 
 if TYPE_CHECKING:
+    from pytest_gpucloud.core.catalog import GpuType
     from pytest_gpucloud.core.engine import Engine
     from pytest_gpucloud.core.request import GpuRequest, Tests
     from pytest_gpucloud.features.artifacts import ArtifactStore
+    from pytest_gpucloud.features.gpu_service import Declared
     from pytest_gpucloud.features.instance_handle import InstanceHandle, Lease
+    from pytest_gpucloud.features.service_desk import ServiceSpec, ServiceView
     from pytest_gpucloud.machine.machine import Machine
     from pytest_gpucloud.remote.protocol import Message
     from pytest_gpucloud.scheduling.cost import Placement
@@ -43,7 +48,9 @@ class RunResult:
     """What running one gpu test gave: everything its item's process needs to replay it.
 
     Plain JSON data (it crosses the xdist socket as is). ``error``: the test could not run
-    for an infrastructure reason (a ``gpu-cloud:`` message; replay it as a setup error).
+    or finish for an infrastructure reason (a ``gpu-cloud:`` message; replayed as a setup
+    error, or, with the ``reports`` of the phases that ended before a time limit, as a
+    failure of the phase it was in).
     ``missing``: the remote session did not collect it. ``collection_errors`` and
     ``collection_warnings``: the machine's remote collection, in the first result that
     machine gives, for whichever process gets it first. ``properties``: ``[name, value]``
@@ -93,14 +100,17 @@ class Outcome:
     notes: list[str]
     data_lines: list[str]
     artifacts: ArtifactStore | None
+    catalog: list[GpuType] = field(default_factory=list)
 
 
-class FleetAccess(Protocol):
-    """How a process that owns gpu items reaches the fleet."""
+class FleetAccess(ServiceAccess, Protocol):
+    """How a process that owns gpu items reaches the fleet (and the ``gpu_service``
+    servers that the fleet's owner runs)."""
 
-    def plan(self, tests: Tests) -> dict[str, str]:
+    def plan(self, tests: Tests, services: Sequence[Declared] = ()) -> dict[str, str]:
         """Check the gpu items' requests against the catalog and plan the session's
-        instances (:meth:`Fleet.plan`, which also starts them); nodeid -> marker error.
+        instances (:meth:`Fleet.plan`, which also starts them), the ``gpu_service``
+        servers' included; nodeid -> marker error.
 
         Starts the fleet on first use; a provider that cannot start raises GpuCloudError.
         """
@@ -131,6 +141,7 @@ class FleetService:
         self._starting: asyncio.Future[Fleet] | None = None
         self._fleet: Fleet | None = None
         self._reported: set[Machine] = set()
+        self.services = ServiceDesk(self)
 
     async def fleet(self) -> Fleet:
         """The fleet, started by the first caller; a failed start fails every call alike."""
@@ -148,7 +159,7 @@ class FleetService:
             ) from None
         return self._fleet
 
-    async def plan(self, tests: Tests) -> dict[str, str]:
+    async def plan(self, tests: Tests, services: Sequence[Declared] = ()) -> dict[str, str]:
         """See :meth:`FleetAccess.plan`."""
         fleet = await self.fleet()
         try:
@@ -165,7 +176,8 @@ class FleetService:
                 check_known(request, catalog)
             except MarkerError as exc:
                 errors[nodeid] = str(exc).replace(PREFIX, f"{PREFIX}{nodeid}: ", 1)
-        await fleet.plan([(nodeid, r) for nodeid, r in tests if nodeid not in errors])
+        kept = [(nodeid, r) for nodeid, r in tests if nodeid not in errors]
+        await fleet.plan(kept, [(s.name, s.request) for s in services])
         return errors
 
     async def run(
@@ -176,6 +188,14 @@ class FleetService:
         try:
             fleet = await self.fleet()
             run, machine = await fleet.run(nodeid, request, nextid, owner=owner)
+        except TimeLimitExceeded as exc:  # reported in the phase it was in
+            return RunResult(
+                nodeid,
+                reports=exc.reports,
+                error=str(exc),
+                remote_root=exc.remote_root,
+                properties=self._properties(nodeid),
+            )
         except GpuCloudError as exc:
             return RunResult(nodeid, error=str(exc), properties=self._properties(nodeid))
         result = RunResult(
@@ -205,6 +225,13 @@ class FleetService:
     async def release_lease(self, machine: Machine) -> None:
         await (await self.fleet()).release_lease(machine)
 
+    async def service_home(self) -> ServiceHome:
+        """For ``gpu_service``: logs come home beside the session's artifacts."""
+        fleet = await self.fleet()
+        artifacts = fleet.artifacts
+        root = artifacts.root if artifacts is not None else fleet.launcher.rootdir / ".gpucloud"
+        return ServiceHome(root / "gpu_service", this_machine=fleet.provider.name == "local")
+
     # -- for the controlling process's own session: its order, progress and end ------------
 
     @property
@@ -227,9 +254,11 @@ class FleetService:
         return self._fleet.progress.drain() if self._fleet is not None else []
 
     async def shutdown(self, *, hurry: bool) -> None:
-        """Release every machine (``hurry``: no goodbyes to workers, CI kills soon)."""
+        """Stop the ``gpu_service`` servers, release every machine (``hurry``: no goodbyes
+        to workers or servers, CI kills soon)."""
         if self._fleet is None:
             return
+        await self.services.close(hurry=hurry)  # first: their logs come home
         if hurry:
             self._fleet.hurry()
         await self._fleet.shutdown()
@@ -262,6 +291,7 @@ class FleetService:
             notes=list(fleet.notes),
             data_lines=fleet.data.summary_lines(),
             artifacts=fleet.artifacts,
+            catalog=fleet.catalog_read,
         )
 
     async def instances(self) -> list[InstanceView]:
@@ -278,21 +308,40 @@ class FleetService:
 class LocalAccess:
     """The fleet in this very process: the service, run on the engine loop."""
 
-    def __init__(self, engine: Engine, service: FleetService) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        service: FleetService,
+        while_waiting: Callable[[], None] | None = None,
+    ) -> None:
         self._engine = engine
         self._service = service
+        # called on this thread while a test runs remotely: status lines as they happen
+        self._while_waiting = while_waiting
 
-    def plan(self, tests: Tests) -> dict[str, str]:
-        return self._engine.run(self._service.plan(tests))
+    def plan(self, tests: Tests, services: Sequence[Declared] = ()) -> dict[str, str]:
+        return self._engine.run(self._service.plan(tests, services))
 
     def run(self, nodeid: str, request: GpuRequest, nextid: str | None) -> RunResult:
-        return self._engine.run(self._service.run(nodeid, request, nextid, LOCAL_OWNER))
+        return self._engine.run(
+            self._service.run(nodeid, request, nextid, LOCAL_OWNER),
+            while_waiting=self._while_waiting,
+        )
 
     def instances(self) -> list[InstanceView]:
         return self._engine.run(self._service.instances())
 
     def lease(self, request: GpuRequest) -> contextlib.AbstractContextManager[InstanceHandle]:
         return instance_handle.lease(self._engine, self._service, request)
+
+    def start_service(self, spec: ServiceSpec) -> ServiceView:
+        return self._engine.run(self._service.services.start(spec))
+
+    def service_logs(self, key: str) -> str:
+        return self._engine.run(self._service.services.logs(key))
+
+    def stop_service(self, key: str) -> None:
+        self._engine.run(self._service.services.stop(key))
 
     def close(self) -> None:
         pass

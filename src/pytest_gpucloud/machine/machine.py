@@ -19,8 +19,10 @@ only the worker's collection waits for the last file.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import re
+import sys
 import threading
 import time
 import uuid
@@ -55,6 +57,8 @@ if TYPE_CHECKING:
 
 # How long a worker may take to end its session at release: deletes go out soon after.
 WORKER_CLOSE_S = 1.0
+# With --cov it also stops measuring and sends its data, which the report needs.
+WORKER_CLOSE_COVERAGE_S = 30.0
 CREATE_SETTLE_S = 30.0
 
 
@@ -125,6 +129,7 @@ class Machine:
     # The offers tried before this one that had no capacity, for its "booting" line.
     passed_over: list[str] = field(default_factory=list)
     phases: Phases = field(default_factory=Phases)
+    coverage: str | None = None  # its worker's coverage data, once released (--cov)
 
     @property
     def id(self) -> str:
@@ -158,6 +163,8 @@ class Launcher:
     rootdir: Path
     labels: dict[str, str]
     start: WorkerStart
+    # More files of the worker's package folder (coverage's, with --cov): path there -> here.
+    packages: dict[str, Path] = field(default_factory=dict)
     key: asyncssh.SSHKey = field(default_factory=ssh.new_client_key)
     # Every create call sent, so the teardown can wait for those in flight.
     creates: list[asyncio.Future[Instance]] = field(default_factory=list)
@@ -227,6 +234,9 @@ class Launcher:
             machine.conn = await self.provider.connect(machine.instance, self.key, connect_timeout)
         else:
             machine.conn = await ssh.connect(machine.instance, self.key, timeout=connect_timeout)
+            if machine.instance.ssh_host_key is None:  # tofu: pin what the first one saw
+                seen = ssh.presented_host_key(machine.conn)
+                machine.instance = dataclasses.replace(machine.instance, ssh_host_key=seen)
         phases.connect = lap()
         try:
             await self._sync_and_start(machine, files, deadline)
@@ -277,7 +287,7 @@ class Launcher:
             machine.conn,
             self.rootdir,
             f"gpucloud/{self.rootdir.name}",
-            extra=_remote_package_files(),
+            extra={**_remote_package_files(), **self.packages},
             root_known=root_known,
         )
         machine.remote_root = result.remote_root
@@ -341,6 +351,7 @@ class Launcher:
             package_dir=f"{machine.remote_root}/.gpucloud/pkg",
             timeout=timeout,
             wrap=machine.runtime.wrap if machine.runtime else None,
+            echo=_echo if self.start["live_output"] else None,
         )
 
     async def recover(self, machine: Machine) -> bool:
@@ -381,7 +392,9 @@ class Launcher:
             if busy or self.hurry.is_set():
                 machine.link.kill()
             else:
-                await machine.link.close(timeout=WORKER_CLOSE_S)
+                measured = self.start["coverage"] is not None
+                await machine.link.close(WORKER_CLOSE_COVERAGE_S if measured else WORKER_CLOSE_S)
+                machine.coverage = machine.link.coverage
         if machine.conn is not None:
             await self._clean(machine, machine.conn)
             machine.conn.close()
@@ -428,3 +441,9 @@ def _remote_package_files() -> dict[str, Path]:
     return {
         f".gpucloud/pkg/{REMOTE_PACKAGE}/{path.name}": path for path in sorted(source.glob("*.py"))
     }
+
+
+def _echo(output: bytes) -> None:
+    """A remote test's own output, shown as it comes (``-s``)."""
+    sys.stdout.write(output.decode(errors="replace"))
+    sys.stdout.flush()

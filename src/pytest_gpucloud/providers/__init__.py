@@ -14,7 +14,9 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING
 
+from pytest_gpucloud.core.environment import VENDOR_KEY_ENV
 from pytest_gpucloud.core.errors import ConfigError, GpuCloudError
+from pytest_gpucloud.providers import vendors
 
 if TYPE_CHECKING:
     from pytest_gpucloud.config.settings import Settings
@@ -54,7 +56,49 @@ async def _ssh(settings: Settings) -> Provider:
     return SshProvider.from_settings(settings)
 
 
-BUILTIN: dict[str, ProviderFactory] = {"rest": _rest, "sim": _sim, "local": _local, "ssh": _ssh}
+async def _lambda(settings: Settings) -> Provider:
+    from pytest_gpucloud.providers.lambda_cloud import BASE_URL, LambdaProvider
+
+    policy = vendors.host_key_policy("lambda", settings)
+    assert policy is not None
+    return LambdaProvider(settings.api_url or BASE_URL, _vendor_key(settings, "lambda"), policy)
+
+
+async def _runpod(settings: Settings) -> Provider:
+    from pytest_gpucloud.providers.runpod import BASE_URL, RunPodProvider
+
+    policy = vendors.host_key_policy("runpod", settings)
+    assert policy is not None
+    return RunPodProvider(settings.api_url or BASE_URL, _vendor_key(settings, "runpod"), policy)
+
+
+async def _lyceum(settings: Settings) -> Provider:
+    from pytest_gpucloud.providers.lyceum import BASE_URL, LyceumProvider
+
+    policy = vendors.host_key_policy("lyceum", settings)
+    assert policy is not None
+    return LyceumProvider(settings.api_url or BASE_URL, _vendor_key(settings, "lyceum"), policy)
+
+
+def _vendor_key(settings: Settings, vendor: str) -> str:
+    key = settings.vendor_keys.get(vendor)
+    if key is None:
+        raise ConfigError(
+            f"--gpu-provider {vendor} needs an API key: set {VENDOR_KEY_ENV[vendor]} (the key "
+            "is read from the environment only)"
+        )
+    return key.get_secret_value()
+
+
+BUILTIN: dict[str, ProviderFactory] = {
+    "rest": _rest,
+    "sim": _sim,
+    "local": _local,
+    "ssh": _ssh,
+    "lambda": _lambda,
+    "runpod": _runpod,
+    "lyceum": _lyceum,
+}
 
 
 class ProviderRegistry:

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
 class Instance:
     """A machine as the provider last described it.
 
-    ``ssh_host_key`` is the OpenSSH public host key the provider announced; the SSH
-    transport refuses any other.
+    ``ssh_host_key`` is the OpenSSH public host key the provider announced (or injected);
+    the SSH transport refuses any other. Without one, ``trust_first_host_key`` (policy
+    ``tofu``) lets the first connection pin the key the machine presents.
     """
 
     id: str
@@ -31,6 +32,7 @@ class Instance:
     ssh_port: int | None = None
     ssh_user: str | None = None
     ssh_host_key: str | None = None
+    trust_first_host_key: bool = False
 
 
 class Provider(Protocol):
@@ -87,4 +89,14 @@ class LeasingProvider(Protocol):
         self, instance: Instance, session_key: asyncssh.SSHKey, timeout: float
     ) -> asyncssh.SSHClientConnection:
         """An SSH connection to the leased machine ``instance``."""
+        ...
+
+
+@runtime_checkable
+class KeyKeeper(Protocol):
+    """A provider that registers the session's SSH key on the account (Lambda): ``cleanup``
+    deletes the keys that dead sessions left."""
+
+    async def delete_stale_keys(self, now: float) -> list[str]:
+        """Delete the keys of sessions past their expiry that no instance uses; their names."""
         ...

@@ -34,7 +34,7 @@ from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.leasing import LeaseBook, lease
 from pytest_gpucloud.transport import ssh
-from pytest_gpucloud.transport.exec_server import kill_group, listen_exec, run_exec
+from pytest_gpucloud.transport.exec_server import kill_group, listen_exec, run_exec, within_home
 
 if TYPE_CHECKING:
     from pytest_gpucloud.config.settings import Settings
@@ -121,6 +121,10 @@ class _SessionKeyOnly(asyncssh.SSHServer):
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         return username == SSH_USER and key.public_data == self._host.client_key.public_data
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        """A gpu_service in a container is reached through a socket in the workspace."""
+        return within_home(dest_path, self._host.home)
 
 
 @dataclass(eq=False)

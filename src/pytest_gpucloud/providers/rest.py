@@ -174,7 +174,7 @@ class RestProvider:
             async with self._client.stream(
                 method, path, content=content, params=params, headers=headers
             ) as response:
-                body = await _read_capped(response, what)
+                body = await read_capped(response, what)
         except httpx.TimeoutException:
             raise Transient(f"the GPU cloud API did not answer {what} in time") from None
         except httpx.TransportError as exc:
@@ -219,7 +219,7 @@ def _wait(retry_state: Any) -> float:
     return float(_backoff(retry_state))
 
 
-async def _read_capped(response: httpx.Response, what: str) -> bytes:
+async def read_capped(response: httpx.Response, what: str) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.aiter_bytes():

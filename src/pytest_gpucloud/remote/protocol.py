@@ -13,6 +13,12 @@ Local -> remote:
             the shared ini file does not break the remote session. ``artifacts``: the
             folder, relative to the workspace, that holds one ``gpu_artifacts`` folder per
             test (named by remote/fixtures.py's ``artifacts_dir_name``)
+            ``coverage``: present with the local ``--cov``: ``{"source": [str]|None, "branch":
+            bool, "config_file": str|bool}`` for coverage.Coverage, paths relative to the
+            workspace (see remote/measure.py). ``live_output``: true with the local ``-s``:
+            the tests' output goes to stderr as it comes, the remote terminal's nowhere.
+            ``plugin_options``: ``{option: package}`` of the options forwarded for other
+            plugins, so a worker without one names the package
   run       {"nodeid": str, "nextid": str|None, "timeout": float|None, "env": {str: str}}
             run one collected test; ``nextid`` is the test the local session runs next on
             this worker (None: none, tear all down). ``timeout``: seconds after which the
@@ -47,6 +53,8 @@ Remote -> local:
   done      {"nodeid": str}                      the last report of that test was sent
   missing   {"nodeid": str, "reason": str|None}  a ``run`` for a nodeid not collected here
             (reason: the skipped/failed collector or the deselection, when known)
+  coverage  {"data": str}                        the session's coverage data (base64 of
+            CoverageData.dumps()), the last frame, when ``start`` asked for coverage
   crashed   {"message": str}                     the worker hit an internal or usage error
             and exits non-zero (the message may name remote paths); may also follow
             ``shutdown`` when a fixture's teardown failed at session end

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import math
 import os
 import platform
@@ -26,11 +27,12 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import pytest
 
 from .fixtures import GpuFixtures
+from .measure import Measurement
 from .protocol import PROTOCOL_VERSION, TIMEOUT_EXIT, Message, decode, encode
 
 if TYPE_CHECKING:
     import warnings
-    from collections.abc import Generator, Iterator
+    from collections.abc import Callable, Generator, Iterator
 
 GPU_MARKER = "gpu(spec=None, *, count=1, vram=None, image=None, timeout=None, env=(), data=None): "
 GPU_MARKER += "run this test on a cloud GPU instance (pytest-gpucloud)"
@@ -72,6 +74,10 @@ class Channel:
     def send(self, kind: str, **fields: Any) -> None:
         """Write a frame and flush it, with those queued before it."""
         self.queue(kind, **fields)
+        self.flush()
+
+    def flush(self) -> None:
+        """Send the frames queued so far."""
         self._writer.flush()
 
     def queue(self, kind: str, **fields: Any) -> None:
@@ -118,8 +124,11 @@ class Watchdog:
     cost as much as the trivial test itself (bench/results.md).
     """
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, flush: Callable[[], None]) -> None:
         self._stream = stream
+        # sends the frames queued so far (the phases that ended), so the local side reports
+        # the time limit in the phase the test was in
+        self._flush = flush
         self._cond = threading.Condition()
         self._armed: tuple[float, str, float] | None = None  # deadline, nodeid, seconds
         self._wake_at = math.inf
@@ -162,6 +171,8 @@ class Watchdog:
             + "".join(stack).encode(errors="replace")
         )
         self._stream.flush()
+        with contextlib.suppress(OSError, ValueError):
+            self._flush()
         os._exit(TIMEOUT_EXIT)
 
 
@@ -170,13 +181,18 @@ class WorkerPlugin:
 
     def __init__(self, channel: Channel, start: Message) -> None:
         self._channel = channel
-        self._watchdog = Watchdog(channel.stderr)
+        self._watchdog = Watchdog(channel.stderr, channel.flush)
         self.fixtures = GpuFixtures(channel, start.get("artifacts"))
         self._options: list[dict[str, Any]] = start.get("options", [])
         self._ini: list[str] = start.get("ini", [])
         self._config: pytest.Config | None = None
         # nodeid of a collector or deselected item -> why its tests are not here
         self._uncollected: dict[str, str] = {}
+        # The tests' own output goes to stderr as it comes, the terminal's nowhere (``-s``).
+        self._live_output = bool(start.get("live_output"))
+        # option -> the package it comes from, for options the local session forwards
+        self._plugin_options: dict[str, str] = start.get("plugin_options", {})
+        self._stdout: Any = None
         self.collected = False
         self.crashed = False
 
@@ -201,8 +217,21 @@ class WorkerPlugin:
         try:
             yield
         except Exception as exc:  # pytest prints it to stderr; the local side gets it too
-            self.crash(f"remote pytest {'failed' if self.collected else 'could not start'}: {exc}")
+            why = self._missing_plugin(str(exc)) or str(exc)
+            self.crash(f"remote pytest {'failed' if self.collected else 'could not start'}: {why}")
             raise
+
+    def _missing_plugin(self, error: str) -> str | None:
+        """An option the local session forwarded is unknown here: which package it needs."""
+        _, found, unknown = error.rpartition("unrecognized arguments: ")
+        for arg in unknown.split() if found else []:
+            package = self._plugin_options.get(arg.split("=")[0])
+            if package is not None:
+                return (
+                    f"{arg} needs {package} on the instance, as here; install it in the "
+                    "image or with --gpu-setup"
+                )
+        return None
 
     @pytest.hookimpl(wrapper=True)
     def pytest_cmdline_parse(self) -> Generator[None, pytest.Config, pytest.Config]:
@@ -226,6 +255,17 @@ class WorkerPlugin:
         config.option.xmlpath = None
         if getattr(config.option, "dist", "no") != "no":
             config.option.dist = "no"
+        # No one could type into a debugger here (stdin is /dev/null); the local side says so.
+        config.option.usepdb = config.option.trace = False
+        if self._live_output:  # the terminal reporter, made next, writes to this file
+            if isinstance(sys.stdout, io.TextIOWrapper):  # a test's prints go out as made
+                sys.stdout.reconfigure(line_buffering=True)
+            self._stdout, sys.stdout = sys.stdout, open(os.devnull, "w")  # noqa: SIM115
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionstart(self) -> None:
+        if self._stdout is not None:
+            sys.stdout, self._stdout = self._stdout, None
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
@@ -350,6 +390,11 @@ def serve(channel: Channel) -> int:
         channel.send("crashed", message=f"expected a start frame, got {start['type']!r}")
         return 1
     os.environ.update(start.get("environ", {}))
+    try:
+        measurement = Measurement(start["coverage"]) if start.get("coverage") else None
+    except Exception as exc:  # coverage missing, or too new for this Python
+        channel.send("crashed", message=f"remote pytest could not start: {exc}")
+        return 1
     plugin = WorkerPlugin(channel, start)
     # A private cache: an ini's --lf/--sw stay valid options yet see no remote history,
     # and nothing is written into the workspace.
@@ -364,6 +409,8 @@ def serve(channel: Channel) -> int:
         shutil.rmtree(cache_dir, ignore_errors=True)
     if not plugin.collected:
         plugin.crash(f"remote pytest exited with status {int(code)} before collecting")
+    if measurement is not None:
+        channel.send("coverage", data=measurement.finish())
     return 1 if plugin.crashed else 0
 
 

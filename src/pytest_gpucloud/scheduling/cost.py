@@ -80,6 +80,8 @@ class Bill:
     ready_at: float | None
     deleted_at: float | None
     tests: int
+    requested_at: float | None = None  # when the create call went out
+    spot: bool = False
 
     @property
     def seconds(self) -> float:
@@ -107,6 +109,8 @@ def bills(machines: Iterable[Machine]) -> list[Bill]:
             m.ready_at,
             m.deleted_at,
             m.tests_run,
+            m.requested_at,
+            m.offer.spot,
         )
         for m in machines
         if m.instance is not None and m.created_at is not None

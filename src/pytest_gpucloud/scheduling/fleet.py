@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from pytest_gpucloud.core.catalog import GpuType, check_known, explain_infeasible, feasible_offers
@@ -39,6 +39,7 @@ from pytest_gpucloud.core.errors import (
     OutOfCapacity,
     ProviderError,
     RemoteError,
+    TimeLimitExceeded,
 )
 from pytest_gpucloud.core.labels import SESSION, session_labels
 from pytest_gpucloud.core.units import format_dollars
@@ -50,7 +51,7 @@ from pytest_gpucloud.machine.machine import Launcher, Machine, MachineState
 from pytest_gpucloud.scheduling import cost, policy
 from pytest_gpucloud.scheduling.cost import CostModel, Placement
 from pytest_gpucloud.scheduling.durations import Durations
-from pytest_gpucloud.scheduling.planner import Plan, make_plan
+from pytest_gpucloud.scheduling.planner import Plan, Services, make_plan
 from pytest_gpucloud.scheduling.progress import Progress
 from pytest_gpucloud.scheduling.read_ahead import ReadAhead, allowed_env, unset_env
 
@@ -107,6 +108,7 @@ class Fleet:
         workers: int = 1,
         artifacts: ArtifactStore | None = None,
         data: DataSource | None = None,
+        packages: dict[str, Path] | None = None,
     ) -> None:
         self.provider = provider
         self.settings = settings
@@ -115,7 +117,7 @@ class Fleet:
         self.artifacts = artifacts
         expiry = settings.boot_timeout + settings.timeout
         self.data = data or DataSource(settings.s3_endpoint, expiry)
-        self.session_id = uuid.uuid4().hex[:12]
+        self.session_id = settings.session_id or uuid.uuid4().hex[:12]
         self.machines: list[Machine] = []
         self.orphans: list[str] = []
         # What the summary should say about the teardown, beside each machine's error.
@@ -133,6 +135,7 @@ class Fleet:
             rootdir,
             session_labels(self.session_id, project, settings.lifetime_s),
             start,
+            packages or {},
         )
         self.read_ahead = ReadAhead(settings.timeout, settings.env)
         self._catalog: list[GpuType] | None = None
@@ -154,8 +157,14 @@ class Fleet:
             self._catalog = await self.provider.catalog()
         return self._catalog
 
-    async def plan(self, tests: Tests) -> Plan:
-        """Take the session's items in run order (request None: a local test).
+    @property
+    def catalog_read(self) -> list[GpuType]:
+        """The catalog as the plan saw it (empty before it was read)."""
+        return self._catalog or []
+
+    async def plan(self, tests: Tests, services: Services = ()) -> Plan:
+        """Take the session's items in run order (request None: a local test), and the
+        ``gpu_service`` servers declared in its code (see :func:`planner.make_plan`).
 
         The first call makes the plan and, unless ``--gpu-plan``, starts the instances it
         needs; later calls (from other xdist workers) only queue tests not seen yet.
@@ -169,6 +178,7 @@ class Fleet:
         if self.planned is None:
             self.planned = make_plan(
                 tests,
+                services=services,
                 offers=self._new_offers,
                 explain=lambda pool: explain_infeasible(pool, catalog, self.settings.regions),
                 costs=self.costs,
@@ -210,14 +220,20 @@ class Fleet:
         timeout = request.timeout_s or self.settings.timeout
         env = allowed_env((*self.settings.env, *request.env))
         ahead = self.read_ahead.runs_from(nextid)
+        preempted = False
         try:
             run = await machine.link.run(nodeid, nextid, timeout, env, ahead, data)
             await self._bring_home(machine, nodeid, run.artifacts)
         except RemoteError as exc:
             machine.error = str(exc)
+            if isinstance(exc, TimeLimitExceeded):
+                exc.remote_root = machine.remote_root
             await self._bring_home(machine, nodeid, None, lost=True)
             await self._recover(machine, request)
-            raise
+            # A spot instance that is gone was preempted: the test runs again elsewhere.
+            preempted = machine.offer.spot and machine.state is not MachineState.READY
+            if not preempted:
+                raise
         except asyncio.CancelledError:  # its owner is gone: the remote test may still run
             self._retire(machine)
             raise
@@ -228,6 +244,11 @@ class Fleet:
             use.last_owner = owner
             machine.tests_run += 1  # timed out or lost, it ran there all the same
             self._after_change()
+        if preempted:
+            if self.settings.spot_fallback:
+                request = replace(request, spot=False)
+            self.progress.emit(machine.label, "preempted", f"{nodeid} runs again")
+            return await self.run(nodeid, request, nextid, owner=owner)
         if machine.tests_run == 1:
             machine.phases.first_test = run.seconds
         self.read_ahead.done(nodeid)
@@ -656,8 +677,13 @@ class Fleet:
         if use is not None and machine.instance is not None and not use.said_released:
             use.said_released = True
             billed = cost.billed(machine.price_per_hour, machine.seconds)
+            # the session's one clock (from the request, as "ready in"), then the bill
+            since = (machine.deleted_at or time.time()) - machine.requested_at
             self.progress.emit(
-                machine.label, "released", f"after {machine.seconds:.1f} s, ${billed:.4f}"
+                machine.label,
+                "released",
+                f"{since:.1f} s after its request; {machine.seconds:.1f} s billed, "
+                f"{format_dollars(billed)}",
             )
         self._after_change()
 

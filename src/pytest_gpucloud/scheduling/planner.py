@@ -7,12 +7,13 @@ workers, 1 without), unless every one of its tests is cheaper on the instance of
 pool (:meth:`~pytest_gpucloud.scheduling.cost.CostModel.share_ok`, see :func:`_sharing`).
 ``lead_s`` is when a machine's first test is expected to start: the known durations of the
 items before it (unknown ones count 0 s, so a start is never late for want of data), divided
-by the workers.
+by the workers. A ``gpu_service`` server gets an instance of its own, up from the start of
+the session to its end (the known durations of all its items, divided by the workers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from pytest_gpucloud.core.catalog import Offer
     from pytest_gpucloud.core.request import GpuRequest, Tests
 
+# The gpu_service servers of a session: how the plan names each, and its request.
+Services = Sequence[tuple[str, "GpuRequest"]]
 SHOWN_TESTS = 10
 
 
@@ -37,6 +40,7 @@ class PlannedMachine:
     lead_s: float
     tests: list[str] = field(default_factory=list)
     work_s: float = 0.0
+    service: str | None = None  # the gpu_service server it is for (it runs no test)
 
     @property
     def price_per_hour(self) -> float:
@@ -68,6 +72,7 @@ class PlannedMachine:
             "seconds": round(self.seconds, 3),
             "cost": round(self.cost, 6),
             "first_test_after_s": round(self.lead_s, 3),
+            **({"service": self.service} if self.service else {}),
         }
 
 
@@ -94,10 +99,12 @@ class Plan:
             f"${self.cost:.4f} (at most {self.max_instances} alive at once)"
         ]
         for machine in self.machines:
+            what = machine.service or f"{len(machine.tests)} test(s)"
+            during = "the session" if machine.service else "tests"
             lines.append(
-                f"  {machine.name} at ${machine.price_per_hour:.2f}/h: "
-                f"{len(machine.tests)} test(s), boot {machine.boot_s:.0f} s + tests "
-                f"{machine.work_s:.0f} s = {machine.seconds:.0f} s, ${machine.cost:.4f}"
+                f"  {machine.name} at ${machine.price_per_hour:.2f}/h: {what}, boot "
+                f"{machine.boot_s:.0f} s + {during} {machine.work_s:.0f} s = "
+                f"{machine.seconds:.0f} s, ${machine.cost:.4f}"
             )
             shown = machine.tests if verbose else machine.tests[:SHOWN_TESTS]
             lines += [f"    {nodeid}" for nodeid in shown]
@@ -126,6 +133,7 @@ class Plan:
 def make_plan(
     tests: Tests,
     *,
+    services: Services = (),
     offers: Callable[[GpuRequest], list[Offer]],
     explain: Callable[[GpuRequest], str],
     costs: CostModel,
@@ -170,6 +178,15 @@ def make_plan(
             target.tests.append(nodeid)
             target.work_s += costs.durations.test_s(nodeid)
             target.lead_s = min(target.lead_s, leads[nodeid])
+    for name, request in services:
+        choices = offers(request.pool_key)
+        if not choices:
+            plan.unplaceable[name] = explain(request.pool_key)
+            continue
+        boot = costs.durations.boot_s(choices[0].gpu.name)
+        planned = PlannedMachine(request.pool_key, choices[0], boot, 0.0, service=name)
+        planned.work_s = elapsed / workers
+        plan.machines.append(planned)
     return plan
 
 

@@ -17,15 +17,19 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_gpucloud.core.engine import Engine
-from pytest_gpucloud.core.errors import PREFIX, GpuCloudError
+from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, ServiceError
 from pytest_gpucloud.desk.ipc import Handoff, IpcClient, IpcServer
 from pytest_gpucloud.desk.service import FleetAccess, FleetService, LocalAccess
+from pytest_gpucloud.features import coverage, gpu_service
+from pytest_gpucloud.providers import vendors
 from pytest_gpucloud.scheduling.durations import Durations
 from pytest_gpucloud.session import summary
 from pytest_gpucloud.session.handle import GpuCloudHandle
 from pytest_gpucloud.session.interrupts import Interrupts
 from pytest_gpucloud.session.local_teardown import teardown_locally, with_local_teardown
 from pytest_gpucloud.session.order import REMOTE_NODEID_KEY, RunOrder, remote_nodeid
+from pytest_gpucloud.session.other_plugins import RemoteSide
+from pytest_gpucloud.session.outcomes import is_infrastructure_error
 from pytest_gpucloud.session.results import replay_result
 from pytest_gpucloud.session.startup import FleetStarter
 from pytest_gpucloud.session.stash import REQUEST_KEY
@@ -66,7 +70,7 @@ class Controller:
         self.service = FleetService(self.starter)
         self.access: FleetAccess
         if handoff is None:
-            self.access = LocalAccess(self.engine, self.service)
+            self.access = LocalAccess(self.engine, self.service, self._write_progress)
         else:
             self.access = IpcClient(handoff, owner=config.workerinput["workerid"])  # type: ignore[attr-defined]
         self.order = RunOrder(self.in_xdist_worker)
@@ -81,9 +85,14 @@ class Controller:
         self._interrupts = None if handoff else Interrupts(self._shutdown)
         if self._interrupts is not None:
             self._interrupts.install()
+        self._other_plugins = RemoteSide(config, self.remote_coverage)
+        config.pluginmanager.register(self._other_plugins, "gpucloud-other-plugins")
 
     def handle(self) -> GpuCloudHandle:
         return GpuCloudHandle(self.provider_name, self.access)
+
+    def service_factory(self) -> gpu_service.ServiceFactory:
+        return gpu_service.ServiceFactory(self.access, owns_servers=not self.in_xdist_worker)
 
     def handoff(self) -> Handoff:
         """What an xdist worker needs to reach this process's fleet; serves it from now on."""
@@ -96,7 +105,8 @@ class Controller:
         line = f"gpu-cloud: provider {self.provider_name}"
         if self.provider_name == "sim":
             line += f" ({summary.SIMULATED_NOTE})"
-        return [line]
+        note = vendors.header_note(self.provider_name, self.settings)
+        return [line] if note is None else [line, f"gpu-cloud: {note}"]
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -109,11 +119,13 @@ class Controller:
         planned = [
             (item, item.stash[REQUEST_KEY]) for item in session.items if REQUEST_KEY in item.stash
         ]
-        if not planned or self.config.option.collectonly:
+        services = gpu_service.declared(session.items)
+        if not (planned or services) or self.config.option.collectonly:
             return
         try:
             errors = self.access.plan(
-                [(remote_nodeid(i), i.stash.get(REQUEST_KEY, None)) for i in session.items]
+                [(remote_nodeid(i), i.stash.get(REQUEST_KEY, None)) for i in session.items],
+                services,
             )
         except GpuCloudError as exc:
             if not self.in_xdist_worker:
@@ -144,6 +156,8 @@ class Controller:
         request = item.stash.get(REQUEST_KEY, None)
         if request is None:
             return None
+        # Announced when sent, as pytest does for a local test: -v shows what runs now.
+        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         result = self.access.run(remote_nodeid(item), request, self.order.nextid(item, nextitem))
         if result.error is None:
             self._ran_on[item.nodeid] = sys.intern(result.machine_label)  # one string a machine
@@ -153,6 +167,22 @@ class Controller:
 
         replay_result(item, result, self.config.rootpath, teardown)
         return True
+
+    def remote_coverage(self) -> list[tuple[str, str]]:
+        """With ``--cov``: every machine released now, before pytest-cov combines its data;
+        then each worker's ``(remote workspace, coverage data)``."""
+        if not self.service.started or coverage.remote_request(self.config) is None:
+            return []
+        self._shutdown()
+        outcome = self.service.outcome()
+        machines = outcome.machines if outcome is not None else []
+        for machine in machines:
+            if machine.tests_run and machine.coverage is None:
+                self.service.note(
+                    f"{PREFIX}no coverage data came back from {machine.label}: its worker "
+                    "did not end its session (its lines count as not run)"
+                )
+        return [(m.remote_root, m.coverage) for m in machines if m.coverage]
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         self._session = session
@@ -216,6 +246,18 @@ class Controller:
         if outcome.orphans and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        """A ``gpu_service`` that could not start is a setup error reading ``gpu-cloud:
+        ...`` (counted as infrastructure), not a traceback through the plugin."""
+        report = yield
+        failure = call.excinfo.value if call.excinfo is not None else None
+        if call.when == "setup" and isinstance(failure, ServiceError):
+            report.longrepr = str(failure)
+        return report
+
     @pytest.hookimpl(tryfirst=True)  # before the terminal's (and xdist's) use of it
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         ran_on = self._ran_on.get(report.nodeid)
@@ -226,7 +268,7 @@ class Controller:
         if not self.in_xdist_worker:
             self.durations.add_phase(report.nodeid, report.duration)
         # Here, not where errors are replayed: xdist's controller sees its workers' too.
-        if report.failed and str(report.longrepr).startswith(PREFIX):
+        if is_infrastructure_error(report):
             self.infra_errors += 1
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
@@ -274,6 +316,7 @@ class Controller:
                 self.engine.run(provider.aclose(), timeout=30)
 
     def close(self) -> None:
+        self.config.pluginmanager.unregister(self._other_plugins)
         self._shutdown()
         self.engine.close()
         if self._interrupts is not None:

@@ -31,8 +31,9 @@ def teardown_locally(item: pytest.Item, nextitem: pytest.Item | None) -> pytest.
         )
     if call.excinfo is None:
         return None
-    report: pytest.TestReport = item.ihook.pytest_runtest_makereport(item=item, call=call)
-    return report
+    # pytest's own report, not the hook: other plugins' makereport wrappers expect the setup
+    # and call phases they saw (pytest-rerunfailures), which a remote test never had here.
+    return pytest.TestReport.from_item_and_call(item, call)
 
 
 def with_local_teardown(

@@ -208,6 +208,7 @@ def _replay(
     lost: str | None,
     properties: Sequence[Sequence[str]] = (),
     teardown: TeardownStep | None = None,
+    started: bool = False,
 ) -> None:
     ihook = item.ihook
 
@@ -217,11 +218,20 @@ def _replay(
         report.user_properties.extend((name, value) for name, value in properties)
         ihook.pytest_runtest_logreport(report=report)
 
-    ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    if not started:
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     outcomes: dict[str, str] = {}
+    attempts = 1
     for report in reports:
+        if report.when == "setup" and outcomes:
+            # Run again (pytest-rerunfailures): each attempt logged apart, as it does.
+            ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+            ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+            outcomes, attempts = {}, attempts + 1
         outcomes.setdefault(report.when or "", report.outcome)
         log(report)
+    if attempts > 1:
+        item.execution_count = attempts  # type: ignore[attr-defined]  # its --fail-on-flaky
     if lost is not None and "teardown" not in outcomes:
         # Where pytest itself would have gone on: setup, else call (setup passed), else teardown.
         if "setup" not in outcomes:
@@ -251,6 +261,7 @@ def replay_test(
     lost: str | None = None,
     properties: Sequence[Sequence[str]] = (),
     teardown: TeardownStep | None = None,
+    started: bool = False,
 ) -> None:
     """Replay one remote test on ``item.ihook``.
 
@@ -261,7 +272,8 @@ def replay_test(
     Warnings are recorded after the test, as pytest does. ``properties``: ``(name, value)``
     pairs added to each report's ``user_properties`` (junitxml shows them). ``teardown``:
     the local side's teardown, run when the teardown report is due; it gives the report
-    that is logged.
+    that is logged. ``started``: ``pytest_runtest_logstart`` was called already, when the
+    test was sent.
     """
     paths = _path_map(remote_root, local_root)
     shared = _Shared(item)
@@ -276,7 +288,7 @@ def replay_test(
             raise ValueError(f"{item.nodeid}: expected a test report, got {type(report)}")
         shared.adopt(report)
         reports.append(report)
-    _replay(item, reports, lost, properties, teardown)
+    _replay(item, reports, lost, properties, teardown, started)
     for frame in warning_frames:
         _record_warning(item.config, frame, paths)
 
@@ -285,15 +297,17 @@ def replay_infra_error(
     item: pytest.Item,
     message: str,
     properties: Sequence[Sequence[str]] = (),
+    *,
     teardown: TeardownStep | None = None,
+    started: bool = False,
 ) -> None:
     """Report ``item`` as an ERROR in setup: it could not run for an infrastructure reason.
 
     ``message`` is the whole report (prefixed ``gpu-cloud: `` if it is not already); never
-    a failure of the test itself, never a skip. ``properties``, ``teardown``: as for
-    :func:`replay_test`.
+    a failure of the test itself, never a skip. ``properties``, ``teardown``, ``started``:
+    as for :func:`replay_test`.
     """
-    _replay(item, [], message, properties, teardown)
+    _replay(item, [], message, properties, teardown, started)
 
 
 def replay_collectreport(

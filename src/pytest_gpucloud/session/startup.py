@@ -6,8 +6,10 @@ import os
 from typing import TYPE_CHECKING
 
 from pytest_gpucloud.config.settings import OPTIONS
+from pytest_gpucloud.features import coverage
 from pytest_gpucloud.features.artifacts import ArtifactStore, new_run_id
 from pytest_gpucloud.scheduling.fleet import Fleet
+from pytest_gpucloud.session.other_plugins import forwarded_args, option_packages
 from pytest_gpucloud.session.replay import remote_pytest_args
 from pytest_gpucloud.session.stash import PROVIDERS_KEY
 
@@ -46,15 +48,18 @@ class FleetStarter:
             self.provider_name, self.settings
         )
         artifacts = self._artifact_store()
+        start = self._worker_start(artifacts.remote_root)
         return Fleet(
             self.provider,
             self.settings,
             rootdir=self.config.rootpath,
-            start=self._worker_start(artifacts.remote_root),
+            start=start,
             project=self.config.rootpath.name,
             durations=self.durations,
             workers=self.workers,
             artifacts=artifacts,
+            # coverage travels to the instances only with --cov
+            packages=coverage.package_files() if start["coverage"] is not None else {},
         )
 
     def _artifact_store(self) -> ArtifactStore:
@@ -76,10 +81,13 @@ class FleetStarter:
 
     def _worker_start(self, artifacts: str) -> WorkerStart:
         return {
-            "args": remote_pytest_args(self.config),
+            "args": [*remote_pytest_args(self.config), *forwarded_args(self.config)],
             "options": [{"name": o.flag, "takes_value": not o.is_switch} for o in OPTIONS],
             "ini": [o.ini for o in OPTIONS],
             # pytest shows full assertion diffs on CI; the remote session must too.
             "environ": {name: os.environ[name] for name in CI_MARKERS if name in os.environ},
             "artifacts": artifacts,
+            "coverage": coverage.remote_request(self.config),
+            "live_output": self.config.option.capture == "no",
+            "plugin_options": option_packages(),
         }

@@ -10,8 +10,17 @@ import threading
 
 from pydantic import ValidationError
 
-from pytest_gpucloud.sim.config import SimConfig
+from pytest_gpucloud.sim.config import DIALECTS, SimConfig
 from pytest_gpucloud.sim.server import SimServer
+
+_API = {
+    "rest": "GPU cloud API",
+    "lambda": "Lambda Cloud API",
+    "runpod": "RunPod REST API v2",
+    "lyceum": "Lyceum API",
+}
+# Where the dialect's base URL (the --gpu-api-url to use) is below the server's.
+_PATH = {"rest": "", "lambda": "/api/v1", "runpod": "/v2", "lyceum": "/api/v2/external"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--api-key", help="accept only this bearer token (default: any)")
     parser.add_argument("--boot-delay", type=float, default=0.2, metavar="S")
+    parser.add_argument(
+        "--dialect",
+        choices=DIALECTS,
+        default="rest",
+        help="the API it speaks: the project's REST API (default) or a vendor's",
+    )
     parser.add_argument(
         "--allow-remote", action="store_true", help="allow a host other than loopback"
     )
@@ -48,14 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stopping.set())
     try:
         config = SimConfig(
-            host=args.host, port=args.port, api_key=args.api_key, boot_delay_s=args.boot_delay
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            boot_delay_s=args.boot_delay,
+            dialect=args.dialect,
         )
         server = SimServer(config)
         url = server.start()
     except (ValidationError, OSError) as exc:
         sys.exit(f"gpu-cloud sim: cannot serve on {args.host}:{args.port}: {exc}")
     print(
-        f"gpu-cloud sim: serving the GPU cloud API on {url} "
+        f"gpu-cloud sim: serving the {_API[args.dialect]} on {url}{_PATH[args.dialect]} "
         "(instances run tests on this machine's CPU)",
         flush=True,
     )

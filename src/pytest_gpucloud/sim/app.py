@@ -1,4 +1,5 @@
-"""The simulated cloud's HTTP side: the REST API of DESIGN.md section 4 and an admin API.
+"""The simulated cloud's HTTP side: the REST API of DESIGN.md section 4 (its OpenAPI document
+at ``/openapi.json``), or a vendor's dialect, and an admin API.
 
 Every path needs ``Authorization: Bearer <token>``: with an ``api_key`` configured only
 that token, else any non-empty one. Errors are ``{"error": {"code", "message"}}``.
@@ -7,7 +8,7 @@ Admin API, for tests and the CLI (models in ``pytest_gpucloud.core.wire``):
 
 - ``GET /_sim/instances`` -> ``[SimInstanceRecord]``: every instance ever created, with
   its time stamps and every command run on it over SSH.
-- ``GET /_sim/requests`` -> ``[SimRequestRecord]``: the ``/v1`` requests in the order they
+- ``GET /_sim/requests`` -> ``[SimRequestRecord]``: the API's requests in the order they
   were answered, each stamped with the time it arrived.
 - ``GET /_sim/faults`` -> ``{"faults": [rule]}``: the active fault rules (``faults.py``).
 - ``POST /_sim/faults`` ``{"faults": [rule, ...]}``: adds rules; answers as GET.
@@ -22,9 +23,9 @@ import asyncio
 import hmac
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -35,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pytest_gpucloud.core import openapi
 from pytest_gpucloud.core.wire import (
     CreateInstanceRequest,
     ErrorBody,
@@ -44,24 +46,23 @@ from pytest_gpucloud.core.wire import (
 )
 from pytest_gpucloud.sim.cloud import ApiError, Cloud
 from pytest_gpucloud.sim.config import SimConfig, SimSettings
-from pytest_gpucloud.sim.faults import (
-    FaultList,
-    HttpError,
-    HttpErrorAfter,
-    IgnoreDelete,
-    Malformed,
-    Op,
-    Override,
-    Slow,
-)
+from pytest_gpucloud.sim.desk import Desk, parse
+from pytest_gpucloud.sim.dialects import Dialect, make_dialect
+from pytest_gpucloud.sim.faults import FaultList
 from pytest_gpucloud.sim.instances import utcnow
 
 _M = TypeVar("_M", bound=BaseModel)
 
 
 def create_app(config: SimConfig) -> Starlette:
-    """The sim as an ASGI app; its lifespan enforces lifetimes and ends every instance."""
+    """The sim as an ASGI app; its lifespan enforces lifetimes and ends every instance.
+
+    It speaks ``config.dialect``: the REST API above, or a vendor's (:mod:`.dialects`).
+    """
     cloud = Cloud(config)
+    desk = Desk(cloud)
+    api = _Api(desk)
+    dialect: Dialect = api if config.dialect == "rest" else make_dialect(config.dialect, desk)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -72,20 +73,26 @@ def create_app(config: SimConfig) -> Starlette:
             reaper.cancel()
             await cloud.shutdown()
 
+    def error(request: Request, exc: Exception) -> Response:
+        return dialect.render(_api_error(exc))
+
     return Starlette(
-        routes=_Api(cloud).routes(),
+        routes=api.admin_routes() + dialect.routes(),
         middleware=[
             Middleware(_LogRequests, cloud=cloud),
-            Middleware(_Auth, api_key=config.api_key),
+            Middleware(_Auth, api_key=config.api_key, render=dialect.render),
         ],
-        exception_handlers={ApiError: _error, HTTPException: _error, Exception: _error},
+        exception_handlers={ApiError: error, HTTPException: error, Exception: error},
         lifespan=lifespan,
     )
 
 
 class _Api:
-    def __init__(self, cloud: Cloud) -> None:
-        self.cloud = cloud
+    """The REST API of DESIGN.md section 4 (the ``rest`` dialect) and the admin API."""
+
+    def __init__(self, desk: Desk) -> None:
+        self.desk = desk
+        self.cloud = desk.cloud
 
     def routes(self) -> list[Route]:
         return [
@@ -94,38 +101,49 @@ class _Api:
             Route("/v1/instances", self.list_instances, methods=["GET"]),
             Route("/v1/instances/{instance_id}", self.get_instance, methods=["GET"]),
             Route("/v1/instances/{instance_id}", self.delete_instance, methods=["DELETE"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
+        ]
+
+    def admin_routes(self) -> list[Route]:
+        return [
             Route("/_sim/instances", self.sim_instances, methods=["GET"]),
             Route("/_sim/requests", self.sim_requests, methods=["GET"]),
             Route("/_sim/faults", self.sim_faults, methods=["GET", "POST", "DELETE"]),
             Route("/_sim/config", self.sim_config, methods=["PUT"]),
         ]
 
+    def render(self, error: ApiError) -> Response:
+        return _error_response(error)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi.document())
+
     async def gpu_types(self, request: Request) -> Response:
-        return await self._answer("gpu_types", None, lambda: self.cloud.config.catalog)
+        return await self.desk.answer("gpu_types", None, lambda: self.cloud.config.catalog)
 
     async def create_instance(self, request: Request) -> Response:
-        body = _parse(CreateInstanceRequest, await request.body())
-        return await self._answer(
+        body = parse(CreateInstanceRequest, await request.body())
+        return await self.desk.answer(
             "create", body.gpu_type, lambda: self.cloud.create(body).model(), status=201
         )
 
     async def list_instances(self, request: Request) -> Response:
         labels = _label_filter(request)
-        return await self._answer(
+        return await self.desk.answer(
             "list", None, lambda: [i.model() for i in self.cloud.live(labels)]
         )
 
     async def get_instance(self, request: Request) -> Response:
         instance_id = request.path_params["instance_id"]
-        return await self._answer(
-            "get", self._gpu_type_of(instance_id), lambda: self.cloud.get(instance_id).model()
+        return await self.desk.answer(
+            "get", self.desk.gpu_type_of(instance_id), lambda: self.cloud.get(instance_id).model()
         )
 
     async def delete_instance(self, request: Request) -> Response:
         instance_id = request.path_params["instance_id"]
-        return await self._answer(
+        return await self.desk.answer(
             "delete",
-            self._gpu_type_of(instance_id),
+            self.desk.gpu_type_of(instance_id),
             lambda: self.cloud.delete(instance_id),
             status=202,
         )
@@ -138,51 +156,30 @@ class _Api:
 
     async def sim_faults(self, request: Request) -> Response:
         if request.method == "POST":
-            self.cloud.faults.rules.extend(_parse(FaultList, await request.body()).faults)
+            self.cloud.faults.rules.extend(parse(FaultList, await request.body()).faults)
         elif request.method == "DELETE":
             self.cloud.faults.rules.clear()
         return _json(FaultList(faults=self.cloud.faults.rules))
 
     async def sim_config(self, request: Request) -> Response:
-        self.cloud.configure(_parse(SimSettings, await request.body()))
+        self.cloud.configure(parse(SimSettings, await request.body()))
         return JSONResponse(self.cloud.config.model_dump(mode="json", exclude={"api_key"}))
-
-    def _gpu_type_of(self, instance_id: str) -> str | None:
-        instance = self.cloud.instances.get(instance_id)
-        return None if instance is None else instance.request.gpu_type
-
-    async def _answer(
-        self, op: Op, gpu_type: str | None, action: Callable[[], object], status: int = 200
-    ) -> Response:
-        """Carry out ``action`` and answer its result, as the first matching fault allows."""
-        fault = self.cloud.faults.take_api(op, gpu_type)
-        if isinstance(fault, Slow):
-            await asyncio.sleep(fault.delay_s)
-        if isinstance(fault, HttpError):
-            raise ApiError(fault.status, fault.code, fault.message, fault.retry_after)
-        if isinstance(fault, Malformed):
-            return Response(fault.body, fault.status, media_type=fault.content_type)
-        if isinstance(fault, IgnoreDelete):
-            return Response(status_code=202)
-        payload = to_jsonable_python(action())
-        if isinstance(fault, HttpErrorAfter):
-            raise ApiError(fault.status, fault.code, fault.message)
-        if isinstance(fault, Override):
-            payload = _override(payload, fault.fields)
-        return Response(status_code=status) if payload is None else JSONResponse(payload, status)
 
 
 class _Auth:
     """Bearer auth on every path: with an ``api_key`` only that token, else any non-empty."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: str | None, render: Callable[[ApiError], Response]
+    ) -> None:
         self.app = app
         self.api_key = api_key
+        self.render = render
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self._allows(Headers(scope=scope)):
             refusal = ApiError(401, "unauthorized", "missing or wrong bearer token")
-            await _error_response(refusal)(scope, receive, send)
+            await self.render(refusal)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -194,14 +191,15 @@ class _Auth:
 
 
 class _LogRequests:
-    """Log every ``/v1`` request, with its status, in ``Cloud.requests``."""
+    """Log every request of the cloud's API (not ``/_sim``), with its status, in
+    ``Cloud.requests``."""
 
     def __init__(self, app: ASGIApp, cloud: Cloud) -> None:
         self.app = app
         self.cloud = cloud
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or scope["path"].startswith("/_sim/"):
             await self.app(scope, receive, send)
             return
         arrived = utcnow()
@@ -227,16 +225,6 @@ class _LogRequests:
             )
 
 
-def _parse(model: type[_M], body: bytes) -> _M:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        errors = exc.errors()
-        status = 400 if any(e["type"] == "json_invalid" for e in errors) else 422
-        summary = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors)
-        raise ApiError(status, "invalid_request", summary) from exc
-
-
 def _label_filter(request: Request) -> dict[str, str]:
     labels: dict[str, str] = {}
     for item in request.query_params.getlist("label"):
@@ -247,23 +235,17 @@ def _label_filter(request: Request) -> dict[str, str]:
     return labels
 
 
-def _override(payload: Any, fields: dict[str, Any]) -> Any:
-    if isinstance(payload, list):
-        return [_override(item, fields) for item in payload]
-    return {**payload, **fields} if isinstance(payload, dict) else payload
-
-
 def _json(value: object) -> JSONResponse:
     return JSONResponse(to_jsonable_python(value))
 
 
-def _error(request: Request, exc: Exception) -> Response:
+def _api_error(exc: Exception) -> ApiError:
     if isinstance(exc, HTTPException):
         code: ErrorCode = "not_found" if exc.status_code == 404 else "invalid_request"
-        exc = ApiError(exc.status_code, code, str(exc.detail))
-    elif not isinstance(exc, ApiError):
-        exc = ApiError(500, "internal", "internal error in the simulated cloud")
-    return _error_response(exc)
+        return ApiError(exc.status_code, code, str(exc.detail))
+    if isinstance(exc, ApiError):
+        return exc
+    return ApiError(500, "internal", "internal error in the simulated cloud")
 
 
 def _error_response(error: ApiError) -> Response:

@@ -29,6 +29,7 @@ from pytest_gpucloud.core.wire import (
 )
 from pytest_gpucloud.sim.config import SimConfig, SimSettings
 from pytest_gpucloud.sim.faults import (
+    AddressLate,
     BootFail,
     BootNever,
     DropSsh,
@@ -70,8 +71,12 @@ class SimInstance:
         region: str,
         client_key: asyncssh.SSHKey,
         faults: list[InstanceRule],
+        ssh_user: str = SSH_USER,
+        host_key: asyncssh.SSHKey | None = None,
     ) -> None:
         self.id = instance_id
+        self.ssh_user = ssh_user
+        self.injected_host_key = host_key
         self.request = request
         self.region = region
         self.price_per_hour = round(gpu.price_per_hour * request.count, 6)
@@ -140,13 +145,21 @@ class SimInstance:
             commands=[] if machine is None else [c.record() for c in machine.commands],
         )
 
+    @property
+    def address_shown(self) -> bool:
+        """Running, and out of the null-IP window (fault ``address_late``)."""
+        if self.status != "running" or self.running_at is None:
+            return False
+        late = max((f.delay_s for f in self.faults if isinstance(f, AddressLate)), default=0.0)
+        return utcnow() >= self.running_at + timedelta(seconds=late)
+
     def _endpoint(self) -> dict[str, Any]:
-        if self.status != "running":
+        if not self.address_shown:
             return {}
         return {
             "ip": SSH_HOST,
             "ssh_port": self.ssh_port,
-            "ssh_user": SSH_USER,
+            "ssh_user": self.ssh_user,
             "ssh_host_key": self.announced_host_key,
         }
 
@@ -162,10 +175,20 @@ class SimInstance:
             return
         gpu = f"{self.request.gpu_type}:{self.request.count}"
         gpu = next((f.gpu for f in self.faults if isinstance(f, WrongGpu)), gpu)
-        machine = self.machine = SimMachine(self.id, gpu, self.client_key, extra_path)
-        self.ssh_port = machine.refuse() if self._has(SshRefuse) else await machine.listen()
         wrong_key = self._has(WrongHostKey)
-        self.announced_host_key = _other_host_key() if wrong_key else machine.host_key_text
+        injected = self.injected_host_key
+        machine = self.machine = SimMachine(
+            self.id,
+            gpu,
+            self.client_key,
+            extra_path,
+            user=self.ssh_user,
+            host_key=None if wrong_key else injected,
+        )
+        self.ssh_port = machine.refuse() if self._has(SshRefuse) else await machine.listen()
+        self.announced_host_key = (
+            _other_host_key() if wrong_key and injected is None else machine.host_key_text
+        )
         self.status = "running"
         self.running_at = utcnow()
         self._arm_faults(machine)
@@ -215,8 +238,16 @@ class Cloud:
         changes = {name: getattr(patch, name) for name in patch.model_fields_set}
         self.config = self.config.model_copy(update=changes)
 
-    def create(self, request: CreateInstanceRequest) -> SimInstance:
-        """Create an instance, or return the one made earlier with this ``client_token``."""
+    def create(
+        self,
+        request: CreateInstanceRequest,
+        *,
+        ssh_user: str = SSH_USER,
+        host_key: asyncssh.SSHKey | None = None,
+    ) -> SimInstance:
+        """Create an instance, or return the one made earlier with this ``client_token``.
+
+        A vendor dialect names its SSH user and may inject the machine's ``host_key``."""
         earlier = self._by_token.get(request.client_token)
         if earlier is not None:
             return earlier
@@ -231,6 +262,8 @@ class Cloud:
             region,
             _client_key(request.ssh_public_key),
             self.faults.take_instance(gpu.name),
+            ssh_user,
+            host_key,
         )
         self.instances[instance.id] = self._by_token[request.client_token] = instance
         instance.boot(self.config.boot_delay_s, self.config.extra_path)

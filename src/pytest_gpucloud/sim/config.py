@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from pytest_gpucloud.core.wire import GpuTypeModel
@@ -45,9 +47,15 @@ class SimSettings(BaseModel):
     extra_path: str | None = None
 
 
-class SimConfig(SimSettings):
-    """Everything the sim is started with; ``port=0`` picks a free port."""
+Dialect = Literal["rest", "lambda", "runpod", "lyceum"]
+DIALECTS: tuple[Dialect, ...] = ("rest", "lambda", "runpod", "lyceum")
 
+
+class SimConfig(SimSettings):
+    """Everything the sim is started with; ``port=0`` picks a free port; ``dialect``: the API
+    it speaks, the project's REST API or a vendor's (:mod:`pytest_gpucloud.sim.dialects`)."""
+
+    dialect: Dialect = "rest"
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)
     api_key: str | None = None

@@ -114,7 +114,8 @@ class BootFail(InstanceRule):
 
 
 class WrongHostKey(InstanceRule):
-    """The API announces a host key that is not the SSH server's. ``{"kind": "wrong_host_key"}``"""
+    """The machine presents a host key other than the one the API announces, or than the one
+    injected at create. ``{"kind": "wrong_host_key"}``"""
 
     kind: Literal["wrong_host_key"]
 
@@ -166,6 +167,14 @@ class Preempt(InstanceRule):
         return self
 
 
+class AddressLate(InstanceRule):
+    """The instance reports running for ``delay_s`` before its address shows (the null-IP
+    window some clouds have). ``{"kind": "address_late", "delay_s": 1}``"""
+
+    kind: Literal["address_late"]
+    delay_s: float = Field(ge=0)
+
+
 class WrongGpu(InstanceRule):
     """The instance declares other GPUs than it was created with: its processes see
     ``GPUCLOUD_SIM_GPU`` set to ``gpu`` (``TYPE:COUNT``). ``{"kind": "wrong_gpu", "gpu":
@@ -189,6 +198,7 @@ FaultRule = Annotated[
     | SshRefuse
     | DropSsh
     | Preempt
+    | AddressLate
     | WrongGpu,
     Field(discriminator="kind"),
 ]

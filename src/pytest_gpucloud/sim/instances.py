@@ -1,7 +1,8 @@
 """A sim instance's machine: a real SSH server on 127.0.0.1 that runs commands as processes.
 
-Each machine has its own ed25519 host key and its own home directory. It accepts only
-public-key auth as ``gpu`` with the key given at create, and runs each exec request as
+Each machine has its own ed25519 host key (or the one injected at create) and its own home
+directory. It accepts only public-key auth as its user (``gpu`` unless a dialect names the
+vendor's) with the key given at create, and runs each exec request as
 ``/bin/sh -c CMD`` in a process group of its own, with a minimal environment of its own
 (never the sim's: it may hold an API key; environment sent by the client is ignored).
 """
@@ -20,10 +21,17 @@ from pathlib import Path
 
 from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.core.wire import SimCommandRecord
-from pytest_gpucloud.transport.exec_server import HOST, kill_group, listen_exec, run_exec
+from pytest_gpucloud.transport.exec_server import (
+    HOST,
+    kill_group,
+    listen_exec,
+    run_exec,
+    within_home,
+)
 
 SSH_USER = "gpu"
 SSH_HOST = HOST
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def utcnow() -> datetime:
@@ -64,17 +72,37 @@ class _SshServer(asyncssh.SSHServer):
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        return username == SSH_USER and key.public_data == self._machine.client_key.public_data
+        machine = self._machine
+        return username == machine.user and key.public_data == machine.client_key.public_data
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> bool:
+        """Port forwarding as sshd allows it, to the instance's own loopback only (a sim
+        instance's neighbours are this machine's other processes)."""
+        return dest_host in LOOPBACK
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        """Forwarding to a Unix socket, in the instance's own home only."""
+        return within_home(dest_path, self._machine.home)
 
 
 class SimMachine:
     """The SSH side of one instance, from boot to termination."""
 
     def __init__(
-        self, instance_id: str, gpu: str, client_key: asyncssh.SSHKey, extra_path: str | None
+        self,
+        instance_id: str,
+        gpu: str,
+        client_key: asyncssh.SSHKey,
+        extra_path: str | None,
+        *,
+        user: str = SSH_USER,
+        host_key: asyncssh.SSHKey | None = None,
     ) -> None:
         self.client_key = client_key
-        self.host_key = asyncssh.generate_private_key("ssh-ed25519")
+        self.user = user
+        self.host_key = host_key or asyncssh.generate_private_key("ssh-ed25519")
         self.home = Path(tempfile.mkdtemp(prefix=f"gpucloud-sim-{instance_id}-"))
         self.env = _environment(instance_id, gpu, self.home, extra_path)
         self.commands: list[_Command] = []

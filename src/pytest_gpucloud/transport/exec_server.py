@@ -1,8 +1,9 @@
 """The one SSH exec server: runs each exec request as a local process, for the simulated
 cloud's instances and for the ``local`` provider's slots.
 
-It listens on 127.0.0.1 only, serves exec requests only (binary streams; no shell, scp, agent
-or X11 forwarding), and runs each command as ``/bin/sh -c CMD`` in a process group of its own
+It listens on 127.0.0.1 only, serves exec requests (binary streams; no shell, scp, agent
+or X11 forwarding; port forwarding only where a server class allows it, for ``gpu_service``:
+see :func:`within_home`), and runs each command as ``/bin/sh -c CMD`` in a process group of its own
 with exactly the environment it is given, killed when the client goes.
 """
 
@@ -162,3 +163,8 @@ async def _kill_when_closed(
 def kill_group(group_id: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(group_id, signal.SIGKILL)
+
+
+def within_home(path: str, home: Path) -> bool:
+    """Whether ``path`` is inside ``home``: where a forward to a Unix socket may go."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(home))

@@ -1,7 +1,8 @@
 """SSH to instances: an in-memory ed25519 key per session, the host key pinned.
 
 No agent, no ``~/.ssh/config``, no known_hosts file: the only trusted host key is the one
-the provider announced for the instance.
+the provider announced (or injected) for the instance; under the ``tofu`` policy, the one the
+first connection saw (:func:`presented_host_key`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Endpoint(Protocol):
     def ssh_user(self) -> str | None: ...
     @property
     def ssh_host_key(self) -> str | None: ...
+    @property
+    def trust_first_host_key(self) -> bool: ...
 
 
 def new_client_key() -> asyncssh.SSHKey:
@@ -54,14 +57,13 @@ async def connect(
     keepalive_s: float = 10.0,
 ) -> asyncssh.SSHClientConnection:
     """Connect to a running instance, retrying refusals (sshd starting) until ``timeout``."""
-    if not (instance.ip and instance.ssh_port and instance.ssh_user and instance.ssh_host_key):
+    trust_first = instance.ssh_host_key is None and instance.trust_first_host_key
+    if not (instance.ip and instance.ssh_port and instance.ssh_user) or not (
+        instance.ssh_host_key or trust_first
+    ):
         raise InstanceError(f"instance {instance.id} has no SSH endpoint yet")
-    try:
-        host_key = asyncssh.import_public_key(instance.ssh_host_key)
-    except (asyncssh.KeyImportError, ValueError):
-        raise InstanceError(
-            f"instance {instance.id}: the API announced an SSH host key that cannot be read"
-        ) from None
+    known_hosts: tuple[list[asyncssh.SSHKey], list[asyncssh.SSHKey], list[asyncssh.SSHKey]] | None
+    known_hosts = None if trust_first else ([_host_key(instance)], [], [])
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
@@ -71,7 +73,7 @@ async def connect(
                 instance.ssh_port,
                 username=instance.ssh_user,
                 client_keys=[key],
-                known_hosts=([host_key], [], []),
+                known_hosts=known_hosts,
                 agent_path=None,
                 agent_forwarding=False,
                 config=[],
@@ -83,7 +85,7 @@ async def connect(
         except asyncssh.HostKeyNotVerifiable:
             raise HostKeyMismatch(
                 f"instance {instance.id} ({instance.ip}:{instance.ssh_port}) presented an SSH "
-                "host key that differs from the one the API announced; refused to connect"
+                "host key that differs from the one announced or injected; refused to connect"
             ) from None
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
             if time.monotonic() + delay > deadline:
@@ -93,6 +95,25 @@ async def connect(
                 ) from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+def presented_host_key(conn: asyncssh.SSHClientConnection) -> str:
+    """The host key the server of ``conn`` presented, as an OpenSSH line: what the ``tofu``
+    policy pins after the first connection, so that later ones refuse any other."""
+    seen = conn.get_server_host_key()
+    if seen is None:  # pragma: no cover - every SSH server presents a host key
+        raise InstanceError("the SSH server presented no host key")
+    return seen.export_public_key().decode().strip()
+
+
+def _host_key(instance: Endpoint) -> asyncssh.SSHKey:
+    assert instance.ssh_host_key is not None
+    try:
+        return asyncssh.import_public_key(instance.ssh_host_key)
+    except (asyncssh.KeyImportError, ValueError):
+        raise InstanceError(
+            f"instance {instance.id}: the API announced an SSH host key that cannot be read"
+        ) from None
 
 
 def _reason(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any, TypedDict, TypeVar
 
-from pytest_gpucloud.core.errors import RemoteError
+from pytest_gpucloud.core.errors import RemoteError, TimeLimitExceeded
 from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.remote.boot import GO
@@ -55,6 +55,9 @@ class WorkerStart(TypedDict):
     ini: list[str]
     environ: dict[str, str]
     artifacts: str
+    coverage: dict[str, Any] | None  # --cov: what to measure (remote/measure.py)
+    live_output: bool  # -s: the tests' output comes as it is made
+    plugin_options: dict[str, str]  # the options forwarded for other plugins -> package
 
 
 @dataclass(frozen=True)
@@ -123,9 +126,15 @@ class _Frames:
 
 
 class WorkerLink:
-    def __init__(self, instance_id: str, process: asyncssh.SSHClientProcess[bytes]) -> None:
+    def __init__(
+        self,
+        instance_id: str,
+        process: asyncssh.SSHClientProcess[bytes],
+        echo: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.instance_id = instance_id
         self._process = process
+        self._echo = echo
         self._frames = _Frames(process.stdout)
         self._stderr: collections.deque[bytes] = collections.deque(maxlen=60)
         self._drain = asyncio.ensure_future(self._drain_stderr())
@@ -133,6 +142,7 @@ class WorkerLink:
         self._in_flight: collections.deque[RunSpec] = collections.deque()
         self._quick = False  # the last test ran quickly enough to read ahead of the next
         self.start_s = 0.0  # from the exec to pytest imported (``loaded``)
+        self.coverage: str | None = None  # the ``coverage`` frame's data, after close()
 
     @classmethod
     async def launch(
@@ -144,13 +154,16 @@ class WorkerLink:
         package_dir: str,
         timeout: float,
         wrap: Callable[[str], str] | None = None,
+        echo: Callable[[bytes], None] | None = None,
     ) -> WorkerLink:
         """Start the worker's bootstrap (``remote/boot.py``) in ``workspace`` and wait until
         it has imported pytest; the code sync may still be running. :meth:`begin` it once
         the workspace is complete.
 
         ``wrap``: turns the worker's shell command line into the one to run (a container
-        runtime's, see :meth:`pytest_gpucloud.machine.runtime.Runtime.wrap`).
+        runtime's, see :meth:`pytest_gpucloud.machine.runtime.Runtime.wrap`). ``echo``: called
+        with the worker's stderr as it comes (the tests' own output, with a ``live_output``
+        start).
         """
         command = (
             f"cd {shlex.quote(workspace)} && PYTHONPATH={shlex.quote(package_dir)} "
@@ -160,7 +173,7 @@ class WorkerLink:
             command = wrap(command)
         started = time.perf_counter()
         process = await conn.create_process(command, encoding=None)
-        link = cls(instance_id, process)
+        link = cls(instance_id, process, echo)
         await link._within(link._loaded(), timeout, "did not start")
         link.start_s = time.perf_counter() - started
         return link
@@ -258,29 +271,29 @@ class WorkerLink:
 
     async def _result(self, spec: RunSpec) -> TestRun:
         """The results of the oldest run in flight, ``spec``."""
+        run = TestRun(spec.nodeid)
         try:
-            return await asyncio.wait_for(
-                self._collect_run(spec.nodeid), spec.timeout + TIMEOUT_GRACE_S
-            )
+            return await asyncio.wait_for(self._collect_run(run), spec.timeout + TIMEOUT_GRACE_S)
         except asyncio.TimeoutError:
             self.kill()
-            raise self._timed_out(spec.nodeid, spec.timeout) from None
+            raise self._timed_out(run, spec.timeout) from None
         except RemoteError:
             if self._process.exit_status == TIMEOUT_EXIT:
-                raise self._timed_out(spec.nodeid, spec.timeout) from None
+                raise self._timed_out(run, spec.timeout) from None
             raise
         finally:
             self._in_flight.popleft()
 
-    def _timed_out(self, nodeid: str, timeout: float) -> RemoteError:
-        return RemoteError(
-            f"{nodeid} exceeded its time limit of {timeout:g} s on instance "
+    def _timed_out(self, run: TestRun, timeout: float) -> TimeLimitExceeded:
+        return TimeLimitExceeded(
+            f"{run.nodeid} exceeded its time limit of {timeout:g} s on instance "
             f"{self.instance_id}; the remote worker was stopped (raise the limit with "
-            f"--gpu-timeout or gpu(timeout=...)){self._last_output()}"
+            f"--gpu-timeout or gpu(timeout=...)){self._last_output()}",
+            run.reports,
         )
 
-    async def _collect_run(self, nodeid: str) -> TestRun:
-        run = TestRun(nodeid)
+    async def _collect_run(self, run: TestRun) -> TestRun:
+        nodeid = run.nodeid
         while True:
             frame = await self._expect_frame(f"running {nodeid}")
             kind = frame["type"]
@@ -306,10 +319,17 @@ class WorkerLink:
             try:
                 await self._send(encode("shutdown", skip_waiting=True))
                 self._process.stdin.write_eof()
-                await asyncio.wait_for(self._process.wait_closed(), timeout)
-            except (asyncio.TimeoutError, OSError, asyncssh.Error, RemoteError):
+                await asyncio.wait_for(self._last_frames(), timeout)
+            except (asyncio.TimeoutError, OSError, ValueError, asyncssh.Error, RemoteError):
                 self.kill()
         self._drain.cancel()
+
+    async def _last_frames(self) -> None:
+        """Read to the end: results sent ahead are dropped, the coverage data is kept."""
+        while (frame := await self._frames.next()) is not None:
+            if frame["type"] == "coverage":
+                self.coverage = str(frame["data"])
+        await self._process.wait_closed()
 
     def kill(self) -> None:
         self._process.close()
@@ -358,6 +378,8 @@ class WorkerLink:
             chunk = await stream.read(_CHUNK)
             if not chunk:
                 return
+            if self._echo is not None:
+                self._echo(chunk)
             for line in chunk.splitlines(keepends=True):
                 self._stderr.append(line)
 

@@ -1,0 +1,144 @@
+"""The HTTP side every vendor provider shares: bearer auth, capped bodies, retries.
+
+Each vendor supplies how its error answers read (``errors``); the key appears in no message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from pytest_gpucloud.core.errors import (
+    BadAnswer,
+    InstanceError,
+    ProviderError,
+    RateLimited,
+    Transient,
+)
+from pytest_gpucloud.providers.base import Instance
+from pytest_gpucloud.providers.rest import read_capped, retrying
+
+#: (status, body, headers, "METHOD /path") -> the error to raise.
+ErrorReader = Callable[[int, bytes, httpx.Headers, str], ProviderError]
+
+
+class VendorHttp:
+    """An API client for one vendor's ``base_url``."""
+
+    def __init__(
+        self,
+        vendor: str,
+        base_url: str,
+        api_key: str,
+        errors: ErrorReader,
+        *,
+        attempts: int = 5,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.vendor = vendor
+        self._errors = errors
+        self._attempts = attempts
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            headers={"Authorization": f"Bearer {api_key}", "User-Agent": "pytest-gpucloud"},
+            timeout=30.0,
+            trust_env=False,
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        retry: bool = True,
+    ) -> Any:
+        """The decoded JSON answer (None for an empty one). ``retry``: retry transient errors
+        and rate limits (never for a call that may not be repeated)."""
+
+        async def once() -> Any:
+            return await self._send(method, path, body)
+
+        return await retrying(once, self._attempts if retry else 1)
+
+    async def _send(self, method: str, path: str, body: Any) -> Any:
+        what = f"{method} {path}"
+        try:
+            async with self._client.stream(method, path, json=body) as response:
+                content = await read_capped(response, what)
+        except httpx.TimeoutException:
+            raise Transient(f"the {self.vendor} API did not answer {what} in time") from None
+        except httpx.TransportError as exc:
+            raise Transient(
+                f"could not reach the {self.vendor} API for {what}: {type(exc).__name__}"
+            ) from None
+        if response.status_code >= 400:
+            raise self._errors(response.status_code, content, response.headers, what)
+        if not content:
+            return None
+        try:
+            return json.loads(content)
+        except ValueError:
+            raise self.bad_answer(f"answered {what} with a body that is not JSON") from None
+
+    def bad_answer(self, what: str) -> BadAnswer:
+        return BadAnswer(
+            f"the {self.vendor} API {what}; check that --gpu-api-url, if set, is the "
+            f"{self.vendor} API"
+        )
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """An API's words, on one line and bounded: they end up in a one-line error."""
+    return " ".join(str(text).split())[:limit]
+
+
+def retry_after(headers: httpx.Headers, default: float) -> float:
+    try:
+        return max(0.0, float(headers.get("Retry-After", default)))
+    except ValueError:
+        return default
+
+
+def rate_limited(what: str, headers: httpx.Headers, default: float = 1.0) -> RateLimited:
+    return RateLimited(f"{what}: rate limited", retry_after(headers, default))
+
+
+async def poll_ready(
+    get: Callable[[str], Awaitable[Instance]],
+    instance: Instance,
+    timeout: float,
+    *,
+    interval: float = 0.05,
+    max_interval: float = 2.0,
+) -> Instance:
+    """Poll ``get`` until the instance runs with an SSH address (a status alone is not
+    enough: some clouds say running before the address exists)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = await get(instance.id)
+        if current.status == "running" and current.ip and current.ssh_port:
+            return current
+        if current.status in ("failed", "terminating", "terminated"):
+            raise InstanceError(
+                f"instance {instance.id} ({instance.gpu_type}) is {current.status} "
+                "instead of booting"
+            )
+        if time.monotonic() + interval > deadline:
+            raise InstanceError(
+                f"instance {instance.id} ({instance.gpu_type}) did not boot within "
+                f"{timeout:g} s (still {current.status}"
+                f"{', no SSH address yet' if current.status == 'running' else ''}); raise "
+                "--gpu-boot-timeout if this type boots slowly"
+            )
+        await asyncio.sleep(interval)
+        interval = min(interval * 1.5, max_interval)
