@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The tested versions of everything make test installs; `make lock` refreshes it, on purpose.
+LOCK := requirements.lock
 
-.PHONY: demo test lint types unit podman chromium bench clean dist wheel-check
+.PHONY: demo test lint types unit podman chromium matrix lock bench clean dist wheel-check
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -c $(LOCK) -e '.[dev,ci]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -51,8 +53,17 @@ wheel-check: dist
 	cd examples && ../.wheel-venv/bin/python -c 'import pytest_gpucloud as p; assert "/.wheel-venv/" in p.__file__, p.__file__'
 	cd examples && ../.wheel-venv/bin/python -m pytest -p no:cacheprovider -q --gpu-cloud --gpu-provider sim
 
+# The whole suite on Python 3.10-3.13 with the locked set, and on the newest and the lowest
+# versions (noxfile.py).
+matrix: $(STAMP)
+	$(BIN)/nox
+
+lock: $(STAMP)
+	$(BIN)/uv pip compile -q --universal --python-version 3.10 --upgrade \
+		--custom-compile-command 'make lock' --extra dev --extra ci pyproject.toml -o $(LOCK)
+
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .wheel-venv dist .pytest_cache .mypy_cache .ruff_cache .gpucloud examples/.gpucloud
+	rm -rf $(VENV) .nox .wheel-venv dist .pytest_cache .mypy_cache .ruff_cache .gpucloud examples/.gpucloud

@@ -4,15 +4,20 @@ fixtures that make them are in conftest.py."""
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
 from pytest_gpucloud.core.wire import LIVE_STATUSES
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 BOOT_DELAY = 0.05
 STANDINS = Path(__file__).parent / "standins"
@@ -110,3 +115,45 @@ class Standins:
             return []
         calls = [json.loads(line) for line in log.read_text().splitlines()]
         return [c for c in calls if tool is None or c["tool"] == tool]
+
+
+class RequestLog(logging.Handler):
+    """The request lines moto's HTTP server logs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@dataclass
+class Moto:
+    endpoint: str
+    requests: RequestLog
+
+
+@dataclass
+class Store:
+    """A fresh bucket, and the credentials this test's pytest sessions use."""
+
+    endpoint: str
+    bucket: str
+    client: S3Client
+    requests: RequestLog
+    secrets: list[str] = field(default_factory=list)
+
+    def put(self, key: str, body: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
+
+    def keys(self) -> dict[str, bytes]:
+        listed = self.client.list_objects_v2(Bucket=self.bucket).get("Contents", [])
+        return {
+            obj["Key"]: self.client.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read()
+            for obj in listed
+        }
+
+    def gets(self, key: str) -> int:
+        """How many GETs of ``key`` the store has served."""
+        return sum(1 for line in self.requests.lines if f'"GET /{self.bucket}/{key}?' in line)

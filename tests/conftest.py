@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 
 from pytest_gpucloud.sim import SimConfig, SimServer
 from tests import engines
-from tests.cloud import BOOT_DELAY, STANDINS, GpuRun, Sim, Standins
+from tests.cloud import BOOT_DELAY, STANDINS, GpuRun, Moto, RequestLog, Sim, Standins, Store
 from tests.engines import Engine
 
 #: The inner sessions of the suite run without what would change them unasked: the test
@@ -64,6 +65,46 @@ def standins(tmp_path: Path, sim: Sim) -> Iterator[Standins]:
     sim.configure(extra_path=str(path))
     yield Standins(path)
     sim.configure(extra_path=None)
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[Moto]:
+    requests = RequestLog()
+    log = logging.getLogger("werkzeug")
+    log.addHandler(requests)  # also keeps werkzeug from adding its own stderr handler
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    from moto.server import ThreadedMotoServer  # here: most sessions of the suite need no S3
+
+    server = ThreadedMotoServer("127.0.0.1", 0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield Moto(f"http://{host}:{port}", requests)
+    server.stop()
+    log.removeHandler(requests)
+
+
+@pytest.fixture
+def store(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> Store:
+    key_id = "AKIA" + secrets.token_hex(8).upper()
+    secret = secrets.token_urlsafe(30)
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": key_id,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto.endpoint)
+    bucket = f"bucket-{secrets.token_hex(4)}"
+    client.create_bucket(Bucket=bucket)
+    return Store(moto.endpoint, bucket, client, moto.requests, [key_id, secret])
 
 
 @pytest.fixture(scope="session")

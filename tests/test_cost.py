@@ -7,17 +7,22 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from pytest_gpucloud.core.catalog import GpuType, Offer, explain_infeasible, feasible_offers
 from pytest_gpucloud.core.errors import ProviderError
-from pytest_gpucloud.core.request import GpuRequest, Tests, parse_marker
+from pytest_gpucloud.core.request import GpuRequest, parse_marker
 from pytest_gpucloud.machine.failover import Failover
 from pytest_gpucloud.scheduling.cost import Bill, CostModel, billed, billed_hourly
 from pytest_gpucloud.scheduling.durations import DEFAULT_BOOT_S, DEFAULT_TEST_S, Durations
 from pytest_gpucloud.scheduling.planner import Plan, make_plan
 from pytest_gpucloud.scheduling.policy import hosts
+
+if TYPE_CHECKING:
+    # not at run time: pytest 8.0 would collect the alias as a test class
+    from pytest_gpucloud.core.request import Tests
 from pytest_gpucloud.session.summary import summary_lines
 
 US, EU_W, EU_C = "us-east-1", "eu-west-1", "eu-central-1"
@@ -153,6 +158,22 @@ def test_requests_that_differ_in_count_or_image_never_share() -> None:
     assert not hosts(gpu("T4:2"), t4, gpu("T4"), [t4])
     assert not hosts(gpu("T4", image="x:1"), t4, gpu("T4"), [t4])
     assert hosts(gpu("T4"), t4, gpu("any"), [t4])
+
+
+def test_an_ordered_list_shares_no_later_choice_while_an_earlier_one_can_be_had() -> None:
+    # sharing the A100 would be cheaper than booting a B200 (a test of a second, a boot of
+    # ten minutes): the ordered list's first choice still wins
+    durations = Durations({"a": 1.0, "o": 1.0}, {"B200": 600.0, "A100-80GB": 600.0})
+    tests: Tests = [("a", gpu("A100")), ("o", gpu(["B200", "A100"]))]
+    assert where(plan(tests, durations)) == {"a": ("A100-80GB", EU_C), "o": ("B200", US)}
+    # no B200 in the allowed regions: the second choice is the best to be had, and is shared
+    in_eu = plan(tests, durations, regions=["eu-*"])
+    assert where(in_eu) == {"a": ("A100-80GB", EU_C), "o": ("A100-80GB", EU_C)}
+    a100, b200 = Offer(CATALOG[2], US), Offer(CATALOG[3], US)
+    ordered = gpu(["B200", "A100"])
+    assert not hosts(gpu("A100"), a100, ordered, [b200, a100], b200)
+    assert hosts(gpu("A100"), a100, ordered, [b200, a100], a100)
+    assert hosts(gpu("B200"), b200, ordered, [b200, a100], a100)  # an earlier choice: always
 
 
 def test_a_guest_pool_spreads_over_its_hosts_machines_with_the_host_pool() -> None:

@@ -361,3 +361,63 @@ def test_max_instances_holds_by_releasing_an_idle_instance_first(
     assert [i["gpu_type"] for i in created] == ["T4", "L4", "T4"]
     for earlier, later in itertools.pairwise(created):
         assert _time(earlier["deleted_at"]) <= _time(later["created_at"]), "two alive at once"
+
+
+ORDERED_BESIDE_A100 = """
+import pytest
+
+@pytest.mark.gpu("A100-80GB")
+def test_a100():
+    pass
+
+@pytest.mark.gpu(["H100", "A100"])
+def test_ordered():
+    pass
+"""
+
+
+def test_an_ordered_list_takes_its_first_choice_while_it_can_be_had(
+    gpu_run: GpuRun, sim: Sim, pytester: pytest.Pytester
+) -> None:
+    # Sharing the running A100 would be cheaper (a test of a second, boots of five
+    # minutes), but "an H100, else an A100" means the H100 while one can be had.
+    pytester.makepyfile(test_order=ORDERED_BESIDE_A100)
+    tests = {f"test_order.py::{name}": 1.0 for name in ("test_a100", "test_ordered")}
+    _seed_cache(pytester, tests, {"H100": 300.0, "A100-80GB": 300.0})
+    planned = gpu_run("--gpu-plan", "-v", "-p", "no:randomly")
+    planned.stdout.fnmatch_lines(
+        [
+            "plan: 2 instance(s)*",
+            "  A100-80GB in * 1 test(s)*",
+            "    test_order.py::test_a100",
+            "  H100 in * 1 test(s)*",
+            "    test_order.py::test_ordered",
+        ]
+    )
+    before = _ids(sim)
+    result = gpu_run("-v", "-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+    by_type = {i["gpu_type"]: i["id"] for i in _new(sim, before)}
+    assert sorted(by_type) == ["A100-80GB", "H100"]
+    result.stdout.fnmatch_lines([f"*test_ordered PASSED [[]H100 {by_type['H100']}[]]*"])
+
+
+def test_an_ordered_list_shares_its_second_choice_when_the_first_cannot_be_had(
+    gpu_run: GpuRun, sim: Sim, pytester: pytest.Pytester
+) -> None:
+    pytester.makepyfile(test_order=ORDERED_BESIDE_A100)
+    tests = {f"test_order.py::{name}": 1.0 for name in ("test_a100", "test_ordered")}
+    _seed_cache(pytester, tests, {"H100": 300.0, "A100-80GB": 300.0})
+    sim.fault(
+        kind="http_error",
+        op="create",
+        status=503,
+        code="out_of_capacity",
+        gpu_type="H100",
+        times=None,
+    )
+    before = _ids(sim)
+    result = gpu_run("-v", "-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+    assert "H100" not in {i["gpu_type"] for i in _new(sim, before)}
+    result.stdout.fnmatch_lines(["*test_ordered PASSED [[]A100-*"])

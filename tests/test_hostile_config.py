@@ -16,8 +16,7 @@ import pytest
 from pytest_gpucloud.config.settings import resolve
 from pytest_gpucloud.core.errors import ConfigError
 from pytest_gpucloud.features.data import DataSource
-from tests.cloud import GpuRun, Sim
-from tests.test_s3 import Store, moto, store  # noqa: F401  (fixtures)
+from tests.cloud import GpuRun, Sim, Store
 
 ONE_TEST = "import pytest\n\n@pytest.mark.gpu('T4')\ndef test_a():\n    pass\n"
 
@@ -81,7 +80,7 @@ def test_the_s3_endpoint_keeps_to_https_off_this_machine(endpoint: str, ok: bool
             read()
 
 
-def test_presigned_urls_live_as_long_as_the_test_may(store: Store) -> None:  # noqa: F811
+def test_presigned_urls_live_as_long_as_the_test_may(store: Store) -> None:
     store.put("data/w.bin", b"w")
     source = DataSource(store.endpoint, 30)
     spec = asyncio.run(

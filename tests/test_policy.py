@@ -107,7 +107,12 @@ def test_pick_starting(seats: list[Seat[str]], chosen: str | None) -> None:
         pytest.param(
             gpu("B200"), B200, gpu("16GB+"), (T4, L4, B200), True, id="no new machine possible"
         ),
-        pytest.param(gpu("L4"), L4, gpu(["T4", "L4"]), (), True, id="ordered list: its second"),
+        pytest.param(
+            gpu("L4"), L4, gpu(["T4", "L4"]), (), False, id="ordered list: not its second first"
+        ),
+        pytest.param(
+            gpu("L4"), L4, gpu(["T4", "L4"]), (T4,), True, id="ordered list: its second, no T4"
+        ),
         pytest.param(gpu("B200"), B200, gpu(["T4", "L4"]), (), False, id="ordered list: not in it"),
     ],
 )

@@ -5,100 +5,16 @@ credential ever reaches an instance (the sim records every command line and envi
 from __future__ import annotations
 
 import asyncio
-import logging
-import secrets
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from pytest_gpucloud.features.data import DataError, DataSource
 from pytest_gpucloud.remote.fixtures import artifacts_dir_name
-from tests.cloud import GpuRun, Sim
+from tests.cloud import GpuRun, Sim, Store
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
-
-
-class _Requests(logging.Handler):
-    """The request lines moto's HTTP server logs."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@dataclass
-class Moto:
-    endpoint: str
-    requests: _Requests
-
-
-@pytest.fixture(scope="session")
-def moto() -> Iterator[Moto]:
-    requests = _Requests()
-    log = logging.getLogger("werkzeug")
-    log.addHandler(requests)  # also keeps werkzeug from adding its own stderr handler
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    server = ThreadedMotoServer("127.0.0.1", 0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield Moto(f"http://{host}:{port}", requests)
-    server.stop()
-    log.removeHandler(requests)
-
-
-@dataclass
-class Store:
-    """A fresh bucket, and the credentials this test's pytest sessions use."""
-
-    endpoint: str
-    bucket: str
-    client: S3Client
-    requests: _Requests
-    secrets: list[str] = field(default_factory=list)
-
-    def put(self, key: str, body: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
-
-    def keys(self) -> dict[str, bytes]:
-        listed = self.client.list_objects_v2(Bucket=self.bucket).get("Contents", [])
-        return {
-            obj["Key"]: self.client.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read()
-            for obj in listed
-        }
-
-    def gets(self, key: str) -> int:
-        """How many GETs of ``key`` the store has served."""
-        return sum(1 for line in self.requests.lines if f'"GET /{self.bucket}/{key}?' in line)
-
-
-@pytest.fixture
-def store(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> Store:
-    key_id = "AKIA" + secrets.token_hex(8).upper()
-    secret = secrets.token_urlsafe(30)
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": key_id,
-        "AWS_SECRET_ACCESS_KEY": secret,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": "/nonexistent",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-    }.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    client = boto3.client("s3", endpoint_url=moto.endpoint)
-    bucket = f"bucket-{secrets.token_hex(4)}"
-    client.create_bucket(Bucket=bucket)
-    return Store(moto.endpoint, bucket, client, moto.requests, [key_id, secret])
+    pass
 
 
 def _assert_no_credentials_on_instances(sim: Sim, store: Store) -> None:

@@ -1,5 +1,6 @@
 """The leaves: errors, units, the marker grammar, the catalog, labels, the wire models,
-address grammars, environment names, GPU probes and the engine's event loop.
+address grammars, environment names, GPU probes, the engine's event loop, and asyncssh
+imported without the warnings of its import (``sshlib``).
 
 Imports nothing else of the package (checked by import-linter, see ``pyproject.toml``).
 """

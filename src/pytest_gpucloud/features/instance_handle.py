@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import asyncssh
-
 from pytest_gpucloud.core.errors import GpuCloudError, InstanceError
 from pytest_gpucloud.core.escape import visible
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.features.safe_unpickle import DisallowedGlobal, allowed_names, safe_loads
 from pytest_gpucloud.transport.capped import run_capped
 from pytest_gpucloud.transport.files import pull, push

@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import asyncssh
 import httpx
 
 from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, ServiceError
 from pytest_gpucloud.core.request import GpuRequest
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.features import instance_handle
 from pytest_gpucloud.features.instance_handle import Lessor
 from pytest_gpucloud.machine.runtime import Docker

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_gpucloud import remote
-from pytest_gpucloud.core.errors import GpuCloudError, OutOfCapacity, ProviderError
+from pytest_gpucloud.core.errors import GpuCloudError, InstanceError, OutOfCapacity, ProviderError
 from pytest_gpucloud.core.gpus import PROBE
 from pytest_gpucloud.machine import preparation, workspaces
 from pytest_gpucloud.machine.deletion import delete_verified
@@ -239,6 +239,22 @@ class Launcher:
                 seen = ssh.presented_host_key(machine.conn)
                 machine.instance = dataclasses.replace(machine.instance, ssh_host_key=seen)
         phases.connect = lap()
+        try:
+            await self._sync_and_start(machine, files, deadline)
+        except InstanceError:
+            # An image's python3 too old for the instance side fails in many ways: say so.
+            older = await preparation.older_python(machine.conn, machine.runtime, machine.id)
+            if older is None:
+                raise
+            raise older from None
+        phases.ready = time.perf_counter() - reachable
+        machine.ready_at = time.time()
+        machine.state = MachineState.READY
+
+    async def _sync_and_start(
+        self, machine: Machine, files: list[str] | None, deadline: float
+    ) -> None:
+        """Sync the code, prepare the instance, start the worker and let it collect."""
         # With no setup command to run between them, the container, the GPU check and the
         # worker's start (its pytest import) go on while the code is still syncing.
         early = self.settings.setup is None
@@ -264,10 +280,7 @@ class Launcher:
             machine.collection = await machine.link.begin(
                 machine.worker_start, timeout=_left(deadline)
             )
-            phases.collect = machine.collection.collect_s
-        phases.ready = time.perf_counter() - reachable
-        machine.ready_at = time.time()
-        machine.state = MachineState.READY
+            machine.phases.collect = machine.collection.collect_s
 
     async def _sync(self, machine: Machine, root_known: asyncio.Future[str]) -> None:
         assert machine.conn is not None

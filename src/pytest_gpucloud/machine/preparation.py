@@ -20,16 +20,19 @@ import shlex
 import time
 from pathlib import Path
 
-import asyncssh
-
 from pytest_gpucloud.core.errors import GpuMismatch, InstanceError
 from pytest_gpucloud.core.escape import visible
 from pytest_gpucloud.core.gpus import PROBE, Sighting, read_probe
 from pytest_gpucloud.core.private import private_file
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.machine.runtime import Runtime
 from pytest_gpucloud.transport.capped import Captured, run_capped
 
 STEP_TIMEOUT_S = 60.0
+#: The oldest Python the instance side runs on: ``remote/`` keeps to its syntax and library.
+OLDEST_PYTHON = (3, 8)
+# Any python3 runs it, Python 2 included.
+_PYTHON_VERSION = """python3 -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])'"""
 CLEAN_TIMEOUT_S = 20.0
 # Files that decide what installing a project directory (``pip install -e .``) does.
 _PROJECT_FILES = ("pyproject.toml", "setup.py", "setup.cfg")
@@ -191,6 +194,31 @@ def judge_gpus(sighting: Sighting, instance_id: str, *, gpu: str, count: int) ->
             f"instance {instance_id} was asked for {count} x {gpu} but shows {sighting.describe()}"
         )
     return f"GPUs: {sighting.describe()}"
+
+
+async def older_python(
+    conn: asyncssh.SSHClientConnection | None, runtime: Runtime | None, instance_id: str
+) -> InstanceError | None:
+    """After a failed bring-up: the error naming a python3 there (on the instance, then in
+    its container) older than :data:`OLDEST_PYTHON`; None if there is none to blame."""
+    if conn is None:
+        return None
+    commands = [_PYTHON_VERSION]
+    if runtime is not None:
+        commands = list(dict.fromkeys([*commands, runtime.wrap(_PYTHON_VERSION)]))
+    for command in commands:
+        try:
+            done = await run(conn, command, timeout=STEP_TIMEOUT_S, doing="python3 --version")
+        except InstanceError:
+            return None
+        found = re.fullmatch(r"(\d+)\.(\d+)\.\d+", _text(done.stdout).strip())
+        if found and (int(found[1]), int(found[2])) < OLDEST_PYTHON:
+            oldest = ".".join(map(str, OLDEST_PYTHON))
+            return InstanceError(
+                f"instance {instance_id}: python3 is Python {found[0]}, older than {oldest}, "
+                "the oldest the plugin runs on an instance (use an image with a newer python3)"
+            )
+    return None
 
 
 async def clean(

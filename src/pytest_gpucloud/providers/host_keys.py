@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import asyncssh
+from pytest_gpucloud.core.sshlib import asyncssh
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import asyncssh
-
 from pytest_gpucloud.core.catalog import GpuType, Offer
 from pytest_gpucloud.core.errors import ConfigError, OutOfCapacity
 from pytest_gpucloud.core.gpus import SMI_FORMAT, csv_rows, type_name
 from pytest_gpucloud.core.private import private_dir
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.leasing import LeaseBook, lease
 from pytest_gpucloud.remote.workspaces import WORKSPACES, sweep, take_lease

@@ -15,7 +15,8 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from pytest_gpucloud.core.catalog import GpuType, Offer
@@ -207,7 +208,8 @@ async def retrying(call: Callable[[], Awaitable[R]], attempts: int) -> R:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-_backoff = wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2)
+# 0.2 s doubling up to 5 s, plus up to 0.2 s of jitter (in every tenacity pyproject.toml allows)
+_backoff = wait_exponential(multiplier=0.2, max=5.0) + wait_random(0, 0.2)
 
 
 def _wait(retry_state: Any) -> float:

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import asyncssh
-
 from pytest_gpucloud.core.addresses import HOSTS_FORMAT, StaticHost, parse_hosts
 from pytest_gpucloud.core.catalog import GpuType, Offer
 from pytest_gpucloud.core.errors import ConfigError, InstanceError, OutOfCapacity
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.leasing import LeaseBook, lease
 from pytest_gpucloud.remote import source

@@ -266,7 +266,8 @@ def _tar_entries(tar: TarStream) -> Iterator[tuple[str, int, int, float, bool]]:
     for member in tar:
         regular = member.kind in _TAR_FILE_TYPES
         size = member.size if regular else 0
-        yield member.name.removeprefix("./"), size, member.mode, member.mtime, regular
+        name = member.name[2:] if member.name.startswith("./") else member.name  # 3.8
+        yield name, size, member.mode, member.mtime, regular
 
 
 def extract(

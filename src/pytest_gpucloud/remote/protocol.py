@@ -65,13 +65,13 @@ A worker that exits without ``hello`` (no python3, no pytest) leaves only its st
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Dict
 
 PROTOCOL_VERSION = 1
 # The worker's exit status when a test outlived the timeout of its run frame.
 TIMEOUT_EXIT = 124
 
-Message = dict[str, Any]
+Message = Dict[str, Any]  # typing.Dict: a runtime alias, and the instance may run 3.8
 
 
 def encode(kind: str, **fields: Any) -> bytes:

@@ -209,7 +209,7 @@ def _sharing(
             for host, offer in own.items()
             if host != pool
             and host not in hosted
-            and hosts(host, offer, pool, feasible)
+            and hosts(host, offer, pool, feasible, own[pool])
             and all(
                 costs.share_ok(offer.price(host.count), own[pool], pool.count, nodeid)
                 for nodeid in pools[pool]

@@ -65,14 +65,32 @@ def pick_starting(seats: Sequence[Seat[_M]], pool: GpuRequest) -> _M | None:
     return None if chosen is None else chosen.machine
 
 
-def hosts(host: GpuRequest, offer: Offer, request: GpuRequest, feasible: Sequence[Offer]) -> bool:
-    """Whether an instance of ``offer`` made for ``host`` satisfies ``request`` too (for an
-    ordered list, any of its types: ``feasible`` holds them all)."""
+def hosts(
+    host: GpuRequest,
+    offer: Offer,
+    request: GpuRequest,
+    feasible: Sequence[Offer],
+    best: Offer | None = None,
+) -> bool:
+    """Whether an instance of ``offer`` made for ``host`` satisfies ``request`` too.
+
+    ``feasible``: ``request``'s offers (for an ordered list, of all its types); ``best``: the
+    best of them that can be had now. An ordered list keeps its order: no later choice is
+    shared while an earlier one can be had.
+    """
     return (
         host.count == request.count
         and host.image == request.image
         and any(o.key == offer.key for o in feasible)
+        and (best is None or _choice(request, offer) <= _choice(request, best))
     )
+
+
+def _choice(request: GpuRequest, offer: Offer) -> int:
+    """Which entry of an ordered list ``offer`` answers (0 for every other form)."""
+    if request.mode != "ordered":
+        return 0
+    return next(i for i, name in enumerate(request.types) if offer.gpu.matches(name))
 
 
 def may_share(
@@ -93,7 +111,7 @@ def may_share(
     pool = request.pool_key
     if host == pool:
         return True
-    if not hosts(host, offer, pool, feasible):
+    if not hosts(host, offer, pool, feasible, new_offers[0] if new_offers else None):
         return False
     return not new_offers or costs.share_ok(price_per_hour, new_offers[0], pool.count, nodeid)
 

@@ -26,6 +26,7 @@ from pytest_gpucloud.scheduling.durations import Durations
 from pytest_gpucloud.session import summary
 from pytest_gpucloud.session.handle import GpuCloudHandle
 from pytest_gpucloud.session.interrupts import Interrupts
+from pytest_gpucloud.session.local_teardown import teardown_locally, with_local_teardown
 from pytest_gpucloud.session.order import REMOTE_NODEID_KEY, RunOrder, remote_nodeid
 from pytest_gpucloud.session.other_plugins import RemoteSide
 from pytest_gpucloud.session.outcomes import is_infrastructure_error
@@ -161,7 +162,11 @@ class Controller:
         result = self.access.run(remote_nodeid(item), request, self.order.nextid(item, nextitem))
         if result.error is None:
             self._ran_on[item.nodeid] = sys.intern(result.machine_label)  # one string a machine
-        replay_result(item, result, self.config.rootpath)
+
+        def teardown(remote: pytest.TestReport) -> pytest.TestReport:
+            return with_local_teardown(remote, teardown_locally(item, nextitem))
+
+        replay_result(item, result, self.config.rootpath, teardown)
         return True
 
     def remote_coverage(self) -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import PurePath
 from typing import Any, Literal
 
@@ -26,6 +26,9 @@ from pytest_gpucloud.remote.protocol import Message
 # Plugins the remote session must not be asked for: this plugin itself, and the two the
 # worker keeps inert there (the local session alone writes the cache and the junitxml).
 LOCAL_ONLY_PLUGINS = frozenset({"gpucloud", "pytest_gpucloud.plugin", "cacheprovider", "junitxml"})
+#: A remote test's teardown on the local side: given the teardown report that came, the one
+#: to log.
+TeardownStep = Callable[[pytest.TestReport], pytest.TestReport]
 
 
 def remote_pytest_args(config: pytest.Config) -> list[str]:
@@ -204,11 +207,14 @@ def _replay(
     reports: list[pytest.TestReport],
     lost: str | None,
     properties: Sequence[Sequence[str]] = (),
+    teardown: TeardownStep | None = None,
     started: bool = False,
 ) -> None:
     ihook = item.ihook
 
     def log(report: pytest.TestReport) -> None:
+        if report.when == "teardown" and teardown is not None:
+            report = teardown(report)
         report.user_properties.extend((name, value) for name, value in properties)
         ihook.pytest_runtest_logreport(report=report)
 
@@ -254,6 +260,7 @@ def replay_test(
     local_root: str,
     lost: str | None = None,
     properties: Sequence[Sequence[str]] = (),
+    teardown: TeardownStep | None = None,
     started: bool = False,
 ) -> None:
     """Replay one remote test on ``item.ihook``.
@@ -263,8 +270,10 @@ def replay_test(
     a passed one is made up if none came. ``lost``: the worker died before the test's
     ``done``; the message is reported as a failure of the phase that did not finish.
     Warnings are recorded after the test, as pytest does. ``properties``: ``(name, value)``
-    pairs added to each report's ``user_properties`` (junitxml shows them). ``started``:
-    ``pytest_runtest_logstart`` was called already, when the test was sent.
+    pairs added to each report's ``user_properties`` (junitxml shows them). ``teardown``:
+    the local side's teardown, run when the teardown report is due; it gives the report
+    that is logged. ``started``: ``pytest_runtest_logstart`` was called already, when the
+    test was sent.
     """
     paths = _path_map(remote_root, local_root)
     shared = _Shared(item)
@@ -279,7 +288,7 @@ def replay_test(
             raise ValueError(f"{item.nodeid}: expected a test report, got {type(report)}")
         shared.adopt(report)
         reports.append(report)
-    _replay(item, reports, lost, properties, started)
+    _replay(item, reports, lost, properties, teardown, started)
     for frame in warning_frames:
         _record_warning(item.config, frame, paths)
 
@@ -289,15 +298,16 @@ def replay_infra_error(
     message: str,
     properties: Sequence[Sequence[str]] = (),
     *,
+    teardown: TeardownStep | None = None,
     started: bool = False,
 ) -> None:
     """Report ``item`` as an ERROR in setup: it could not run for an infrastructure reason.
 
     ``message`` is the whole report (prefixed ``gpu-cloud: `` if it is not already); never
-    a failure of the test itself, never a skip. ``properties``, ``started``: as for
-    :func:`replay_test`.
+    a failure of the test itself, never a skip. ``properties``, ``teardown``, ``started``:
+    as for :func:`replay_test`.
     """
-    _replay(item, [], message, properties, started)
+    _replay(item, [], message, properties, teardown, started)
 
 
 def replay_collectreport(

@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import asyncssh
-
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.core.wire import SimCommandRecord
 from pytest_gpucloud.transport.exec_server import (
     HOST,

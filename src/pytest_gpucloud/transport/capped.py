@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-import asyncssh
+from pytest_gpucloud.core.sshlib import asyncssh
 
 _CHUNK = 1 << 16
 

@@ -16,7 +16,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import asyncssh
+from pytest_gpucloud.core.sshlib import asyncssh
 
 HOST = "127.0.0.1"
 _CHUNK = 1 << 16

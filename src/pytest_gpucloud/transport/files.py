@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import asyncssh
-
 from pytest_gpucloud.core.errors import InstanceError
 from pytest_gpucloud.core.escape import visible
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.remote import filepipe, source
 
 if TYPE_CHECKING:

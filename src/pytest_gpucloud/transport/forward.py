@@ -10,9 +10,8 @@ from __future__ import annotations
 import contextlib
 import shlex
 
-import asyncssh
-
 from pytest_gpucloud.core.errors import InstanceError
+from pytest_gpucloud.core.sshlib import asyncssh
 
 LOOPBACK = "127.0.0.1"
 

@@ -11,9 +11,8 @@ import asyncio
 import time
 from typing import Protocol
 
-import asyncssh
-
 from pytest_gpucloud.core.errors import HostKeyMismatch, InstanceError
+from pytest_gpucloud.core.sshlib import asyncssh
 
 # AES-GCM first: one AES-NI call per packet where asyncssh's chacha20-poly1305 makes
 # several (bench/results.md has the measurement); the rest as asyncssh orders them.

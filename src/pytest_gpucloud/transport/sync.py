@@ -41,9 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NamedTuple
 
-import asyncssh
-
 from pytest_gpucloud.core.errors import InstanceError
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.remote.receive import DIGESTS_HEADER, PACK_HEADER, ZLIB_HEADER
 from pytest_gpucloud.transport.exclusions import Exclusions

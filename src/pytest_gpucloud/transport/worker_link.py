@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import shlex
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,10 +22,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any, TypedDict, TypeVar
 
-import asyncssh
-
 from pytest_gpucloud.core.errors import RemoteError, TimeLimitExceeded
 from pytest_gpucloud.core.escape import visible
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.remote.boot import GO, PROBE_ENV
 from pytest_gpucloud.remote.protocol import (
@@ -36,6 +36,8 @@ from pytest_gpucloud.remote.protocol import (
 )
 
 REMOTE_PACKAGE = "gpucloud_remote"
+#: The oldest pytest on an instance whose reports this side replays (and the plugin's own).
+OLDEST_REMOTE_PYTEST = (8, 0)
 _CHUNK = 256 * 1024
 FRAME_MAX = 64 << 20  # one frame: a report with its captured output, tracebacks, sections
 # How much longer than a test's time limit this side waits for the worker to stop itself.
@@ -415,12 +417,20 @@ def _check_versions(hello: Message, instance_id: str) -> None:
             f"instance {instance_id}: remote worker speaks protocol {remote_protocol}, this "
             f"plugin speaks {PROTOCOL_VERSION}"
         )
-    if remote_pytest.split(".")[0] != local_pytest.split(".")[0]:
+    if not _replayable(remote_pytest):
         raise RemoteError(
             f"instance {instance_id}: pytest {remote_pytest} on the instance (Python "
             f"{hello.get('python')}) cannot replay into pytest {local_pytest} here; "
-            "install the same major pytest version in the image or via --gpu-setup"
+            f"install pytest {OLDEST_REMOTE_PYTEST[0]}.{OLDEST_REMOTE_PYTEST[1]} or newer in "
+            "the image or via --gpu-setup"
         )
+
+
+def _replayable(remote_pytest: str) -> bool:
+    """Whether reports of that pytest replay here: pytest 8 and 9 serialize them alike (the
+    instance's Python decides which one it can have: 3.8 and 3.9 stop at pytest 8)."""
+    found = re.match(r"(\d+)\.(\d+)", remote_pytest)
+    return found is not None and (int(found[1]), int(found[2])) >= OLDEST_REMOTE_PYTEST
 
 
 def _first_line(exc: BaseException) -> str:

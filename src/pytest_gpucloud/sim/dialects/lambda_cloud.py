@@ -23,12 +23,12 @@ import time
 import uuid
 from typing import Any
 
-import asyncssh
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.core.wire import CreateInstanceRequest, GpuTypeModel
 from pytest_gpucloud.sim.cloud import ApiError, SimInstance
 from pytest_gpucloud.sim.desk import Desk, parse
