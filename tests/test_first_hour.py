@@ -285,9 +285,11 @@ def test_a_machine_error_is_one_line_in_the_summary(gpu_run: GpuRun) -> None:
         """
     )
     result = gpu_run()
-    summary = result.outlines[
-        next(i for i, line in enumerate(result.outlines) if "= gpu-cloud =" in line) :
-    ]
+    # the gpu-cloud section, up to pytest's short summary (which under CI=true shows each
+    # failure's whole message, as pytest does for any test)
+    start = next(i for i, line in enumerate(result.outlines) if "= gpu-cloud =" in line)
+    end = next(i for i, line in enumerate(result.outlines) if "short test summary" in line)
+    summary = result.outlines[start:end]
     errors = [line for line in summary if line.startswith("i-") and "gpu-cloud:" in line]
     assert len(errors) == 1
     assert errors[0].endswith("(raise the limit with --gpu-timeout or gpu(timeout=...))")
