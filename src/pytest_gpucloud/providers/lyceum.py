@@ -39,7 +39,8 @@ from pytest_gpucloud.core.errors import (
     Transient,
 )
 from pytest_gpucloud.providers.base import Instance
-from pytest_gpucloud.providers.vendor_http import VendorHttp, one_line, poll_ready, rate_limited
+from pytest_gpucloud.providers.rest import poll_ready
+from pytest_gpucloud.providers.vendor_http import VendorHttp, one_line, rate_limited
 from pytest_gpucloud.providers.vendors import Policy
 
 BASE_URL = "https://api.lyceum.technology/api/v2/external"

@@ -117,25 +117,7 @@ class RestProvider:
         return _instance(await self._call("GET", f"/v1/instances/{instance_id}", _INSTANCE))
 
     async def wait_ready(self, instance: Instance, timeout: float) -> Instance:
-        deadline = time.monotonic() + timeout
-        interval = self._poll_interval
-        while True:
-            current = await self.get(instance.id)
-            if current.status == "running" and current.ip and current.ssh_port:
-                return current
-            if current.status in ("failed", "terminating", "terminated"):
-                raise InstanceError(
-                    f"instance {instance.id} ({instance.gpu_type}) is {current.status} "
-                    "instead of booting"
-                )
-            if time.monotonic() + interval > deadline:
-                raise InstanceError(
-                    f"instance {instance.id} ({instance.gpu_type}) did not boot within "
-                    f"{timeout:g} s (still {current.status}); raise --gpu-boot-timeout if "
-                    "this type boots slowly"
-                )
-            await asyncio.sleep(interval)
-            interval = min(interval * 1.5, 2.0)
+        return await poll_ready(self.get, instance, timeout, interval=self._poll_interval)
 
     async def delete(self, instance_id: str) -> None:
         with contextlib.suppress(NotFound):
@@ -193,6 +175,37 @@ class RestProvider:
             raise _bad_answer(
                 f"the GPU cloud API answered {what} with a body that is not JSON"
             ) from None
+
+
+async def poll_ready(
+    get: Callable[[str], Awaitable[Instance]],
+    instance: Instance,
+    timeout: float,
+    *,
+    interval: float = 0.05,
+    max_interval: float = 2.0,
+) -> Instance:
+    """Poll ``get`` until the instance runs with an SSH address (a status alone is not
+    enough: some clouds say running before the address exists)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = await get(instance.id)
+        if current.status == "running" and current.ip and current.ssh_port:
+            return current
+        if current.status in ("failed", "terminating", "terminated"):
+            raise InstanceError(
+                f"instance {instance.id} ({instance.gpu_type}) is {current.status} "
+                "instead of booting"
+            )
+        if time.monotonic() + interval > deadline:
+            raise InstanceError(
+                f"instance {instance.id} ({instance.gpu_type}) did not boot within "
+                f"{timeout:g} s (still {current.status}"
+                f"{', no SSH address yet' if current.status == 'running' else ''}); raise "
+                "--gpu-boot-timeout if this type boots slowly"
+            )
+        await asyncio.sleep(interval)
+        interval = min(interval * 1.5, max_interval)
 
 
 async def retrying(call: Callable[[], Awaitable[R]], attempts: int) -> R:

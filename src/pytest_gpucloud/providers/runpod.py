@@ -40,7 +40,8 @@ from pytest_gpucloud.core.errors import (
 from pytest_gpucloud.core.wire import IpAddress, SafeId
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.host_keys import InjectedHostKey
-from pytest_gpucloud.providers.vendor_http import VendorHttp, one_line, poll_ready, rate_limited
+from pytest_gpucloud.providers.rest import poll_ready
+from pytest_gpucloud.providers.vendor_http import VendorHttp, one_line, rate_limited
 from pytest_gpucloud.providers.vendors import Policy
 
 BASE_URL = "https://api.runpod.io/v2"

@@ -5,22 +5,18 @@ Each vendor supplies how its error answers read (``errors``); the key appears in
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
 from pytest_gpucloud.core.errors import (
     BadAnswer,
-    InstanceError,
     ProviderError,
     RateLimited,
     Transient,
 )
-from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.rest import read_capped, retrying
 
 #: (status, body, headers, "METHOD /path") -> the error to raise.
@@ -111,34 +107,3 @@ def retry_after(headers: httpx.Headers, default: float) -> float:
 
 def rate_limited(what: str, headers: httpx.Headers, default: float = 1.0) -> RateLimited:
     return RateLimited(f"{what}: rate limited", retry_after(headers, default))
-
-
-async def poll_ready(
-    get: Callable[[str], Awaitable[Instance]],
-    instance: Instance,
-    timeout: float,
-    *,
-    interval: float = 0.05,
-    max_interval: float = 2.0,
-) -> Instance:
-    """Poll ``get`` until the instance runs with an SSH address (a status alone is not
-    enough: some clouds say running before the address exists)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        current = await get(instance.id)
-        if current.status == "running" and current.ip and current.ssh_port:
-            return current
-        if current.status in ("failed", "terminating", "terminated"):
-            raise InstanceError(
-                f"instance {instance.id} ({instance.gpu_type}) is {current.status} "
-                "instead of booting"
-            )
-        if time.monotonic() + interval > deadline:
-            raise InstanceError(
-                f"instance {instance.id} ({instance.gpu_type}) did not boot within "
-                f"{timeout:g} s (still {current.status}"
-                f"{', no SSH address yet' if current.status == 'running' else ''}); raise "
-                "--gpu-boot-timeout if this type boots slowly"
-            )
-        await asyncio.sleep(interval)
-        interval = min(interval * 1.5, max_interval)
