@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/uv pip install -q --python $(BIN)/python -c $(LOCK) -e '.[dev,ci]'
 	touch $(STAMP)
 
+# The dev environment's own plugins kept quiet: pytest-asyncio's loop-scope notice, and
+# pytest-randomly's shuffle (the examples read best in file order).
 demo: $(STAMP)
-	cd examples && ../$(BIN)/pytest --gpu-cloud --gpu-provider sim -v
+	cd examples && ../$(BIN)/pytest --gpu-cloud --gpu-provider sim -v -p no:randomly \
+		-o asyncio_default_fixture_loop_scope=function
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
