@@ -163,7 +163,7 @@ def start_modes(sim: SimProcess, root: Path) -> list[dict[str, Any]]:
     for mode in ("eager", "jit", "lazy"):
         report = work / f"report-{mode}.json"
         walls[mode] = pytest_wall(
-            sim, work, START_BOOT_S, "--gpu-start", mode, "--gpu-report", str(report)
+            sim, work, START_BOOT_S, "--gpu-start", mode, f"--gpu-report={report}"
         )
         idle[mode], total = idle_seconds(report)
         NOTES.append(

@@ -152,7 +152,7 @@ class Session:
 
 def _remote_args(report: Path | None = None) -> list[str]:
     args = ["--gpu-cloud", "--gpu-provider", "rest"]
-    return [*args, "--gpu-report", str(report)] if report else args
+    return [*args, f"--gpu-report={report}"] if report else args
 
 
 def scale(sim: SimProcess, root: Path) -> tuple[list[dict[str, Any]], dict[int, float]]:
