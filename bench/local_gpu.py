@@ -7,10 +7,10 @@ the benchmarks has not. docs/gpu-check.sh runs it as the last step of the GPU ch
 The same trivial tests (``@pytest.mark.gpu()``, any GPU) run twice per size, each in a
 pytest process of its own: with ``--gpu-cloud --gpu-provider local`` (this machine's GPU,
 the worker a subprocess with ``CUDA_VISIBLE_DEVICES`` of its slot), and by plain pytest with
-the plugin off. The span is the one of overhead.py (first ``pytest_runtest_logstart`` to
-last ``pytest_runtest_logfinish``); the overhead per test is ``(remote span - local span) /
-tests``. Session start (sync, worker start, collection) is shown apart, as the wall time of
-the whole run less the local run's.
+the plugin off. The span is the one of overhead.py (the end of the first test to the end
+of the last); the overhead per test is ``(remote span - local span) / (tests - 1)``.
+Session start (sync, worker start, collection) is shown apart, as the wall time of the
+whole run less the local run's.
 
 Run: ``python bench/local_gpu.py``.
 """
@@ -23,7 +23,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from overhead import CONFTEST, INI, SCALE_TARGET_MS, Session
+from overhead import CONFTEST, INI, SCALE_TARGET_MS, Session, per_test_ms
 
 SIZES = (200, 2_000)
 NOTES: list[str] = []
@@ -58,8 +58,8 @@ def main() -> list[dict[str, Any]]:
             local = session.run(["-p", "no:gpucloud", f"test_n{size}.py"])
             remote = session.run(["--gpu-cloud", "--gpu-provider", "local", f"test_n{size}.py"])
             assert remote["tests"] == local["tests"] == size, (remote["tests"], local["tests"])
-            remote_ms = remote["span"] * 1000 / size
-            local_ms = local["span"] * 1000 / size
+            remote_ms = per_test_ms(remote)
+            local_ms = per_test_ms(local)
             overhead = remote_ms - local_ms
             start = remote["wall"] - remote["span"] - (local["wall"] - local["span"])
             print(

@@ -4,10 +4,11 @@ Per-test overhead (issue 2: 200 tests, target 5 ms; issue 8: 200, 2,000 and 20,0
 target 2 ms at every size). The same trivial tests (``def test_t(i): pass``, parametrized)
 run twice, each in a pytest process of its own: with ``--gpu-cloud`` on one sim instance
 (the sim in a process of its own, see simcloud.py), and locally with the plugin off. A
-conftest in the project times each run from its first ``pytest_runtest_logstart`` to its
-last ``pytest_runtest_logfinish``, which leaves out start-up, collection and instance boot
-(the first remote test is replayed only once its instance is up). The overhead per test
-is ``(remote span - local span) / tests``.
+conftest in the project times each run from the end of its first test to the end of its
+last (``pytest_runtest_logfinish``), which leaves out start-up, collection and the first
+test's wait for its instance (a remote test is announced when it is sent, so its
+``logstart`` comes before that wait). The overhead per test is ``(remote span - local
+span) / (tests - 1)`` (:func:`per_test_ms`).
 
 Peak RSS (issue 8: at most 150 MB at 20,000 tests): the ``ru_maxrss`` of the remote run's
 pytest process (``os.wait4``), against the local run's.
@@ -58,12 +59,10 @@ import time
 _SPAN = {"tests": 0}
 
 
-def pytest_runtest_logstart(nodeid, location):
-    _SPAN.setdefault("first", time.perf_counter())
-
-
 def pytest_runtest_logfinish(nodeid, location):
-    _SPAN["last"] = time.perf_counter()
+    now = time.perf_counter()
+    _SPAN.setdefault("first", now)
+    _SPAN["last"] = now
     _SPAN["tests"] += 1
 
 
@@ -107,6 +106,11 @@ def make_project(root: Path) -> None:
                 pass
             """)
         )
+
+
+def per_test_ms(run: dict[str, Any]) -> float:
+    """Milliseconds a test of ``run``, from the end of its first test to the end of its last."""
+    return float(run["span"]) * 1000 / (int(run["tests"]) - 1)
 
 
 class Session:
@@ -170,8 +174,8 @@ def scale(sim: SimProcess, root: Path) -> tuple[list[dict[str, Any]], dict[int, 
         rss[size] = (remote["hwm_mb"], local["hwm_mb"])
         floors[size] = remote["rss_mb"]
         assert remote["tests"] == local["tests"] == size, (remote["tests"], local["tests"])
-        remote_ms = remote["span"] * 1000 / size
-        local_ms = local["span"] * 1000 / size
+        remote_ms = per_test_ms(remote)
+        local_ms = per_test_ms(local)
         overhead = remote_ms - local_ms
         overheads[size] = overhead
         print(
