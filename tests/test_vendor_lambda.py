@@ -7,23 +7,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncssh
 import pytest
 
 from pytest_gpucloud.cli import cleanup
 from pytest_gpucloud.core.labels import EXPIRES, PROJECT, SESSION, project_label
-from tests.vendor_sims import VendorRun, VendorSim, start
+from tests.vendor_sims import GPU_TEST, KEY, VendorRun, VendorSim, start
 
 SPEC = "Lambda Cloud API spec 1.10.0 (cloud.lambda.ai/api/v1/openapi.json)"
-KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
-
-GPU_TEST = """
-import os, pytest
-
-@pytest.mark.gpu("H100")
-def test_on_h100():
-    assert os.environ["GPUCLOUD_SIM_GPU"] == "H100:1"
-"""
 
 
 @pytest.fixture

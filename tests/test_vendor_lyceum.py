@@ -7,21 +7,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncssh
 import pytest
 
 from pytest_gpucloud.cli import cleanup
 from pytest_gpucloud.providers.lyceum import _address
-from tests.vendor_sims import VendorRun, VendorSim, start
+from tests.vendor_sims import GPU_TEST, KEY, VendorRun, VendorSim, start
 
-KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
-GPU_TEST = """
-import os, pytest
-
-@pytest.mark.gpu("H100")
-def test_on_h100():
-    assert os.environ["GPUCLOUD_SIM_GPU"] == "H100:1"
-"""
 # The first attempt writes the file that preempts its spot instance (fault "preempt",
 # on_file) and waits to be lost; the second, on a fresh instance, passes at once. Both run on
 # this machine (simulated instances), so a file outside their homes tells them apart.

@@ -20,16 +20,7 @@ import pytest
 
 from pytest_gpucloud.cli import cleanup
 from pytest_gpucloud.providers.runpod import HOST_KEY_ENV, start_command
-from tests.vendor_sims import VendorRun, VendorSim, start
-
-KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
-GPU_TEST = """
-import os, pytest
-
-@pytest.mark.gpu("H100")
-def test_on_h100():
-    assert os.environ["GPUCLOUD_SIM_GPU"] == "H100:1"
-"""
+from tests.vendor_sims import GPU_TEST, KEY, VendorRun, VendorSim, start
 
 
 @pytest.fixture

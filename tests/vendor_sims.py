@@ -12,11 +12,24 @@ import httpx
 import pytest
 
 from pytest_gpucloud.core.environment import VENDOR_KEY_ENV
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.sim import SimConfig, SimServer
 from pytest_gpucloud.sim.config import Dialect
 from tests.cloud import BOOT_DELAY, Sim
 
 BASE_PATH = {"lambda": "/api/v1", "runpod": "/v2", "lyceum": "/api/v2/external"}
+
+
+# A public key to hand the dialects' create calls (its machines take any).
+KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+# One gpu test, on the type every dialect offers.
+GPU_TEST = """
+import os, pytest
+
+@pytest.mark.gpu("H100")
+def test_on_h100():
+    assert os.environ["GPUCLOUD_SIM_GPU"] == "H100:1"
+"""
 
 
 class VendorSim(Sim):
