@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-STRICT = (sys.executable, "-W", "error")
+# faulthandler: a crash before the banner still says where (an empty stderr said nothing).
+STRICT = (sys.executable, "-X", "faulthandler", "-W", "error")
 STRICT_INI = "[pytest]\nfilterwarnings =\n    error\n"
 
 
@@ -33,8 +34,11 @@ def strict_sim(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("GPUCLOUD_API_KEY", api_key)
     for name in ("GPUCLOUD_PROVIDER", "GPUCLOUD_API_URL"):
         monkeypatch.delenv(name, raising=False)
+    if "serving the GPU cloud API on http://" not in banner:
+        server.kill()
+        _, stderr = server.communicate(timeout=20)
+        pytest.fail(f"the simulated cloud did not start (exit {server.returncode}): {stderr!r}")
     try:
-        assert "serving the GPU cloud API on http://" in banner
         yield banner.split(" on ")[1].split()[0]
     finally:
         server.terminate()
