@@ -53,8 +53,9 @@ def instance_venv(version: str, root: Path) -> Path:
     if not venv.exists():
         tool = uv.find_uv_bin()
         subprocess.run([tool, "venv", "-q", "-p", python, str(venv)], check=True)
-        env = {**os.environ, "VIRTUAL_ENV": str(venv)}
-        subprocess.run([tool, "pip", "install", "-q", "pytest"], check=True, env=env)
+        # --python, not VIRTUAL_ENV: under nox, UV_PYTHON names nox's own environment.
+        target = ("--python", str(venv / "bin" / "python"))
+        subprocess.run([tool, "pip", "install", "-q", *target, "pytest"], check=True)
     return venv
 
 

@@ -29,7 +29,7 @@ from pytest_gpucloud.session.interrupts import Interrupts
 from pytest_gpucloud.session.local_teardown import teardown_locally, with_local_teardown
 from pytest_gpucloud.session.order import REMOTE_NODEID_KEY, RunOrder, remote_nodeid
 from pytest_gpucloud.session.other_plugins import RemoteSide
-from pytest_gpucloud.session.outcomes import is_infrastructure_error
+from pytest_gpucloud.session.outcomes import infrastructure_longrepr, is_infrastructure_error
 from pytest_gpucloud.session.results import replay_result
 from pytest_gpucloud.session.startup import FleetStarter
 from pytest_gpucloud.session.stash import REQUEST_KEY
@@ -249,14 +249,14 @@ class Controller:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
-        self, call: pytest.CallInfo[None]
+        self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         """A ``gpu_service`` that could not start is a setup error reading ``gpu-cloud:
         ...`` (counted as infrastructure), not a traceback through the plugin."""
         report = yield
         failure = call.excinfo.value if call.excinfo is not None else None
         if call.when == "setup" and isinstance(failure, ServiceError):
-            report.longrepr = str(failure)
+            report.longrepr = infrastructure_longrepr(item, str(failure))
         return report
 
     @pytest.hookimpl(tryfirst=True)  # before the terminal's (and xdist's) use of it

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# pytest's own representation of an error, as pytest-xdist sends it between processes.
+from _pytest._code.code import ReprExceptionInfo, ReprFileLocation, ReprTracebackNative
+
 from pytest_gpucloud.core.errors import PREFIX
 
 #: Outcomes in the order the summary counts them; later ones are worse within a test.
@@ -108,6 +111,20 @@ def is_infrastructure_error(report: pytest.TestReport) -> bool:
     """A report the plugin made for a test that could not run or finish on an instance
     (a time limit passed in a test's body is that test's failure, as pytest-timeout's)."""
     return report.failed and report.when != "call" and str(report.longrepr).startswith(PREFIX)
+
+
+def infrastructure_longrepr(item: pytest.Item, message: str) -> ReprExceptionInfo:
+    """``message`` as an error report's text, its crash line at the test's own line.
+
+    A plain string shows in full among the ERRORs, but pytest 8's short summary gives a
+    string no reason (``ERROR test_x.py::test_a`` alone); its crash line's message is
+    what every version prints there, and xdist carries this form between processes as it is.
+    """
+    lineno = (item.location[1] or 0) + 1
+    return ReprExceptionInfo(
+        reprtraceback=ReprTracebackNative([message + "\n"]),
+        reprcrash=ReprFileLocation(str(item.path), lineno, message),
+    )
 
 
 def counts(records: Iterable[Record]) -> dict[str, int]:

@@ -22,6 +22,7 @@ import pytest
 
 from pytest_gpucloud.core.errors import PREFIX
 from pytest_gpucloud.remote.protocol import Message
+from pytest_gpucloud.session.outcomes import infrastructure_longrepr
 
 # Plugins the remote session must not be asked for: this plugin itself, and the two the
 # worker keeps inert there (the local session alone writes the cache and the junitxml).
@@ -191,10 +192,12 @@ class _Shared:
 def _local_report(
     item: pytest.Item,
     when: Literal["setup", "call", "teardown"],
-    outcome: Literal["passed", "failed"],
-    longrepr: str | None,
+    failure: str | None,
 ) -> pytest.TestReport:
+    """A phase the plugin reports itself: passed, or failed with ``failure``'s text."""
     keywords: dict[str, Literal[1]] = dict.fromkeys(item.keywords, 1)
+    outcome: Literal["passed", "failed"] = "passed" if failure is None else "failed"
+    longrepr = None if failure is None else infrastructure_longrepr(item, _prefixed(failure))
     return pytest.TestReport(item.nodeid, item.location, keywords, outcome, longrepr, when)
 
 
@@ -240,10 +243,10 @@ def _replay(
             when = "call"
         else:
             when = "teardown"
-        log(_local_report(item, when, "failed", _prefixed(lost)))
+        log(_local_report(item, when, lost))
         outcomes[when] = "failed"
     if "teardown" not in outcomes:
-        log(_local_report(item, "teardown", "passed", None))
+        log(_local_report(item, "teardown", None))
     ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     # What pytest's runner does after a test (runtestprotocol): the item's fixture request
     # is not needed again, and 20,000 items would each keep theirs.
