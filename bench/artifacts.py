@@ -36,9 +36,9 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-import asyncssh
 import boto3
 
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.features.data import DataSource
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.transport import ssh

@@ -37,8 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import asyncssh
-
+from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.transport.sync import sync
 from sshd import LocalSshd, ToolsMissing, ensure_tools, versions
 

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -62,7 +63,10 @@ def ensure_tools() -> None:
 class LocalSshd:
     """``sshd`` on 127.0.0.1:<free port> for the current user, key auth only."""
 
-    def __init__(self) -> None:
+    def __init__(self, environment: Mapping[str, str] | None = None) -> None:
+        """``environment``: variables every session gets (sshd's ``SetEnv``); HOME and PATH
+        included, and bash then reads that HOME's ``.bashrc``."""
+        self.environment = dict(environment or {})
         self.dir = Path(tempfile.mkdtemp(prefix="gpucloud-bench-sshd-"))
         self.user = pwd.getpwuid(os.geteuid()).pw_name
         self.port = 0
@@ -124,6 +128,8 @@ class LocalSshd:
                     "UsePAM no",
                     "UseDNS no",
                     "Subsystem sftp internal-sftp",
+                    # One line: sshd takes the first SetEnv only.
+                    "SetEnv " + " ".join(f'"{k}={v}"' for k, v in self.environment.items()),
                     "",
                 ]
             )

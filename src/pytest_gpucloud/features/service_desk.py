@@ -27,8 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import httpx
-
 from pytest_gpucloud.core.errors import PREFIX, GpuCloudError, ServiceError
 from pytest_gpucloud.core.request import GpuRequest
 from pytest_gpucloud.core.sshlib import asyncssh
@@ -317,6 +315,8 @@ async def _reach(machine: Machine, running: _Running, this_machine: bool) -> str
 async def _wait_healthy(running: _Running) -> None:
     """Poll the health path every 0.5 s until it answers 200; the server's end, or the
     timeout, raise ServiceError at once."""
+    import httpx  # here: a session without gpu_service (or with the ssh provider) never loads it
+
     spec = running.spec
     started = time.monotonic()
     last = "none (no connection yet)"
