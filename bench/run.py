@@ -23,7 +23,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("plan", "sync", "openssh", "overhead", "fanout", "faults", "artifacts", "service")
+BENCHMARKS = (
+    "plan",
+    "sync",
+    "openssh",
+    "xdist_ssh",
+    "overhead",
+    "fanout",
+    "faults",
+    "artifacts",
+    "service",
+)
 RESULTS = Path(__file__).with_name("results.md")
 COLUMNS = ("figure", "value", "baseline (same run)", "ratio", "target", "met")
 

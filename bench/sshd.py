@@ -128,8 +128,7 @@ class LocalSshd:
                     "UsePAM no",
                     "UseDNS no",
                     "Subsystem sftp internal-sftp",
-                    # One line: sshd takes the first SetEnv only.
-                    "SetEnv " + " ".join(f'"{k}={v}"' for k, v in self.environment.items()),
+                    *self._setenv(),
                     "",
                 ]
             )
@@ -143,6 +142,11 @@ class LocalSshd:
         )
         self._wait_ready()
         return self
+
+    def _setenv(self) -> list[str]:
+        """The ``SetEnv`` line, if any: one, as sshd takes the first only."""
+        pairs = [f'"{name}={value}"' for name, value in self.environment.items()]
+        return [f"SetEnv {' '.join(pairs)}"] if pairs else []
 
     def _wait_ready(self) -> None:
         assert self._proc is not None

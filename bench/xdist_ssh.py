@@ -59,13 +59,14 @@ def pytest_runtest_logfinish(nodeid, location):
 class Host:
     """A private sshd as a static GPU host (a stand-in nvidia-smi shows one T4), and the
     command lines of both tools for it. Its sessions' home is a folder of the benchmark's,
-    whose ``.bashrc`` counts each remote command and waits ``shell_delay_s`` first."""
+    whose ``.bashrc`` counts each remote command, waits ``shell_delay_s`` and goes home."""
 
     def __init__(self, scratch: Path, shell_delay_s: float = 0.0) -> None:
         scratch.mkdir(parents=True, exist_ok=True)
         self.home = scratch / "home"
         self.commands = scratch / "commands.log"
-        self.bashrc = f"echo started >> {self.commands}\nsleep {shell_delay_s}\n"
+        # cd: sshd starts a session in the passwd entry's home, not in HOME's.
+        self.bashrc = f'echo started >> {self.commands}\nsleep {shell_delay_s}\ncd "$HOME"\n'
         path = [Path(sys.executable).parent, STANDINS, "/usr/local/bin", "/usr/bin", "/bin"]
         environment = {
             "PATH": ":".join(map(str, path)),
