@@ -85,7 +85,7 @@ def pytest_wall(sim: SimProcess, project: Path, boot_s: float, *args: str) -> fl
     )
     answer.raise_for_status()
     command = [
-        *(sys.executable, "-m", "pytest", "-q"),
+        *(sys.executable, "-m", "pytest", "-q", "-p", "no:randomly"),
         *("--gpu-cloud", "--gpu-provider", "rest", *args),
     ]
     start = time.perf_counter()

@@ -50,6 +50,8 @@ START_REPEATS = 5
 PHASES = ("connect", "sync", "prepare", "worker_start", "collect", "first_test")
 OVERLAPPED = ("prepare", "worker_start")  # run during the sync (no setup command here)
 NOTES: list[str] = []
+# No cache, and no pytest-randomly (where installed): the figures assume the files' order.
+QUIET = ("-p", "no:cacheprovider", "-p", "no:randomly", "-q")
 
 CONFTEST = """
 import json
@@ -124,7 +126,7 @@ class Session:
         span_file = self.root / ".span.json"
         span_file.unlink(missing_ok=True)
         log = self.root / ".log.txt"
-        command = [*prefix, *self._python(prefix), "-p", "no:cacheprovider", "-q", *args]
+        command = [*prefix, *self._python(prefix), *QUIET, *args]
         started = time.perf_counter()
         with open(log, "wb") as out:
             proc = subprocess.Popen(

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from openssh import make_tree
-from overhead import SIZES, make_project, per_test_ms
+from overhead import QUIET, SIZES, make_project, per_test_ms
 from sshd import LocalSshd, ToolsMissing, ensure_tools
 
 STANDINS = Path(__file__).resolve().parent.parent / "tests" / "standins"
@@ -113,7 +113,7 @@ def _pytest(root: Path, args: list[str], env: dict[str, str]) -> str:
     # Bytecode cached, as on a user's machine: both tools then start from .pyc files.
     env = {name: value for name, value in env.items() if name != "PYTHONDONTWRITEBYTECODE"}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
+        [sys.executable, "-m", "pytest", *QUIET, *args],
         cwd=root,
         env=env,
         capture_output=True,
