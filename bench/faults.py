@@ -508,8 +508,9 @@ def main(repeats: int = REPEATS) -> list[dict[str, object]]:
         f"{len(outcomes)} sessions ({repeats} per fault, {CONTROL_REPEATS} without one) in "
         f"{seconds:.0f} s on {WORKERS} processes. Per fault, sessions that survived: "
         + "; ".join(
-            f"{s.name} {sum(o.survived for o in outcomes if o.scenario == s.name)}/{repeats}"
+            f"{s.name} {sum(o.survived for o in mine)}/{len(mine)}"
             for s in SCENARIOS
+            if (mine := [o for o in outcomes if o.scenario == s.name])
         )
         + ". Tests with one outcome are counted over the sessions that run to their end "
         "(an interrupted or killed session's unfinished tests have none, as in pytest)."
