@@ -360,3 +360,16 @@ def _wait_port(port: int) -> None:
         except OSError:
             time.sleep(0.05)
     raise AssertionError(f"the standalone sim did not listen on {port}")
+
+
+@pytest.mark.parametrize("workers", [(), ("-n", "2")], ids=["alone", "xdist"])
+def test_an_infrastructure_error_gives_its_reason_in_the_short_summary(
+    gpu_run: GpuRun, sim: Sim, pytester: pytest.Pytester, workers: tuple[str, ...]
+) -> None:
+    """pytest 8 prints a reason there only from a report's crash line (``nox -s lowest``
+    runs this file); through xdist the report crosses a process boundary first."""
+    pytester.makepyfile(test_x="import pytest\n\n@pytest.mark.gpu('T4')\ndef test_a():\n    pass\n")
+    sim.fault(kind="boot_never")
+    result = gpu_run("-rE", "--gpu-boot-timeout", "1", *workers)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["ERROR test_x.py::test_a - gpu-cloud: *"])
