@@ -26,7 +26,6 @@ def parse_duration(text: str) -> float:
 
 
 @functools.lru_cache(maxsize=1024)
-@functools.lru_cache(maxsize=1024)  # a suite's markers repeat the same few durations
 def hms_seconds(text: str) -> float | None:
     """Seconds in h/m/s parts such as ``90s`` or ``1h30m`` (None: not such a duration)."""
     match = _DURATION.fullmatch(text.strip().lower())
