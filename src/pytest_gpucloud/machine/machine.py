@@ -116,6 +116,8 @@ class Machine:
     ready_at: float | None = None
     deleted_at: float | None = None
     tests_run: int = 0
+    # Leased whole (gpu_cloud.instance(), gpu_service): no worker, no tests.
+    leased: bool = False
     error: str | None = None
     conn: asyncssh.SSHClientConnection | None = None
     link: WorkerLink | None = None

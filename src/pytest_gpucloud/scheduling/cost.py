@@ -82,6 +82,7 @@ class Bill:
     tests: int
     requested_at: float | None = None  # when the create call went out
     spot: bool = False
+    leased: bool = False  # held whole by a gpu_cloud.instance() handle or a gpu_service
 
     @property
     def seconds(self) -> float:
@@ -111,6 +112,7 @@ def bills(machines: Iterable[Machine]) -> list[Bill]:
             m.tests_run,
             m.requested_at,
             m.offer.spot,
+            m.leased,
         )
         for m in machines
         if m.instance is not None and m.created_at is not None

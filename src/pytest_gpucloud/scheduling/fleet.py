@@ -90,7 +90,6 @@ class _Use:
     said_busy: bool = False
     said_released: bool = False
     task: asyncio.Task[None] | None = None
-    leased: bool = False  # leased whole (gpu_cloud.instance()): no worker, no tests
 
 
 class Fleet:
@@ -304,7 +303,7 @@ class Fleet:
         self._check_budget(self.costs.new(offers[0], pool.count, what), what)
         machine = self._launch(pool, owner=f"lease-{uuid.uuid4().hex[:8]}", asked_by=None)
         use = self._uses[machine]
-        use.leased = True
+        machine.leased = True
         try:
             while machine.state is not MachineState.READY:
                 if use.failure is not None:
@@ -544,7 +543,7 @@ class Fleet:
             if use.abandoned or self._closing:
                 await self._release(machine)
                 return
-            files = None if use.leased else self._files_for(machine, use.asked_by)
+            files = None if machine.leased else self._files_for(machine, use.asked_by)
             await self.launcher.bring_up(machine, files)
             assert machine.ready_at is not None
             boot = machine.ready_at - machine.requested_at

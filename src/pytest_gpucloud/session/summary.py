@@ -30,8 +30,8 @@ def summary_lines(entries: list[Bill], budget: float | None = None) -> list[str]
     if not entries:
         return ["no instance was created"]
     lines = [
-        f"{b.instance_id:<12} {_gpu(b):<12} {b.region:<14} {b.tests:>5} "
-        f"{'test ' if b.tests == 1 else 'tests'} {b.seconds:>8.1f} s  ${b.cost:.4f}"
+        f"{b.instance_id:<12} {_gpu(b):<12} {b.region:<14} {_use(b)} {b.seconds:>8.1f} s  "
+        f"${b.cost:.4f}"
         for b in entries
     ]
     total = sum(b.cost for b in entries)
@@ -74,6 +74,7 @@ def report(
                 "billed_seconds": math.ceil(max(0.0, b.seconds)),
                 "cost": round(b.cost, 6),
                 "tests": b.tests,
+                "leased": b.leased,
                 "spot": b.spot,
                 "phases": phases[b.instance_id],
             }
@@ -98,6 +99,13 @@ def report(
 def write_report(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _use(bill: Bill) -> str:
+    """``  3 tests``, or ``   leased`` for an instance held by a handle or a service."""
+    if bill.leased and not bill.tests:
+        return f"{'leased':>11}"
+    return f"{bill.tests:>5} {'test ' if bill.tests == 1 else 'tests'}"
 
 
 def _gpu(bill: Bill) -> str:
