@@ -48,7 +48,7 @@ class SimProcess:
         self._proc = subprocess.Popen(
             [
                 *(sys.executable, "-m", "pytest_gpucloud.sim"),
-                *("--port", "0", "--boot-delay", "0", "--api-key", self.api_key),
+                *("--port", "0", "--boot-delay", "0", f"--api-key={self.api_key}"),
             ],
             stdout=subprocess.PIPE,
             env={

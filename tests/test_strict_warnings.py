@@ -24,7 +24,7 @@ def strict_sim(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A standalone simulated cloud under ``-W error``; its stderr must stay empty."""
     api_key = secrets.token_urlsafe(16)
     server = subprocess.Popen(
-        [*STRICT, "-m", "pytest_gpucloud.sim", "--port", "0", "--api-key", api_key],
+        [*STRICT, "-m", "pytest_gpucloud.sim", "--port", "0", f"--api-key={api_key}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
