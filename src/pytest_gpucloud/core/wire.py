@@ -73,24 +73,7 @@ class InstanceModel(_Model):
     ssh_host_key: str | None = Field(default=None, max_length=16_384)
 
 
-class ErrorDetail(_Model):
-    code: Literal[
-        "out_of_capacity",
-        "quota_exceeded",
-        "rate_limited",
-        "unauthorized",
-        "invalid_request",
-        "not_found",
-        "internal",
-    ]
-    message: str = Field(max_length=4096)
-
-
-class ErrorBody(_Model):
-    error: ErrorDetail
-
-
-# The same codes as ErrorDetail.code, as a name other modules can type with.
+#: What went wrong, as the API's error answers name it (other modules type with it too).
 ErrorCode = Literal[
     "out_of_capacity",
     "quota_exceeded",
@@ -100,6 +83,15 @@ ErrorCode = Literal[
     "not_found",
     "internal",
 ]
+
+
+class ErrorDetail(_Model):
+    code: ErrorCode
+    message: str = Field(max_length=4096)
+
+
+class ErrorBody(_Model):
+    error: ErrorDetail
 
 
 # The simulated cloud's admin API (``/_sim/...``): records for tests and the CLI.
