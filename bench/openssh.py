@@ -40,6 +40,7 @@ from typing import Any
 from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.transport.sync import sync
 from sshd import LocalSshd, ToolsMissing, ensure_tools, versions
+from sync import best_row
 
 REPEATS = 3
 LIMITED = "200mbit"
@@ -227,33 +228,19 @@ def main() -> list[dict[str, Any]]:
                 if baseline == "rsync -az" and link == "loopback":
                     target, ok = 0.0, None
                 rows.append(
-                    _row(f"cold sync vs {baseline}, {where}", best, "ours cold", baseline,
-                         f"<= {target:.1f}x" if ok is not None else "-", ok)
+                    best_row(f"cold sync vs {baseline}, {where}", best, "ours cold", baseline, "s",
+                             f"<= {target:.1f}x" if ok is not None else "-", ok)
                 )  # fmt: skip
             rows.append(
-                _row(f"second session's sync (warm workspace) vs rsync -a no change, {where}",
-                     best, "ours second session", "rsync -a no change",
-                     f"<= {SECOND_SESSION_TARGET_S * 1000:.0f} ms",
-                     best["ours second session"] <= SECOND_SESSION_TARGET_S)
+                best_row(f"second session's sync (warm workspace) vs rsync -a no change, {where}",
+                         best, "ours second session", "rsync -a no change", "s",
+                         f"<= {SECOND_SESSION_TARGET_S * 1000:.0f} ms",
+                         best["ours second session"] <= SECOND_SESSION_TARGET_S)
             )  # fmt: skip
         NOTES.append(
             f"{link}: {found['versions']}; medians: {json.dumps(found['mixed']['median'])}"
         )
     return rows
-
-
-def _row(
-    name: str, best: dict[str, float], ours: str, baseline: str, target: str, ok: bool | None
-) -> dict[str, Any]:
-    return {
-        "name": name,
-        "value": round(best[ours], 3),
-        "baseline": round(best[baseline], 3),
-        "ratio": round(best[ours] / best[baseline], 3),
-        "target": target,
-        "ok": ok,
-        "unit": "s",
-    }
 
 
 if __name__ == "__main__":

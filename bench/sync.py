@@ -217,20 +217,20 @@ def main() -> list[dict[str, Any]]:
     NOTES.append(f"Opening the SSH connection (part of our cold figure): {best['connect']:.3f} s.")
     ms = {name: value * 1000 for name, value in best.items()}
     return [
-        _row("sync cold: connect + sync vs rsync -a over OpenSSH", best, "cold", "rsync cold",
+        best_row("sync cold: connect + sync vs rsync -a over OpenSSH", best, "cold", "rsync cold",
              "s", f"<= {COLD_TARGET:.1f}x rsync", best["cold"] <= COLD_TARGET * best["rsync cold"]),
-        _row("sync no-change re-sync vs rsync re-run", ms, "no change", "rsync no change", "ms",
+        best_row("sync no-change re-sync vs rsync re-run", ms, "no change", "rsync no change", "ms",
              f"<= {NO_CHANGE_TARGET_MS:.0f} ms", ms["no change"] <= NO_CHANGE_TARGET_MS),
-        _row("sync one changed file vs rsync re-run", ms, "one file", "rsync one file", "ms",
+        best_row("sync one changed file vs rsync re-run", ms, "one file", "rsync one file", "ms",
              f"<= {ONE_FILE_TARGET_MS:.0f} ms", ms["one file"] <= ONE_FILE_TARGET_MS),
-        _row("sync cold, aes128-gcm first vs chacha20-poly1305 first", best, "cold", "chacha",
+        best_row("sync cold, aes128-gcm first vs chacha20-poly1305 first", best, "cold", "chacha",
              "s", "-", None),
-        _row("sync cold vs tar cf - | ssh tar xf -", best, "cold", "tar", "s", "-", None),
-        _row("sync cold vs tar czf - | ssh tar xzf -", best, "cold", "tarz", "s", "-", None),
+        best_row("sync cold vs tar cf - | ssh tar xf -", best, "cold", "tar", "s", "-", None),
+        best_row("sync cold vs tar czf - | ssh tar xzf -", best, "cold", "tarz", "s", "-", None),
     ]  # fmt: skip
 
 
-def _row(
+def best_row(
     name: str,
     best: dict[str, float],
     ours: str,
@@ -239,6 +239,7 @@ def _row(
     target: str,
     ok: bool | None,
 ) -> dict[str, Any]:
+    """A results row: ``best[ours]`` against ``best[baseline]`` (openssh.py's too)."""
     return {
         "name": name,
         "value": round(best[ours], 3),
