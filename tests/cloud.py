@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import asyncssh
 import httpx
 import pytest
 
@@ -29,6 +30,17 @@ def standin_gpus(*names: str) -> str:
     return ";".join(f"GPU-{token}-{i}|{name}|15360" for i, name in enumerate(names))
 
 
+@dataclass(frozen=True)
+class SimHost:
+    """A sim instance serving as a static host of the ``ssh`` provider."""
+
+    id: str
+    gpu: str
+    port: int
+    host_key: str
+    home: Path
+
+
 class Sim:
     """A running simulated cloud and its admin API (records, faults, settings)."""
 
@@ -44,6 +56,27 @@ class Sim:
         response.raise_for_status()
         result: list[dict[str, Any]] = response.json()
         return result
+
+    def static_host(self, gpu: str, key: asyncssh.SSHKey) -> SimHost:
+        """A sim instance created through the API, to serve as a static host."""
+        created = self._http.post(
+            "/v1/instances",
+            json={
+                "gpu_type": gpu,
+                "image": "static",
+                "ssh_public_key": key.export_public_key().decode(),
+                "max_lifetime_s": 3600,
+                "client_token": secrets.token_hex(8),
+            },
+        ).json()
+        deadline = time.monotonic() + 30
+        while (answer := self._http.get(f"/v1/instances/{created['id']}").json())[
+            "status"
+        ] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        home = next(i["home"] for i in self.instances() if i["id"] == created["id"])
+        return SimHost(created["id"], gpu, answer["ssh_port"], answer["ssh_host_key"], Path(home))
 
     def live(self) -> list[dict[str, Any]]:
         return [i for i in self.instances() if i["status"] in LIVE_STATUSES]

@@ -10,16 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import secrets
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncssh
-import httpx
 import pytest
 
 from pytest_gpucloud.cli import cleanup
@@ -30,7 +27,7 @@ from pytest_gpucloud.machine.workspaces import workspace_key
 from pytest_gpucloud.providers.local import LocalProvider
 from pytest_gpucloud.providers.static_hosts import SshProvider
 from pytest_gpucloud.remote.workspaces import WORKSPACES
-from tests.cloud import STANDINS, GpuRun, Sim, Standins, standin_gpus
+from tests.cloud import STANDINS, GpuRun, Sim, SimHost, Standins, standin_gpus
 
 ONE_TEST = "import pytest\n\n@pytest.mark.gpu('T4')\ndef test_a():\n    pass\n"
 
@@ -299,51 +296,30 @@ def test_local_release_waits_for_the_output_of_what_the_lease_ran(
 # -- ssh: the sim's SSH servers as static hosts --------------------------------------------
 
 
-@dataclass
-class Host:
-    id: str
-    port: int
-    host_key: str
-    home: Path
-
-
-def _sim_host(sim: Sim, gpu: str, key: asyncssh.SSHKey) -> Host:
-    """A sim instance created through the API, to serve as a static host."""
-    with httpx.Client(base_url=sim.url, headers={"Authorization": f"Bearer {sim.api_key}"}) as http:
-        created = http.post(
-            "/v1/instances",
-            json={
-                "gpu_type": gpu,
-                "image": "static",
-                "ssh_public_key": key.export_public_key().decode(),
-                "max_lifetime_s": 3600,
-                "client_token": secrets.token_hex(8),
-            },
-        ).json()
-        deadline = time.monotonic() + 30
-        while (answer := http.get(f"/v1/instances/{created['id']}").json())["status"] != "running":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-    home = next(i["home"] for i in sim.instances() if i["id"] == created["id"])
-    return Host(created["id"], answer["ssh_port"], answer["ssh_host_key"], Path(home))
-
-
 @pytest.fixture
 def static_hosts(sim: Sim, tmp_path: Path) -> Any:
     """Two sim instances (T4, A100-80GB) as static hosts: key file, known_hosts, hosts."""
     key = asyncssh.generate_private_key("ssh-ed25519")
-    hosts = [_sim_host(sim, "T4", key), _sim_host(sim, "A100-80GB", key)]
+    hosts = [sim.static_host("T4", key), sim.static_host("A100-80GB", key)]
+    args, known_hosts = _host_options(hosts, key, tmp_path)
+    yield hosts, args, known_hosts
+    for host in hosts:
+        sim.delete(host.id)
+
+
+def _host_options(
+    hosts: list[SimHost], key: asyncssh.SSHKey, tmp_path: Path
+) -> tuple[list[str], Path]:
+    """The options that make ``hosts`` the ``ssh`` provider's, and the known_hosts file."""
     key_file = tmp_path / "id_test"
     key_file.write_bytes(key.export_private_key())
     key_file.chmod(0o600)
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("".join(f"[127.0.0.1]:{h.port} {h.host_key}\n" for h in hosts))
-    spec = f"gpu@127.0.0.1:{hosts[0].port}=T4,gpu@127.0.0.1:{hosts[1].port}=A100-80GB"
+    spec = ",".join(f"gpu@127.0.0.1:{h.port}={h.gpu}" for h in hosts)
     # One word per option: pytest takes a separate path argument for a rootdir candidate.
     args = [f"--gpu-hosts={spec}", f"--gpu-known-hosts={known_hosts}", f"--gpu-ssh-key={key_file}"]
-    yield hosts, args, known_hosts
-    for host in hosts:
-        sim.delete(host.id)
+    return args, known_hosts
 
 
 TWO_HOSTS_TESTS = """
@@ -390,6 +366,43 @@ def test_ssh_hosts_are_leased_never_deleted_and_keep_a_warm_workspace(
     assert {h.id for h in hosts} <= live
     paths = {f"/v1/instances/{h.id}" for h in hosts}
     assert not [r for r in sim.requests() if r["method"] == "DELETE" and r["path"] in paths]
+
+
+def _commands(sim: Sim, host: SimHost) -> list[str]:
+    return [c["command"] for i in sim.instances() if i["id"] == host.id for c in i["commands"]]
+
+
+def test_a_session_on_a_static_host_opens_one_remote_command(
+    sim: Sim, static_hosts: Any, pytester: pytest.Pytester
+) -> None:
+    """The lease, the sync and the worker run through the hub: the login shell paid once."""
+    hosts, args, _ = static_hosts
+    pytester.makepyfile(TWO_HOSTS_TESTS)
+    for session in (1, 2):
+        result = pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "ssh", *args)
+        result.assert_outcomes(passed=2)
+        for host in hosts:
+            commands = _commands(sim, host)
+            assert len(commands) == session, commands
+            assert "class Hub:" in commands[-1]
+
+
+def test_a_static_host_that_forwards_to_no_socket_gets_an_exec_per_command(
+    sim: Sim, pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    sim.fault(kind="no_socket_forwarding")
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    host = sim.static_host("T4", key)
+    args, _ = _host_options([host], key, tmp_path)
+    pytester.makepyfile(ONE_TEST)
+    try:
+        result = pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "ssh", *args)
+    finally:
+        sim.delete(host.id)
+    result.assert_outcomes(passed=1)
+    kinds = ["class Hub:", "Warm workspaces", "Receiving end", "gpucloud_remote"]
+    commands = _commands(sim, host)
+    assert [next(k for k in kinds if k in c) for c in commands] == kinds
 
 
 def test_a_workspace_is_never_shared_between_projects_of_one_name(tmp_path: Path) -> None:

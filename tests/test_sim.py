@@ -343,6 +343,7 @@ def test_exec_output_exit_status_and_environment(
     assert env == {
         "PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
         "HOME": home,
+        "TMPDIR": f"{home}/tmp",
         "LANG": "C.UTF-8",
         "GPUCLOUD_SIM_INSTANCE": instance.id,
         "GPUCLOUD_SIM_GPU": "L4:2",

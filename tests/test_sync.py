@@ -20,6 +20,7 @@ import pytest
 
 from pytest_gpucloud.core.errors import InstanceError
 from pytest_gpucloud.remote import receive
+from pytest_gpucloud.transport.commands import ExecShell
 from pytest_gpucloud.transport.sync import (
     Entry,
     Manifest,
@@ -108,7 +109,7 @@ class Remote:
 
         async def main() -> SyncResult:
             async with self.connect() as conn:
-                return await sync(conn, root, remote_dir, extra=extra, previous=previous)
+                return await sync(ExecShell(conn), root, remote_dir, extra=extra, previous=previous)
 
         return asyncio.run(main())
 

@@ -37,8 +37,9 @@ from pytest_gpucloud.machine import preparation, workspaces
 from pytest_gpucloud.machine.deletion import delete_verified
 from pytest_gpucloud.machine.failover import offer_name
 from pytest_gpucloud.machine.runtime import Runtime, runtime_for
-from pytest_gpucloud.providers.base import LeasingProvider
+from pytest_gpucloud.providers.base import HasShell, LeasingProvider
 from pytest_gpucloud.transport import ssh
+from pytest_gpucloud.transport.commands import ExecShell, Shell
 from pytest_gpucloud.transport.sync import sync
 from pytest_gpucloud.transport.worker_link import (
     REMOTE_PACKAGE,
@@ -120,6 +121,8 @@ class Machine:
     leased: bool = False
     error: str | None = None
     conn: asyncssh.SSHClientConnection | None = None
+    # Where its commands start: over conn, an exec each, or the lease's hub.
+    shell: Shell | None = None
     link: WorkerLink | None = None
     remote_root: str = ""
     collection: Collection | None = None
@@ -240,6 +243,10 @@ class Launcher:
             if machine.instance.ssh_host_key is None:  # tofu: pin what the first one saw
                 seen = ssh.presented_host_key(machine.conn)
                 machine.instance = dataclasses.replace(machine.instance, ssh_host_key=seen)
+        if isinstance(self.provider, HasShell):
+            machine.shell = self.provider.shell(machine.instance)
+        else:
+            machine.shell = ExecShell(machine.conn)
         phases.connect = lap()
         try:
             await self._sync_and_start(machine, files, deadline)
@@ -285,9 +292,9 @@ class Launcher:
             machine.phases.collect = machine.collection.collect_s
 
     async def _sync(self, machine: Machine, root_known: asyncio.Future[str]) -> None:
-        assert machine.conn is not None
+        assert machine.shell is not None
         result = await sync(
-            machine.conn,
+            machine.shell,
             self.rootdir,
             workspaces.remote_dir(self.rootdir, warm=isinstance(self.provider, LeasingProvider)),
             extra={**_remote_package_files(), **self.packages},
@@ -362,9 +369,9 @@ class Launcher:
     async def _launch_worker(
         self, machine: Machine, timeout: float, *, probe: bool = False
     ) -> WorkerLink:
-        assert machine.conn is not None
+        assert machine.shell is not None
         return await WorkerLink.launch(
-            machine.conn,
+            machine.shell,
             machine.id,
             workspace=machine.remote_root,
             package_dir=f"{machine.remote_root}/.gpucloud/pkg",

@@ -10,6 +10,8 @@ from pytest_gpucloud.core.catalog import GpuType, Offer
 if TYPE_CHECKING:
     import asyncssh
 
+    from pytest_gpucloud.transport.commands import Shell
+
 
 @dataclass(frozen=True)
 class Instance:
@@ -89,6 +91,17 @@ class LeasingProvider(Protocol):
         self, instance: Instance, session_key: asyncssh.SSHKey, timeout: float
     ) -> asyncssh.SSHClientConnection:
         """An SSH connection to the leased machine ``instance``."""
+        ...
+
+
+@runtime_checkable
+class HasShell(Protocol):
+    """A leasing provider whose leases run commands through a shell of their own (the
+    ``ssh`` provider's hub, started with the lease: the login shell paid once). The machine
+    starts its commands there instead of an exec each."""
+
+    def shell(self, instance: Instance) -> Shell:
+        """Where the commands on the leased machine ``instance`` start."""
         ...
 
 

@@ -32,6 +32,7 @@ from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.leasing import LeaseBook, lease
 from pytest_gpucloud.remote import source
+from pytest_gpucloud.transport.commands import ExecShell, Hub, Process, Shell
 
 if TYPE_CHECKING:
     from pytest_gpucloud.config.settings import Settings
@@ -44,7 +45,8 @@ _GB = re.compile(r"(\d+)GB$", re.IGNORECASE)
 class _Lease:
     instance: Instance
     conn: asyncssh.SSHClientConnection
-    holder: asyncssh.SSHClientProcess[str]
+    shell: Hub | ExecShell
+    holder: Process
 
 
 class SshProvider(LeaseBook[_Lease]):
@@ -152,12 +154,14 @@ class SshProvider(LeaseBook[_Lease]):
     async def _try_lease(self, host: StaticHost, labels: dict[str, str]) -> _Lease | None:
         conn = await self._login(host)
         try:
+            shell = await Hub.start(conn)
             hold = _workspaces_command("hold", str(self._workspace_ttl))
-            holder = await conn.create_process(hold)
-            answer = (await asyncio.wait_for(holder.stdout.readline(), 30)).strip()
+            holder = await shell.create_process(hold)
+            said = await asyncio.wait_for(holder.stdout.readline(), 30)
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
             conn.close()
             raise InstanceError(f"could not lease host {host.address}: {exc}") from None
+        answer = said.decode(errors="replace").strip()
         if answer != "leased":
             conn.close()
             if answer == "busy":
@@ -183,7 +187,7 @@ class SshProvider(LeaseBook[_Lease]):
             ssh_port=host.port,
             ssh_user=host.user,
         )
-        return _Lease(instance, conn, holder)
+        return _Lease(instance, conn, shell, holder)
 
     async def _login(self, host: StaticHost) -> asyncssh.SSHClientConnection:
         keys: dict[str, Any] = {}
@@ -242,10 +246,18 @@ class SshProvider(LeaseBook[_Lease]):
             raise InstanceError(f"the lease of host {instance.id} has ended")
         return held.conn
 
+    def shell(self, instance: Instance) -> Shell:
+        held = self._leases.get(instance.id)
+        if held is None:
+            raise InstanceError(f"the lease of host {instance.id} has ended")
+        return held.shell
+
     async def delete(self, instance_id: str) -> None:
         held = self._leases.pop(instance_id, None)
         if held is not None:
             held.holder.close()
+            if isinstance(held.shell, Hub):
+                held.shell.close()
             held.conn.close()
 
 

@@ -35,6 +35,7 @@ from pytest_gpucloud.sim.faults import (
     DropSsh,
     FaultBook,
     InstanceRule,
+    NoSocketForwarding,
     Preempt,
     SshRefuse,
     WrongGpu,
@@ -185,6 +186,7 @@ class SimInstance:
             user=self.ssh_user,
             host_key=None if wrong_key else injected,
         )
+        machine.socket_forwarding = not self._has(NoSocketForwarding)
         self.ssh_port = machine.refuse() if self._has(SshRefuse) else await machine.listen()
         self.announced_host_key = (
             _other_host_key() if wrong_key and injected is None else machine.host_key_text

@@ -126,6 +126,13 @@ class SshRefuse(InstanceRule):
     kind: Literal["ssh_refuse"]
 
 
+class NoSocketForwarding(InstanceRule):
+    """The SSH server refuses forwarding to Unix sockets, as sshd with
+    ``AllowStreamLocalForwarding no`` does. ``{"kind": "no_socket_forwarding"}``"""
+
+    kind: Literal["no_socket_forwarding"]
+
+
 class DropSsh(InstanceRule):
     """Abort every SSH connection of the instance once; it stays running and reachable.
 
@@ -196,6 +203,7 @@ FaultRule = Annotated[
     | BootFail
     | WrongHostKey
     | SshRefuse
+    | NoSocketForwarding
     | DropSsh
     | Preempt
     | AddressLate

@@ -84,7 +84,7 @@ class _SshServer(asyncssh.SSHServer):
 
     def unix_connection_requested(self, dest_path: str) -> bool:
         """Forwarding to a Unix socket, in the instance's own home only."""
-        return within_home(dest_path, self._machine.home)
+        return self._machine.socket_forwarding and within_home(dest_path, self._machine.home)
 
 
 class SimMachine:
@@ -104,8 +104,10 @@ class SimMachine:
         self.user = user
         self.host_key = host_key or asyncssh.generate_private_key("ssh-ed25519")
         self.home = Path(tempfile.mkdtemp(prefix=f"gpucloud-sim-{instance_id}-"))
+        (self.home / "tmp").mkdir()  # the instance's own temporary directory (TMPDIR)
         self.env = _environment(instance_id, gpu, self.home, extra_path)
         self.commands: list[_Command] = []
+        self.socket_forwarding = True  # off: as sshd with AllowStreamLocalForwarding no
         self.connections: set[asyncssh.SSHServerConnection] = set()
         self._group_ids: list[int] = []
         self._acceptor: asyncssh.SSHAcceptor | None = None
@@ -188,6 +190,7 @@ def _environment(instance_id: str, gpu: str, home: Path, extra_path: str | None)
     return {
         "PATH": os.pathsep.join(dict.fromkeys(dirs)),
         "HOME": str(home),
+        "TMPDIR": str(home / "tmp"),
         "LANG": "C.UTF-8",
         "GPUCLOUD_SIM_INSTANCE": instance_id,
         "GPUCLOUD_SIM_GPU": gpu,

@@ -45,6 +45,7 @@ from pytest_gpucloud.core.errors import InstanceError
 from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.remote.receive import DIGESTS_HEADER, PACK_HEADER, ZLIB_HEADER
+from pytest_gpucloud.transport.commands import Ended, Shell
 from pytest_gpucloud.transport.exclusions import Exclusions
 
 if TYPE_CHECKING:
@@ -227,7 +228,7 @@ def diff(old: Manifest, new: Manifest) -> tuple[list[str], list[str]]:
 
 
 async def sync(
-    conn: asyncssh.SSHClientConnection,
+    shell: Shell,
     root: Path,
     remote_dir: str,
     *,
@@ -237,7 +238,7 @@ async def sync(
 ) -> SyncResult:
     """Make ``remote_dir`` (absolute, or relative to the remote login directory) mirror the
     files :func:`list_files` selects under ``root``, plus ``extra`` (path in the mirror ->
-    local file), in one exec. Raises :class:`InstanceError` when the sync fails.
+    local file), in one remote command. Raises :class:`InstanceError` when the sync fails.
 
     ``root_known`` gets the absolute ``remote_dir`` as soon as it exists on the instance,
     long before the files are there: what needs only the folder can start then."""
@@ -245,7 +246,7 @@ async def sync(
     command = f"python3 -I -S -c {shlex.quote(source('receive'))} {shlex.quote(remote_dir)}"
     failed = f"code sync to {remote_dir} failed"
     try:
-        proc = await conn.create_process(command, encoding=None)
+        proc = await shell.create_process(command)
     except (OSError, asyncssh.Error) as exc:
         raise InstanceError(f"{failed}: {exc}") from None
     try:
@@ -290,11 +291,11 @@ def _mode_only(old: Entry | None, new: Entry) -> bool:
     return old is not None and old.kind == new.kind == "file" and old.digest == new.digest
 
 
-def _said_ok(out: bytes | str | None) -> bool:
+def _said_ok(out: object) -> bool:
     return isinstance(out, bytes) and out.startswith(b"ok ")
 
 
-def _reason(done: asyncssh.SSHCompletedProcess) -> str:
+def _reason(done: Ended) -> str:
     err = done.stderr
     lines = (err.decode(errors="replace") if isinstance(err, bytes) else "").strip().splitlines()
     if lines:

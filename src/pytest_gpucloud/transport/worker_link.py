@@ -34,6 +34,7 @@ from pytest_gpucloud.remote.protocol import (
     decode,
     encode,
 )
+from pytest_gpucloud.transport.commands import Process, Shell
 
 REMOTE_PACKAGE = "gpucloud_remote"
 #: The oldest pytest on an instance whose reports this side replays (and the plugin's own).
@@ -142,7 +143,7 @@ class WorkerLink:
     def __init__(
         self,
         instance_id: str,
-        process: asyncssh.SSHClientProcess[bytes],
+        process: Process,
         echo: Callable[[bytes], None] | None = None,
     ) -> None:
         self.instance_id = instance_id
@@ -161,7 +162,7 @@ class WorkerLink:
     @classmethod
     async def launch(
         cls,
-        conn: asyncssh.SSHClientConnection,
+        shell: Shell,
         instance_id: str,
         *,
         workspace: str,
@@ -192,7 +193,7 @@ class WorkerLink:
         if wrap is not None:
             command = wrap(command)
         started = time.perf_counter()
-        process = await conn.create_process(command, encoding=None)
+        process = await shell.create_process(command)
         link = cls(instance_id, process, echo)
         await link._within(link._loaded(), timeout, "did not start")
         link.start_s = time.perf_counter() - started
