@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pytest_gpucloud.remote.filepipe import DEPTH_MAX, FILES_MAX, REFUSED_MAX, PipeRefused, extract
 from pytest_gpucloud.remote.protocol import decode
 from pytest_gpucloud.transport.capped import run_capped
+from pytest_gpucloud.transport.commands import ExecShell
 from pytest_gpucloud.transport.worker_link import FRAME_MAX, _Frames
 from tests.cloud import GpuRun
 from tests.test_sync import Remote, remote  # noqa: F401  (a fixture)
@@ -92,7 +93,8 @@ def test_a_frame_without_end_is_refused() -> None:
 def test_command_output_is_read_within_the_bound(remote: Remote) -> None:  # noqa: F811
     async def main() -> None:
         async with remote.connect() as conn:
-            done = await run_capped(conn, "head -c 5000000 /dev/zero; echo end", max_bytes=1000)
+            shell = ExecShell(conn)
+            done = await run_capped(shell, "head -c 5000000 /dev/zero; echo end", max_bytes=1000)
             assert done.cut
             assert len(done.stdout) == 1000
             assert done.stdout.endswith(b"end\n")

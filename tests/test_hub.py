@@ -131,6 +131,21 @@ def test_a_connection_to_the_hub_without_its_token_runs_nothing(sim: Sim, tmp_pa
     _on_a_host(sim, scenario)
 
 
+def test_unread_stderr_of_a_hub_command_is_kept_within_a_bound(sim: Sim) -> None:
+    """A command that floods stderr while nobody reads it (a hostile instance) costs at
+    most the bound here; its last output is what stays."""
+
+    async def scenario(conn: asyncssh.SSHClientConnection, host: SimHost) -> None:
+        hub = await _hub(conn)
+        flood = await hub.create_process("head -c 20000000 /dev/zero >&2; echo end >&2")
+        done = await flood.wait()
+        assert isinstance(done.stderr, bytes)
+        assert done.stderr.endswith(b"\0end\n")
+        assert len(done.stderr) <= (1 << 20) + (1 << 16)
+
+    _on_a_host(sim, scenario)
+
+
 def test_a_server_that_forwards_to_no_socket_gets_an_exec_per_command(sim: Sim) -> None:
     sim.fault(kind="no_socket_forwarding")
 

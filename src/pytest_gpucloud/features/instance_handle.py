@@ -36,6 +36,7 @@ from pytest_gpucloud.core.escape import visible
 from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.features.safe_unpickle import DisallowedGlobal, allowed_names, safe_loads
 from pytest_gpucloud.transport.capped import run_capped
+from pytest_gpucloud.transport.commands import Shell
 from pytest_gpucloud.transport.files import pull, push
 
 if TYPE_CHECKING:
@@ -328,7 +329,7 @@ async def run_on(
     if machine.runtime is not None:
         line = machine.runtime.wrap(line)
     try:
-        done = await run_capped(machine_conn(machine), line, stdin=stdin, max_bytes=max_bytes)
+        done = await run_capped(machine_shell(machine), line, stdin=stdin, max_bytes=max_bytes)
     except (OSError, asyncssh.Error) as exc:
         raise InstanceError(f"instance {machine.id}: {exc}") from None
     if done.cut:
@@ -391,6 +392,13 @@ def lease(
     lease = engine.run(lessor.lease(request))
     link = MachineLink(engine, lessor, lease.machine)
     return leased(link, lease.timeout, lease.rootdir, lease.unpickle_allow)
+
+
+def machine_shell(machine: Machine) -> Shell:
+    """Where the machine's commands start; InstanceError if it has no SSH connection."""
+    if machine.shell is None:
+        raise InstanceError(f"instance {machine.id} has no SSH connection")
+    return machine.shell
 
 
 def machine_conn(machine: Machine) -> asyncssh.SSHClientConnection:

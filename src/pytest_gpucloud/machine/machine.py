@@ -252,7 +252,7 @@ class Launcher:
             await self._sync_and_start(machine, files, deadline)
         except InstanceError:
             # An image's python3 too old for the instance side fails in many ways: say so.
-            older = await preparation.older_python(machine.conn, machine.runtime, machine.id)
+            older = await preparation.older_python(machine.shell, machine.runtime, machine.id)
             if older is None:
                 raise
             raise older from None
@@ -327,7 +327,7 @@ class Launcher:
     async def _prepare(self, machine: Machine, *, check: bool) -> None:
         """The steps before the worker: the image and its container, the setup command and,
         with ``check``, the GPU health check (a mismatch raises GpuMismatch)."""
-        assert machine.conn is not None
+        assert machine.shell is not None
         settings = self.settings
         runtime = machine.runtime = runtime_for(
             settings.runtime,
@@ -336,7 +336,7 @@ class Launcher:
             container="gpucloud-" + re.sub(r"[^A-Za-z0-9_.-]", "-", machine.id),
         )
         container_id, machine.notes = await preparation.start_container(
-            machine.conn,
+            machine.shell,
             runtime,
             machine.id,
             pull_timeout=settings.boot_timeout,
@@ -344,7 +344,7 @@ class Launcher:
         )
         if settings.setup is not None:
             note = await preparation.run_setup(
-                machine.conn,
+                machine.shell,
                 runtime,
                 machine.id,
                 command=settings.setup,
@@ -358,7 +358,7 @@ class Launcher:
         if check:
             machine.notes.append(
                 await preparation.check_gpus(
-                    machine.conn,
+                    machine.shell,
                     runtime,
                     machine.id,
                     gpu=machine.offer.gpu.name,
@@ -438,9 +438,9 @@ class Launcher:
     async def _clean(self, machine: Machine, conn: asyncssh.SSHClientConnection) -> None:
         """Remove the container before the instance goes; on a machine that outlives the
         session (a lease), the workspace stays, warm for the next session."""
-        if machine.runtime is None or conn.is_closed():
+        if machine.runtime is None or machine.shell is None or conn.is_closed():
             return
-        failed = await preparation.clean(conn, machine.runtime, machine.id)
+        failed = await preparation.clean(machine.shell, machine.runtime, machine.id)
         if failed and machine.error is None:
             machine.error = "; ".join(failed)
 

@@ -1,8 +1,9 @@
 """What bring-up does on a machine between the code sync and the worker: the image and its
 container, the setup command, the GPU health check; and what release undoes.
 
-Every step is one SSH exec of a command line from :mod:`pytest_gpucloud.machine.runtime`, bounded
-in time, and raises :class:`~pytest_gpucloud.core.errors.InstanceError` naming the instance.
+Every step is one remote command (:mod:`pytest_gpucloud.transport.commands`) of a command
+line from :mod:`pytest_gpucloud.machine.runtime`, bounded in time, and raises
+:class:`~pytest_gpucloud.core.errors.InstanceError` naming the instance.
 Each returns a short note for the machine's status line.
 
 The setup command runs once per container: a marker named by :func:`setup_key` (a hash of
@@ -27,6 +28,7 @@ from pytest_gpucloud.core.private import private_file
 from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.machine.runtime import Runtime
 from pytest_gpucloud.transport.capped import Captured, run_capped
+from pytest_gpucloud.transport.commands import Shell
 
 STEP_TIMEOUT_S = 60.0
 #: The oldest Python the instance side runs on: ``remote/`` keeps to its syntax and library.
@@ -40,13 +42,11 @@ _LOG_LINES = 15
 OUTPUT_MAX = 8 << 20  # of each stream of a step: a setup's log keeps its last 8 MiB
 
 
-async def run(
-    conn: asyncssh.SSHClientConnection, command: str, *, timeout: float, doing: str
-) -> Captured:
+async def run(shell: Shell, command: str, *, timeout: float, doing: str) -> Captured:
     """Run ``command``; its exit status is the caller's to judge, SSH trouble raises. Of
     its output, the last :data:`OUTPUT_MAX` bytes per stream are kept."""
     try:
-        return await asyncio.wait_for(run_capped(conn, command, max_bytes=OUTPUT_MAX), timeout)
+        return await asyncio.wait_for(run_capped(shell, command, max_bytes=OUTPUT_MAX), timeout)
     except asyncio.TimeoutError:
         raise InstanceError(f"{doing} did not finish within {timeout:g} s") from None
     except (OSError, asyncssh.Error) as exc:
@@ -54,7 +54,7 @@ async def run(
 
 
 async def start_container(
-    conn: asyncssh.SSHClientConnection,
+    shell: Shell,
     runtime: Runtime,
     instance_id: str,
     *,
@@ -70,7 +70,7 @@ async def start_container(
     present = runtime.has_image()
     if present is not None:
         found = await run(
-            conn, present, timeout=STEP_TIMEOUT_S, doing=f"looking for the image on {where}"
+            shell, present, timeout=STEP_TIMEOUT_S, doing=f"looking for the image on {where}"
         )
         if found.exit_status == 0:
             notes.append(f"image {runtime.image} present")
@@ -80,7 +80,7 @@ async def start_container(
                 raise InstanceError(f"{where} has no image {runtime.image} ({runtime.name})")
             started = time.monotonic()
             doing = f"pulling image {runtime.image} on {where}"
-            pulled = await run(conn, pull, timeout=pull_timeout, doing=doing)
+            pulled = await run(shell, pull, timeout=pull_timeout, doing=doing)
             if pulled.exit_status != 0:
                 raise InstanceError(f"{doing} failed: {_last_line(pulled)}")
             notes.append(f"image {runtime.image} pulled in {time.monotonic() - started:.1f} s")
@@ -90,10 +90,10 @@ async def start_container(
     remove = runtime.remove()
     if leftover and remove is not None:
         await run(
-            conn, remove, timeout=CLEAN_TIMEOUT_S, doing=f"removing an old container on {where}"
+            shell, remove, timeout=CLEAN_TIMEOUT_S, doing=f"removing an old container on {where}"
         )
     doing = f"starting the {runtime.name} container on {where}"
-    started_container = await run(conn, start, timeout=STEP_TIMEOUT_S, doing=doing)
+    started_container = await run(shell, start, timeout=STEP_TIMEOUT_S, doing=doing)
     if started_container.exit_status != 0:
         raise InstanceError(f"{doing} failed: {runtime.explain(_last_line(started_container))}")
     lines = _text(started_container.stdout).split()
@@ -116,7 +116,7 @@ def setup_key(command: str, rootdir: Path, *, runtime: Runtime, container_id: st
 
 
 async def run_setup(
-    conn: asyncssh.SSHClientConnection,
+    shell: Shell,
     runtime: Runtime,
     instance_id: str,
     *,
@@ -130,7 +130,7 @@ async def run_setup(
     marker = f'marker="${{XDG_CACHE_HOME:-$HOME/.cache}}/pytest-gpucloud/setup-{key}"'
     where = f"instance {instance_id}"
     done = await run(
-        conn,
+        shell,
         runtime.wrap(f'{marker}; test -f "$marker"'),
         timeout=STEP_TIMEOUT_S,
         doing=f"looking for an earlier setup on {where}",
@@ -143,7 +143,7 @@ async def run_setup(
     )
     started = time.monotonic()
     try:
-        result = await run(conn, runtime.wrap(script), timeout=timeout, doing=f"setup on {where}")
+        result = await run(shell, runtime.wrap(script), timeout=timeout, doing=f"setup on {where}")
     except InstanceError as exc:
         _write_log(log, f"{exc}\n")
         raise InstanceError(f"setup failed on {where}: {exc}; log: {log}") from None
@@ -159,7 +159,7 @@ async def run_setup(
 
 
 async def check_gpus(
-    conn: asyncssh.SSHClientConnection,
+    shell: Shell,
     runtime: Runtime,
     instance_id: str,
     *,
@@ -169,7 +169,7 @@ async def check_gpus(
     """The health check in an exec of its own (see :func:`judge_gpus`)."""
     where = f"instance {instance_id}"
     probe = await run(
-        conn, runtime.wrap(PROBE), timeout=STEP_TIMEOUT_S, doing=f"checking the GPUs of {where}"
+        shell, runtime.wrap(PROBE), timeout=STEP_TIMEOUT_S, doing=f"checking the GPUs of {where}"
     )
     sighting = read_probe(probe.exit_status, _text(probe.stdout), _text(probe.stderr))
     return judge_gpus(sighting, instance_id, gpu=gpu, count=count)
@@ -197,18 +197,18 @@ def judge_gpus(sighting: Sighting, instance_id: str, *, gpu: str, count: int) ->
 
 
 async def older_python(
-    conn: asyncssh.SSHClientConnection | None, runtime: Runtime | None, instance_id: str
+    shell: Shell | None, runtime: Runtime | None, instance_id: str
 ) -> InstanceError | None:
     """After a failed bring-up: the error naming a python3 there (on the instance, then in
     its container) older than :data:`OLDEST_PYTHON`; None if there is none to blame."""
-    if conn is None:
+    if shell is None:
         return None
     commands = [_PYTHON_VERSION]
     if runtime is not None:
         commands = list(dict.fromkeys([*commands, runtime.wrap(_PYTHON_VERSION)]))
     for command in commands:
         try:
-            done = await run(conn, command, timeout=STEP_TIMEOUT_S, doing="python3 --version")
+            done = await run(shell, command, timeout=STEP_TIMEOUT_S, doing="python3 --version")
         except InstanceError:
             return None
         found = re.fullmatch(r"(\d+)\.(\d+)\.\d+", _text(done.stdout).strip())
@@ -221,9 +221,7 @@ async def older_python(
     return None
 
 
-async def clean(
-    conn: asyncssh.SSHClientConnection, runtime: Runtime, instance_id: str
-) -> list[str]:
+async def clean(shell: Shell, runtime: Runtime, instance_id: str) -> list[str]:
     """Remove the container, if any (the workspace stays: on a cloud instance it goes with
     the instance, on a machine that outlives the session it stays warm). Returns what
     failed, if anything."""
@@ -232,7 +230,7 @@ async def clean(
         return []
     doing = f"removing the {runtime.name} container on instance {instance_id}"
     try:
-        result = await run(conn, remove, timeout=CLEAN_TIMEOUT_S, doing=doing)
+        result = await run(shell, remove, timeout=CLEAN_TIMEOUT_S, doing=doing)
     except InstanceError as exc:
         return [str(exc)]
     return [] if result.exit_status == 0 else [f"{doing} failed: {_last_line(result)}"]

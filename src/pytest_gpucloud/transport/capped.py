@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from pytest_gpucloud.core.sshlib import asyncssh
+from pytest_gpucloud.transport.commands import ByteReader, Shell
 
 _CHUNK = 1 << 16
 
@@ -27,14 +27,14 @@ class Captured:
 
 
 async def run_capped(
-    conn: asyncssh.SSHClientConnection,
+    shell: Shell,
     command: str,
     *,
     max_bytes: int,
     stdin: bytes | None = None,
 ) -> Captured:
     """Run ``command`` to its end, reading its output within ``max_bytes`` per stream."""
-    process = await conn.create_process(command, encoding=None)
+    process = await shell.create_process(command)
     try:
         if stdin:
             process.stdin.write(stdin)
@@ -49,7 +49,7 @@ async def run_capped(
     return Captured(out, err, process.exit_status, signal, out_cut or err_cut)
 
 
-async def _tail(stream: asyncssh.SSHReader[bytes], max_bytes: int) -> tuple[bytes, bool]:
+async def _tail(stream: ByteReader, max_bytes: int) -> tuple[bytes, bool]:
     kept = bytearray()
     cut = False
     while chunk := await stream.read(_CHUNK):
