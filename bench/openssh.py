@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_gpucloud.core.sshlib import asyncssh
+from pytest_gpucloud.transport.commands import ExecShell
 from pytest_gpucloud.transport.sync import sync
 from sshd import LocalSshd, ToolsMissing, ensure_tools, versions
 from sync import best_row
@@ -125,7 +126,7 @@ class Runs:
             agent_path=None,
         )
         async with conn:
-            result = await sync(conn, self.tree, os.fspath(dest))
+            result = await sync(ExecShell(conn), self.tree, os.fspath(dest))
         if fresh:
             return time.perf_counter() - started
         assert result.files_sent == 0, result

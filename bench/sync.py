@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_gpucloud.transport import ssh
+from pytest_gpucloud.transport.commands import ExecShell
 from pytest_gpucloud.transport.sync import SyncResult, sync
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ async def _cold_with_chacha(ready: Instance, key: asyncssh.SSHKey, tree: Path, r
     try:
         started = time.perf_counter()
         conn = await ssh.connect(ready, key, timeout=30)
-        await sync(conn, tree, f"chacha{rep}")
+        await sync(ExecShell(conn), tree, f"chacha{rep}")
         seconds = time.perf_counter() - started
     finally:
         ssh.ENCRYPTION_ALGS = preferred
@@ -155,7 +156,7 @@ async def _ours(sim: SimProcess, baselines: Baselines, tree: Path) -> dict[str, 
                 started = time.perf_counter()
                 conn = await ssh.connect(ready, key, timeout=30)
                 connected = time.perf_counter()
-                previous = await sync(conn, tree, f"cold{rep}")
+                previous = await sync(ExecShell(conn), tree, f"cold{rep}")
                 ended = time.perf_counter()
                 times.setdefault("cold", []).append(ended - started)
                 times.setdefault("connect", []).append(connected - started)
@@ -166,11 +167,11 @@ async def _ours(sim: SimProcess, baselines: Baselines, tree: Path) -> dict[str, 
                 for compress in (False, True):
                     times.setdefault(f"tar{'z' * compress}", []).append(baselines.tar(compress))
                 # warm, on the open connection, as a re-sync within a session
-                result = await sync(conn, tree, f"cold{rep}", previous=previous.manifest)
+                result = await sync(ExecShell(conn), tree, f"cold{rep}", previous=previous.manifest)
                 assert result.files_sent == 0, result
                 times.setdefault("no change", []).append(result.seconds)
                 change_one(tree, rep)
-                result = await sync(conn, tree, f"cold{rep}", previous=previous.manifest)
+                result = await sync(ExecShell(conn), tree, f"cold{rep}", previous=previous.manifest)
                 assert result.files_sent == 1, result
                 times.setdefault("one file", []).append(result.seconds)
                 times.setdefault("rsync one file", []).append(baselines.rsync())
