@@ -10,6 +10,8 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -458,3 +460,35 @@ def test_receiver_rejects_a_stream_that_ends_inside_a_member(tmp_path: Path) -> 
     done = receive_stream(stream[:3000], tmp_path / "mirror")
     assert done.returncode == 1
     assert b"cut short" in done.stderr
+
+
+def test_the_receiver_reads_ahead_of_its_writes_within_a_bound() -> None:
+    """While files are written, the pipe is read on, up to the limit and no further; what
+    is read comes out whole, in order, then the end."""
+    data = os.urandom(9 << 20)
+    read_end, write_end = os.pipe()
+    limit = 3 << 20
+    ahead = receive.ReadAhead(read_end, limit=limit)
+    written = [0]
+
+    def write() -> None:
+        with os.fdopen(write_end, "wb") as pipe:
+            for start in range(0, len(data), 1 << 16):
+                pipe.write(data[start : start + (1 << 16)])
+                pipe.flush()
+                written[0] = start + (1 << 16)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    last = -1
+    while written[0] != last:  # until the writer is held up: the reader stopped at its limit
+        last = written[0]
+        time.sleep(0.2)
+    assert limit <= written[0] <= limit + (2 << 20), "read ahead as far as the limit, no further"
+    buffer = memoryview(bytearray(1000))
+    got = [ahead.read(7), bytes(buffer[: ahead.readinto(buffer)])]
+    got.append(ahead.read(len(data)))
+    writer.join()
+    assert b"".join(got) == data
+    assert ahead.read(10) == b""
+    os.close(read_end)

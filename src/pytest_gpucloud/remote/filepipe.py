@@ -299,7 +299,7 @@ def extract(
         if tar:  # only here, never on the instance, where this module runs alone
             from .receive import TarStream
 
-            stream = TarStream(stream)  # type: ignore[assignment]  # it reads like one
+            stream = TarStream(stream)  # type: ignore[assignment,arg-type]  # reads like one
         entries = _tar_entries(stream) if tar else _entries(stream)  # type: ignore[arg-type]
         for count, (name, size, mode, mtime, regular) in enumerate(entries, 1):
             if count > max_files:

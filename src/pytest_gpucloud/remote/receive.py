@@ -25,23 +25,30 @@ that is not a regular file or a symlink (devices, fifos, hard links, directories
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
 import sys
+import threading
 import zlib
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing and shutil stay out of the startup, before the head line
     from collections.abc import Iterable, Iterator
-    from typing import IO, Any
+    from typing import Any, Protocol
 
     Chunk = bytes | memoryview
+
+    class Stream(Protocol):
+        def read(self, size: int, /) -> bytes: ...
+        def readinto(self, buffer: memoryview, /) -> int: ...
 
 PACK_HEADER = "GPUCLOUD.pack"
 DIGESTS_HEADER = "GPUCLOUD.digests"
 ZLIB_HEADER = "GPUCLOUD.zlib"
 _CHUNK = 1 << 20
+_READ_AHEAD = 64 << 20  # of the stream, held in memory while files are written
 _BLOCK = 512
 _REGULAR = (b"0", b"\0")
 _SYMLINK = b"2"
@@ -303,7 +310,7 @@ class TarStream:
     file.)
     """
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    def __init__(self, stream: Stream) -> None:
         self._stream = stream
         self._payload = 0  # bytes of the current member's payload not read yet
         self._padding = 0
@@ -365,7 +372,7 @@ class TarStream:
         size = min(len(buffer), self._payload)
         if not size:
             return 0
-        got = self._stream.readinto(buffer[:size])  # type: ignore[attr-defined]
+        got = self._stream.readinto(buffer[:size])
         if not got:
             raise BadTar("the stream was cut short")
         self._payload -= got
@@ -384,6 +391,74 @@ class TarStream:
         if len(data) != size:
             raise BadTar("the stream was cut short")
         return data
+
+
+class ReadAhead:
+    """A pipe read ahead by a thread of its own into memory, up to ``limit`` bytes: while
+    the files are written (a file's creation blocks for a while on some disks), the sender
+    goes on sending, instead of waiting for the pipe and the SSH window to drain.
+    :meth:`read` returns all it is asked for unless the stream ends; :meth:`readinto`
+    what there is (at least a byte)."""
+
+    def __init__(self, fd: int, limit: int = _READ_AHEAD) -> None:
+        self._limit = limit
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._offset = 0  # into the first chunk
+        self._size = 0  # bytes held
+        self._ended = False
+        self._error: OSError | None = None
+        self._changed = threading.Condition()
+        threading.Thread(target=self._fill, args=(fd,), daemon=True).start()
+
+    def _fill(self, fd: int) -> None:
+        changed = self._changed
+        while True:
+            with changed:
+                while self._size >= self._limit:
+                    changed.wait()
+            try:
+                data = os.read(fd, _CHUNK)
+            except OSError as exc:
+                data, self._error = b"", exc
+            with changed:
+                if data:
+                    self._chunks.append(data)
+                    self._size += len(data)
+                else:
+                    self._ended = True
+                changed.notify_all()
+            if not data:
+                return
+
+    def readinto(self, buffer: memoryview) -> int:
+        with self._changed:
+            while not self._chunks and not self._ended:
+                self._changed.wait()
+            if not self._chunks:
+                if self._error is not None:
+                    raise self._error
+                return 0
+            chunk = self._chunks[0]
+            size = min(len(buffer), len(chunk) - self._offset)
+            buffer[:size] = memoryview(chunk)[self._offset : self._offset + size]
+            self._offset += size
+            if self._offset == len(chunk):
+                self._chunks.popleft()
+                self._offset = 0
+            self._size -= size
+            self._changed.notify_all()
+            return size
+
+    def read(self, size: int) -> bytes:
+        out = bytearray(size)
+        view = memoryview(out)
+        got = 0
+        while got < size:
+            more = self.readinto(view[got:])
+            if not more:
+                break
+            got += more
+        return bytes(out[:got])
 
 
 def _number(field: bytes) -> int:
@@ -419,7 +494,7 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def apply(tree: Tree, stream: IO[bytes], stored: dict[str, Any]) -> dict[str, Any]:
+def apply(tree: Tree, stream: Stream, stored: dict[str, Any]) -> dict[str, Any]:
     """Apply one sync tar read from ``stream``; return the manifest and stats to store."""
     tar = TarStream(stream)
     members = iter(tar)
@@ -449,7 +524,7 @@ def main(argv: list[str]) -> int:
     out.write(json.dumps(head, separators=(",", ":")).encode() + b"\n")
     out.flush()
     try:
-        new = apply(Tree(root), sys.stdin.buffer, stored)
+        new = apply(Tree(root), ReadAhead(sys.stdin.fileno()), stored)
     except (Refused, zlib.error, ValueError, KeyError, OSError) as exc:
         sys.stderr.write(f"gpucloud receive: {exc}\n")
         return 1
