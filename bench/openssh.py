@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_gpucloud.core.sshlib import asyncssh
+from pytest_gpucloud.transport import ssh
 from pytest_gpucloud.transport.commands import ExecShell
 from pytest_gpucloud.transport.sync import sync
 from sshd import LocalSshd, ToolsMissing, ensure_tools, versions
@@ -124,6 +125,7 @@ class Runs:
             known_hosts=str(self.sshd.dir / "known_hosts"),
             config=[],
             agent_path=None,
+            encryption_algs=ssh.ENCRYPTION_ALGS,  # as the plugin's connections
         )
         async with conn:
             result = await sync(ExecShell(conn), self.tree, os.fspath(dest))

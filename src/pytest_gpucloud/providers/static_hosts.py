@@ -32,6 +32,7 @@ from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.leasing import LeaseBook, lease
 from pytest_gpucloud.remote import source
+from pytest_gpucloud.transport import ssh
 from pytest_gpucloud.transport.commands import ExecShell, Hub, Process, Shell
 
 if TYPE_CHECKING:
@@ -201,6 +202,7 @@ class SshProvider(LeaseBook[_Lease]):
                 known_hosts=str(self._known_hosts),
                 config=[],
                 connect_timeout=30,
+                encryption_algs=ssh.ENCRYPTION_ALGS,
                 keepalive_interval=10,
                 keepalive_count_max=3,
                 **keys,
