@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import asyncssh
 
-from pytest_gpucloud.transport.commands import Hub, Process
+from pytest_gpucloud.transport.commands import Hub, Process, hub_program
 from tests.cloud import Sim, SimHost
 
 
@@ -54,6 +55,11 @@ async def _hub(conn: asyncssh.SSHClientConnection) -> Hub:
     hub = await Hub.start(conn)
     assert isinstance(hub, Hub)
     return hub
+
+
+def _hub_sockets(host: SimHost) -> list[Path]:
+    """The hubs' sockets on ``host``: in its temporary directory (the sim's TMPDIR)."""
+    return list((host.home / "tmp").glob("gpucloud-hub-*/s"))
 
 
 def _commands(sim: Sim, host: SimHost) -> list[str]:
@@ -97,14 +103,17 @@ def test_closing_a_hub_command_kills_it_and_its_children(sim: Sim) -> None:
 
 def test_the_end_of_the_hub_kills_what_it_runs(sim: Sim) -> None:
     async def scenario(conn: asyncssh.SSHClientConnection, host: SimHost) -> None:
-        hub = await _hub(conn)
+        command = f"python3 -I -S -c {shlex.quote(hub_program())}"
+        process = await conn.create_process(command, encoding=None)
+        hub = await Hub.start(conn, process)
+        assert isinstance(hub, Hub)
         sleeper = await hub.create_process("echo $$; exec sleep 60")
         pid = int(await sleeper.stdout.readline())
-        hub.close()  # as the connection's loss does on OpenSSH: its stdin ends
+        [socket_path] = _hub_sockets(host)
+        process.stdin.write_eof()  # as the connection's loss does on OpenSSH
         await _gone(pid)
         await asyncio.wait_for(sleeper.wait_closed(), 5)
-        folder = Path(hub._path).parent
-        await _eventually(lambda: not folder.exists(), f"{folder} removed")
+        await _eventually(lambda: not socket_path.parent.exists(), "the hub's folder removed")
 
     _on_a_host(sim, scenario)
 
@@ -115,17 +124,15 @@ def test_a_connection_to_the_hub_without_its_token_runs_nothing(sim: Sim, tmp_pa
 
     async def scenario(conn: asyncssh.SSHClientConnection, host: SimHost) -> None:
         hub = await _hub(conn)
-        path = hub._path
-        assert Path(path).parent.stat().st_mode & 0o777 == 0o700
+        assert (await (await hub.create_process("true")).wait()).exit_status == 0
+        [path] = _hub_sockets(host)
+        assert path.parent.stat().st_mode & 0o777 == 0o700
         for token in ("guessed", ""):
             request = {"token": token, "id": 99, "command": f"touch {marker}"}
             with socket.socket(socket.AF_UNIX) as intruder:
-                intruder.connect(path)
+                intruder.connect(str(path))
                 intruder.sendall(json.dumps(request).encode() + b"\n")
                 assert intruder.recv(10) == b"", "closed without running anything"
-        done = await (await hub.create_process("echo $TMPDIR")).wait()
-        assert isinstance(done.stdout, bytes)
-        assert path.startswith(done.stdout.decode().strip())
         assert not marker.exists()
 
     _on_a_host(sim, scenario)

@@ -33,7 +33,7 @@ from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.leasing import LeaseBook, lease
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.transport import ssh
-from pytest_gpucloud.transport.commands import ExecShell, Hub, Process, Shell
+from pytest_gpucloud.transport.commands import Hub, Process, Shell, hub_program
 
 if TYPE_CHECKING:
     from pytest_gpucloud.config.settings import Settings
@@ -46,7 +46,7 @@ _GB = re.compile(r"(\d+)GB$", re.IGNORECASE)
 class _Lease:
     instance: Instance
     conn: asyncssh.SSHClientConnection
-    shell: Hub | ExecShell
+    shell: Hub
     holder: Process
 
 
@@ -155,15 +155,16 @@ class SshProvider(LeaseBook[_Lease]):
     async def _try_lease(self, host: StaticHost, labels: dict[str, str]) -> _Lease | None:
         conn = await self._login(host)
         try:
-            shell = await Hub.start(conn)
-            hold = _workspaces_command("hold", str(self._workspace_ttl))
-            holder = await shell.create_process(hold)
+            # One exec: the lease's holder becomes the hub that runs the session's commands.
+            hold = _workspaces_command("hold", str(self._workspace_ttl), hub_program())
+            holder = await conn.create_process(hold, encoding=None)
             said = await asyncio.wait_for(holder.stdout.readline(), 30)
+            answer = said.decode(errors="replace").strip()
+            shell = await Hub.start(conn, holder) if answer == "leased" else None
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
             conn.close()
             raise InstanceError(f"could not lease host {host.address}: {exc}") from None
-        answer = said.decode(errors="replace").strip()
-        if answer != "leased":
+        if shell is None:
             conn.close()
             if answer == "busy":
                 return None
@@ -257,9 +258,7 @@ class SshProvider(LeaseBook[_Lease]):
     async def delete(self, instance_id: str) -> None:
         held = self._leases.pop(instance_id, None)
         if held is not None:
-            held.holder.close()
-            if isinstance(held.shell, Hub):
-                held.shell.close()
+            held.holder.close()  # the hub, whose end ends the lease and what it runs
             held.conn.close()
 
 

@@ -2,8 +2,9 @@
 
 OpenSSH starts the user's login shell for every exec, and a ``.bashrc`` that runs ``pyenv
 init`` or ``conda activate`` makes each cost 0.1-0.5 s. This program is started by one
-exec (``python3 -I -S -c <source>``, standard library only, Python >= 3.8) and runs the
-session's other commands itself, each as ``/bin/sh -c CMD`` in its own process group, in
+exec (``python3 -I -S -c <source>``, standard library only, Python >= 3.8; on a static host
+the lease's ``hold`` becomes it, and it holds the lease) and runs the session's other
+commands itself, each as ``/bin/sh -c CMD`` in its own process group, in
 the login directory, with the login shell's environment. Each command is one connection
 to its Unix socket: the controller opens an SSH ``direct-streamlocal`` channel, and the
 connection is the command's stdin and stdout.
@@ -14,24 +15,22 @@ The exchange:
   (the session or its SSH connection gone) kills every command still running and removes
   the socket.
 - The hub's stdout: first ``hub PATH`` (the socket, in a new private folder of the temporary
-  directory), or ``none WHY``. Then JSON lines ``{"id": ID, "err": TEXT}`` (a command's
-  stderr, its bytes as latin-1) and, once its stderr has ended, ``{"id": ID, "exit": N}``
-  (N < 0: killed by signal -N).
+  directory), or ``none WHY`` (it then only waits for its stdin's end). Then JSON lines
+  ``{"id": ID, "err": TEXT}`` (a command's stderr, its bytes as latin-1) and, once its
+  stderr has ended, ``{"id": ID, "exit": N}`` (N < 0: killed by signal -N).
 - A connection: first one JSON line ``{"token": ..., "id": ID, "command": CMD}``, then the
   command's stdin and stdout. A wrong token closes it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import contextlib  # (subprocess imports it anyway)
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 
 SOCKET_PATH_MAX = 100  # of the 107 bytes a Unix socket's path may have
@@ -51,11 +50,14 @@ class Hub:
         self.token = token
         self.home = os.path.expanduser("~")
         self.children: dict[int, subprocess.Popen[bytes]] = {}
-        self.lock = threading.Lock()
+        self.killed: set[int] = set()  # also those whose connection came after the kill
+        self.ending = False  # no more commands
+        self.lock = threading.Lock()  # of children, killed and ending
+        self.out = threading.Lock()  # of stdout
 
     def say(self, message: dict[str, Any]) -> None:
         line = json.dumps(message) + "\n"
-        with self.lock:
+        with self.out:
             sys.stdout.write(line)
             sys.stdout.flush()
 
@@ -78,15 +80,25 @@ class Hub:
             if not isinstance(request, dict) or request.get("token") != self.token:
                 return
             number = int(request["id"])
-            with self.lock:
-                child = subprocess.Popen(
-                    ["/bin/sh", "-c", str(request["command"])],
-                    stdin=conn.fileno(),
-                    stdout=conn.fileno(),
-                    stderr=subprocess.PIPE,
-                    cwd=self.home,
-                    start_new_session=True,
-                )
+            with self.lock:  # a spawn is over, its child known, before kill_all looks
+                if number in self.killed:  # before its connection came
+                    self.say({"id": number, "exit": -signal.SIGKILL})
+                    return
+                if self.ending:
+                    return
+                try:
+                    child = subprocess.Popen(
+                        ["/bin/sh", "-c", str(request["command"])],
+                        stdin=conn.fileno(),
+                        stdout=conn.fileno(),
+                        stderr=subprocess.PIPE,
+                        cwd=self.home,
+                        start_new_session=True,
+                    )
+                except OSError as exc:  # no /bin/sh, no process or file left
+                    self.say({"id": number, "err": f"gpucloud hub: {exc}\n"})
+                    self.say({"id": number, "exit": 127})
+                    return
                 self.children[number] = child
         assert child.stderr is not None
         relay = threading.Thread(target=self.relay, args=(number, child.stderr), daemon=True)
@@ -107,6 +119,7 @@ class Hub:
 
     def kill(self, number: int) -> None:
         with self.lock:
+            self.killed.add(number)
             child = self.children.get(number)
             if child is not None and child.poll() is None:
                 with contextlib.suppress(OSError):
@@ -114,6 +127,7 @@ class Hub:
 
     def kill_all(self) -> None:
         with self.lock:
+            self.ending = True
             numbers = list(self.children)
         for number in numbers:
             self.kill(number)
@@ -133,15 +147,29 @@ def _head(conn: socket.socket) -> bytes:
 
 
 def _listen() -> tuple[socket.socket, str]:
-    folder = tempfile.mkdtemp(prefix="gpucloud-hub-")  # 0700, this user's
+    """A listening socket in a new folder of the temporary directory, 0700 and this user's
+    (``mkdir`` fails on anything already there); the folder is left to :func:`_remove`."""
+    temporary = os.environ.get("TMPDIR") or "/tmp"
+    folder = os.path.join(temporary, "gpucloud-hub-" + os.urandom(8).hex())
     path = os.path.join(folder, "s")
     if len(path.encode()) > SOCKET_PATH_MAX:
-        shutil.rmtree(folder, ignore_errors=True)
         raise OSError(f"the socket's path would be too long ({path})")
+    os.mkdir(folder, 0o700)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    try:
+        listener.bind(path)
+    except OSError:
+        listener.close()
+        _remove(path)
+        raise
     listener.listen(16)
     return listener, path
+
+
+def _remove(path: str) -> None:
+    for remove, name in ((os.unlink, path), (os.rmdir, os.path.dirname(path))):
+        with contextlib.suppress(OSError):
+            remove(name)
 
 
 def _leave(signum: int, frame: object) -> None:
@@ -156,6 +184,7 @@ def main() -> int:
         listener, path = _listen()
     except OSError as exc:
         print(f"none {exc}", flush=True)
+        sys.stdin.read()  # a lease handed on to this process ends with the session
         return 0
     hub = Hub(token)
     threading.Thread(target=hub.accept, args=(listener,), daemon=True).start()
@@ -168,7 +197,7 @@ def main() -> int:
     finally:
         listener.close()
         hub.kill_all()
-        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        _remove(path)
     return 0
 
 

@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # typing and shutil stay out of the startup, before the head 
         def read(self, size: int, /) -> bytes: ...
         def readinto(self, buffer: memoryview, /) -> int: ...
 
+
 PACK_HEADER = "GPUCLOUD.pack"
 DIGESTS_HEADER = "GPUCLOUD.digests"
 ZLIB_HEADER = "GPUCLOUD.zlib"

@@ -9,10 +9,11 @@ folder on the way must be private: owned by this user, mode 0700, not a symlink.
 
 Run as a script (``python3 -S -c <this source> COMMAND ...``) on a static host:
 
-- ``hold TTL``: take the host's lease lock (``lease.lock``; ``busy`` and exit when another
-  session holds it), remove the workspaces idle for more than TTL seconds, say ``leased``
-  and hold the lock until stdin closes. The lease is the workspaces' lock: no other session
-  of this user uses any of them meanwhile.
+- ``hold TTL [PROGRAM]``: take the host's lease lock (``lease.lock``; ``busy`` and exit when
+  another session holds it), remove the workspaces idle for more than TTL seconds, say
+  ``leased`` and hold the lock until stdin closes; or, given a PROGRAM, become
+  ``python3 -I -S -c PROGRAM`` (the session's hub), which holds it as long as it runs. The
+  lease is the workspaces' lock: no other session of this user uses any of them meanwhile.
 - ``list``: one JSON line ``[[key, idle seconds, bytes], ...]``; ``remove KEY...`` (only
   while no session holds the lease: ``busy`` otherwise).
 """
@@ -55,10 +56,10 @@ def private_dir(path: str) -> str | None:
     return None
 
 
-def listing(base: str, now: float | None = None) -> list[tuple[str, float, int]]:
-    """``[(key, idle seconds, bytes), ...]`` of the workspaces under ``base``, by key."""
+def idle_times(base: str, now: float | None = None) -> list[tuple[str, float]]:
+    """``[(key, idle seconds), ...]`` of the workspaces under ``base``, by key."""
     now = time.time() if now is None else now
-    found: list[tuple[str, float, int]] = []
+    found: list[tuple[str, float]] = []
     try:
         names = sorted(os.listdir(base))
     except FileNotFoundError:
@@ -71,8 +72,13 @@ def listing(base: str, now: float | None = None) -> list[tuple[str, float, int]]
             used = os.stat(path + MANIFEST).st_mtime
         except OSError:
             used = os.lstat(path).st_mtime
-        found.append((name, max(0.0, now - used), _size(path)))
+        found.append((name, max(0.0, now - used)))
     return found
+
+
+def listing(base: str) -> list[tuple[str, float, int]]:
+    """``[(key, idle seconds, bytes), ...]`` of the workspaces under ``base``, by key."""
+    return [(key, idle, _size(os.path.join(base, key))) for key, idle in idle_times(base)]
 
 
 def remove(base: str, keys: list[str]) -> None:
@@ -87,7 +93,7 @@ def remove(base: str, keys: list[str]) -> None:
 
 def sweep(base: str, ttl_s: float, now: float | None = None) -> list[str]:
     """Remove the workspaces idle for more than ``ttl_s``; returns their keys."""
-    idle = [key for key, seconds, _ in listing(base, now) if seconds > ttl_s]
+    idle = [key for key, seconds in idle_times(base, now) if seconds > ttl_s]
     remove(base, idle)
     return idle
 
@@ -145,6 +151,9 @@ def main(argv: list[str]) -> int:
         return 0
     sweep(os.path.join(home, WORKSPACES), float(args[0]))
     print("leased", flush=True)
+    if len(args) > 1:  # the lock goes on to the program that runs the session's commands
+        os.set_inheritable(lock.fileno(), True)
+        os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", args[1]])
     sys.stdin.read()
     return 0
 

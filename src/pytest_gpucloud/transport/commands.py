@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import json
 import secrets
@@ -175,42 +176,45 @@ class HubProcess:
             self._hub.kill(self._number)
 
 
+def hub_program() -> str:
+    """The hub's Python program (``python3 -I -S -c`` runs it)."""
+    return source("hub")
+
+
 class Hub:
-    """The machine's hub (:mod:`pytest_gpucloud.remote.hub`) over one SSH connection."""
+    """The machine's hub (:mod:`pytest_gpucloud.remote.hub`) over one SSH connection.
+
+    It starts while the session goes on: the first command waits for its socket (up to
+    :data:`HUB_START_TIMEOUT_S`), and runs as an exec, as all later ones, where it has none
+    or the server forbids forwarding to sockets.
+    """
 
     def __init__(
-        self,
-        conn: asyncssh.SSHClientConnection,
-        process: asyncssh.SSHClientProcess[bytes],
-        path: str,
-        token: str,
+        self, conn: asyncssh.SSHClientConnection, process: asyncssh.SSHClientProcess[bytes]
     ) -> None:
         self._conn = conn
         self._process = process
-        self._path = path
-        self._token = token
+        self._token = secrets.token_hex(16)
+        process.stdin.write(self._token.encode() + b"\n")
+        self._path: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._numbers = itertools.count(1)
         self._running: dict[int, HubProcess] = {}
         self._fallback: ExecShell | None = None
         self._events = asyncio.ensure_future(self._read_events())
 
     @classmethod
-    async def start(cls, conn: asyncssh.SSHClientConnection) -> Hub | ExecShell:
-        """A hub on the machine of ``conn`` (one exec); an :class:`ExecShell` where none
-        can listen. SSH trouble raises."""
-        command = f"python3 -I -S -c {shlex.quote(source('hub'))}"
-        process = await conn.create_process(command, encoding=None)
-        token = secrets.token_hex(16)
-        process.stdin.write(token.encode() + b"\n")
-        try:
-            head = await asyncio.wait_for(process.stdout.readline(), HUB_START_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            head = b""
-        said, _, path = head.decode(errors="replace").strip().partition(" ")
-        if said != "hub" or not path.startswith("/"):
-            process.close()
-            return ExecShell(conn)
-        return cls(conn, process, path, token)
+    async def start(
+        cls,
+        conn: asyncssh.SSHClientConnection,
+        process: asyncssh.SSHClientProcess[bytes] | None = None,
+    ) -> Hub:
+        """A hub on the machine of ``conn``, started by an exec of its own or by ``process``,
+        an exec that becomes one (the lease's ``hold``, given :func:`hub_program`, which
+        goes on holding the lease where the hub cannot listen). SSH trouble raises."""
+        if process is None:
+            command = f"python3 -I -S -c {shlex.quote(hub_program())}"
+            process = await conn.create_process(command, encoding=None)
+        return cls(conn, process)
 
     @property
     def served(self) -> bool:
@@ -219,9 +223,12 @@ class Hub:
 
     async def create_process(self, command: str) -> Process:
         if self._fallback is None:
-            try:
-                channel = await self._conn.open_unix_connection(self._path)
-            except asyncssh.ChannelOpenError:  # the server forbids forwarding to sockets
+            path = await self._socket()
+            channel = None
+            if path is not None:
+                with contextlib.suppress(asyncssh.ChannelOpenError):  # forbidden by the server
+                    channel = await self._conn.open_unix_connection(path)
+            if channel is None:
                 self._fallback = ExecShell(self._conn)
             else:
                 reader, writer = cast(
@@ -236,22 +243,27 @@ class Hub:
                 return process
         return await self._fallback.create_process(command)
 
+    async def _socket(self) -> str | None:
+        """The hub's socket, once it listens; None: it will not."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._path), HUB_START_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return None
+
     def kill(self, number: int) -> None:
         if not self._process.stdin.is_closing():
             self._process.stdin.write(f"kill {number}\n".encode())
-
-    def close(self) -> None:
-        """End the hub (its stdin), which kills what it still runs, as when the connection
-        is lost."""
-        if not self._process.stdin.is_closing():
-            self._process.stdin.write_eof()
 
     async def _read_events(self) -> None:
         """Hand the hub's reports to their commands; when the hub ends (or garbles one), the
         commands still running have ended too."""
         buffered = b""
         try:
-            while chunk := await self._process.stdout.read(_CHUNK):
+            head = await self._process.stdout.readline()
+            said, _, path = head.decode(errors="replace").strip().partition(" ")
+            listens = said == "hub" and path.startswith("/")
+            self._path.set_result(path if listens else None)
+            while listens and (chunk := await self._process.stdout.read(_CHUNK)):
                 *lines, buffered = (buffered + chunk).split(b"\n")
                 if len(buffered) > _EVENT_MAX:
                     return
@@ -260,6 +272,8 @@ class Hub:
         except (OSError, asyncssh.Error, ValueError, KeyError, TypeError):
             return
         finally:
+            if not self._path.done():
+                self._path.set_result(None)
             for process in self._running.values():
                 process.ended(None)
             self._running.clear()

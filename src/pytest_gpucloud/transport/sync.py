@@ -245,12 +245,15 @@ async def sync(
     started = time.perf_counter()
     command = f"python3 -I -S -c {shlex.quote(source('receive'))} {shlex.quote(remote_dir)}"
     failed = f"code sync to {remote_dir} failed"
+    # The listing goes on while the receiver starts (and a static host's hub, first).
+    scanning = asyncio.ensure_future(asyncio.to_thread(_scan, root, dict(extra or {})))
     try:
         proc = await shell.create_process(command)
     except (OSError, asyncssh.Error) as exc:
+        await asyncio.wait({scanning})
         raise InstanceError(f"{failed}: {exc}") from None
     try:
-        files = await asyncio.to_thread(_scan, root, dict(extra or {}))  # while python starts
+        files = await scanning
         head = await proc.stdout.readline()
         if not head:
             raise InstanceError(f"{failed}: {_reason(await proc.wait())}")
