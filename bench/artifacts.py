@@ -42,6 +42,7 @@ from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.features.data import DataSource
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.transport import ssh
+from pytest_gpucloud.transport.commands import ExecShell
 from pytest_gpucloud.transport.files import pull_listed
 from simcloud import TMPFS, SimProcess, instance
 
@@ -132,7 +133,8 @@ async def _measure(sim: SimProcess, moto_url: str, scratch: Path) -> dict[str, l
                     for name, remote in (("small", small), ("big", big)):
                         here = scratch / f"{name}-{n}"
                         walk_s, listed = listings[remote]
-                        ours = await _timed(pull_listed(conn, remote, here / "ours", listed))
+                        pulling = pull_listed(ExecShell(conn), remote, here / "ours", listed)
+                        ours = await _timed(pulling)
                         times.setdefault(name, []).append(walk_s + ours)
                         tar = await _timed(_tar_home(conn, remote, here / "tar"))
                         times.setdefault(f"{name} tar", []).append(tar)

@@ -12,6 +12,7 @@ import pytest
 
 from pytest_gpucloud.core.errors import UnsafePath
 from pytest_gpucloud.core.private import private_dir
+from pytest_gpucloud.transport.commands import ExecShell
 from pytest_gpucloud.transport.files import pull
 from tests.cloud import standin_gpus
 from tests.test_providers import ONE_TEST, smi_path  # noqa: F401  (a fixture)
@@ -85,7 +86,7 @@ def test_no_helper_imports_a_module_planted_in_its_folder(
 
     async def fetch() -> None:
         async with remote.connect() as conn:
-            await pull(conn, "work/proj/a.py", tmp_path / "back")
+            await pull(ExecShell(conn), "work/proj/a.py", tmp_path / "back")
 
     asyncio.run(fetch())
     assert (tmp_path / "back" / "a.py").read_text() == "A = 1\n"

@@ -375,12 +375,19 @@ def _commands(sim: Sim, host: SimHost) -> list[str]:
 def test_a_session_on_a_static_host_opens_one_remote_command(
     sim: Sim, static_hosts: Any, pytester: pytest.Pytester
 ) -> None:
-    """The lease, the sync and the worker run through the hub: the login shell paid once."""
+    """The lease, the sync, the setup, the worker and the artifacts' pull run through the
+    hub: the login shell paid once."""
     hosts, args, _ = static_hosts
-    pytester.makepyfile(TWO_HOSTS_TESTS)
+    pytester.makepyfile(
+        TWO_HOSTS_TESTS
+        + '\n@pytest.mark.gpu("T4")\ndef test_keeps(gpu_artifacts):\n'
+        + '    (gpu_artifacts / "kept.txt").write_text("kept")\n'
+    )
+    setup = ["--gpu-setup", "echo set up"]
     for session in (1, 2):
-        result = pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "ssh", *args)
-        result.assert_outcomes(passed=2)
+        result = pytester.runpytest_inprocess("--gpu-cloud", "--gpu-provider", "ssh", *args, *setup)
+        result.assert_outcomes(passed=3)
+        assert [p.read_text() for p in pytester.path.glob(".gpucloud/artifacts/*/*/kept.txt")]
         for host in hosts:
             commands = _commands(sim, host)
             assert len(commands) == session, commands

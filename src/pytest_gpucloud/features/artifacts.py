@@ -102,7 +102,7 @@ class ArtifactStore:
         """
         if not lost and (frame is None or not frame.get("files")):
             return
-        if machine.conn is None or (lost and machine.conn.is_closed()):
+        if machine.conn is None or machine.shell is None or (lost and machine.conn.is_closed()):
             return
         name = artifacts_dir_name(nodeid)
         remote = posixpath.join(machine.remote_root, self.remote_root, name)
@@ -110,10 +110,10 @@ class ArtifactStore:
         await asyncio.to_thread(shutil.rmtree, record.path, True)  # a former run's
         listed = _listed(frame)
         if listed is None:
-            pulling = pull(machine.conn, remote, record.path, max_bytes=self.max_bytes)
+            pulling = pull(machine.shell, remote, record.path, max_bytes=self.max_bytes)
         else:
             pulling = pull_listed(
-                machine.conn, remote, record.path, listed, max_bytes=self.max_bytes
+                machine.shell, remote, record.path, listed, max_bytes=self.max_bytes
             )
         try:
             pulled = await asyncio.wait_for(pulling, self.timeout)

@@ -341,13 +341,13 @@ async def run_on(
 
 
 async def push_to(machine: Machine, local: Path, remote: str) -> None:
-    await push(machine_conn(machine), local, remote)
+    await push(machine_shell(machine), local, remote)
 
 
 async def pull_from(machine: Machine, remote: str, local_dir: Path, max_bytes: int) -> str:
     """Copy ``remote`` into ``local_dir``; what it was (``file``, ``dir``, ``missing``).
     InstanceError where it holds more than ``max_bytes``, or names a path it may not."""
-    pulled = await pull(machine_conn(machine), remote, local_dir, max_bytes=max_bytes)
+    pulled = await pull(machine_shell(machine), remote, local_dir, max_bytes=max_bytes)
     if pulled.left:
         size = sum(size for _, size in pulled.left) + pulled.bytes
         raise InstanceError(

@@ -1,4 +1,4 @@
-"""Files to and from an instance over one SSH exec: the local end of ``remote/filepipe.py``.
+"""Files to and from an instance in one remote command: the local end of ``remote/filepipe.py``.
 
 :func:`pull` brings a remote file or folder home and treats the instance as untrusted: the
 stream is unpacked by :func:`~pytest_gpucloud.remote.filepipe.extract`, which refuses
@@ -21,6 +21,7 @@ from pytest_gpucloud.core.errors import InstanceError
 from pytest_gpucloud.core.escape import visible
 from pytest_gpucloud.core.sshlib import asyncssh
 from pytest_gpucloud.remote import filepipe, source
+from pytest_gpucloud.transport.commands import Ended, Process, Shell
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -52,7 +53,7 @@ def _command(*args: str) -> str:
 
 
 async def pull(
-    conn: asyncssh.SSHClientConnection,
+    shell: Shell,
     remote_path: str,
     local_dir: Path,
     *,
@@ -66,7 +67,7 @@ async def pull(
     """
     limit = -1 if max_bytes is None else max_bytes
     command = _command("send", remote_path, str(limit))
-    result = await _receive(conn, command, local_dir, max_bytes, remote_path)
+    result = await _receive(shell, command, local_dir, max_bytes, remote_path)
     control: dict[str, Any] = result["control"]
     try:
         return Pulled(
@@ -84,7 +85,7 @@ async def pull(
 
 
 async def pull_listed(
-    conn: asyncssh.SSHClientConnection,
+    shell: Shell,
     folder: str,
     local_dir: Path,
     listed: list[tuple[str, int]],
@@ -102,9 +103,9 @@ async def pull_listed(
     names = b"".join(b"./" + f[0].encode("utf-8", "surrogateescape") + b"\0" for f in chosen)
     command = f"tar -c -f - -C {shlex.quote(folder)} --null -T -"
     try:
-        result = await _receive(conn, command, local_dir, max_bytes, folder, tar=True, stdin=names)
+        result = await _receive(shell, command, local_dir, max_bytes, folder, tar=True, stdin=names)
     except InstanceError:
-        return await pull(conn, folder, local_dir, max_bytes=max_bytes)
+        return await pull(shell, folder, local_dir, max_bytes=max_bytes)
     return Pulled(
         kind="dir",
         files=result["files"],
@@ -115,7 +116,7 @@ async def pull_listed(
 
 
 async def _receive(
-    conn: asyncssh.SSHClientConnection,
+    shell: Shell,
     command: str,
     local_dir: Path,
     max_bytes: int | None,
@@ -128,7 +129,7 @@ async def _receive(
     while the event loop reads the channel); :class:`InstanceError` if that fails."""
     failed = f"copying {what} from the instance failed"
     try:
-        proc = await conn.create_process(command, encoding=None)
+        proc = await shell.create_process(command)
     except (OSError, asyncssh.Error) as exc:
         raise InstanceError(f"{failed}: {exc}") from None
     loop = asyncio.get_running_loop()
@@ -153,7 +154,7 @@ async def _receive(
     return result
 
 
-async def push(conn: asyncssh.SSHClientConnection, local_path: Path, remote_path: str) -> int:
+async def push(shell: Shell, local_path: Path, remote_path: str) -> int:
     """Copy the local file or folder ``local_path`` to ``remote_path`` on the instance.
 
     A file becomes the file ``remote_path`` (folders made); a folder's files land below the
@@ -170,7 +171,7 @@ async def push(conn: asyncssh.SSHClientConnection, local_path: Path, remote_path
         files = [(name, *files[0][1:])]
     failed = f"copying {local_path} to {remote_path} on the instance failed"
     try:
-        proc = await conn.create_process(_command("recv", target), encoding=None)
+        proc = await shell.create_process(_command("recv", target))
         await _send(proc.stdin, filepipe.chunks({"kind": kind}, files))
         done = await _finish(proc)
     except (OSError, asyncssh.Error) as exc:
@@ -190,7 +191,7 @@ async def _send(stdin: asyncssh.SSHWriter[bytes], chunks: Iterator[bytes]) -> No
     stdin.write_eof()
 
 
-async def _finish(proc: asyncssh.SSHClientProcess[bytes]) -> asyncssh.SSHCompletedProcess:
+async def _finish(proc: Process) -> Ended:
     try:
         return await asyncio.wait_for(proc.wait(), 10)
     except asyncio.TimeoutError:
@@ -198,7 +199,7 @@ async def _finish(proc: asyncssh.SSHClientProcess[bytes]) -> asyncssh.SSHComplet
         raise InstanceError("the instance's end of a file copy did not finish") from None
 
 
-async def _drain(proc: asyncssh.SSHClientProcess[bytes]) -> None:
+async def _drain(proc: Process) -> None:
     """Read the rest of the stream (its end-of-archive padding) and let the sender exit:
     an SSH server may take a channel closed under a running command badly."""
 
@@ -212,7 +213,7 @@ async def _drain(proc: asyncssh.SSHClientProcess[bytes]) -> None:
         await asyncio.wait_for(rest(), 10)
 
 
-async def _why(proc: asyncssh.SSHClientProcess[bytes]) -> str:
+async def _why(proc: Process) -> str:
     """The last line the remote end wrote to stderr, if it ends within a moment."""
     try:
         await asyncio.wait_for(proc.wait_closed(), 2)
@@ -223,7 +224,7 @@ async def _why(proc: asyncssh.SSHClientProcess[bytes]) -> str:
     return lines[-1] if lines else ""
 
 
-def _stderr(done: asyncssh.SSHCompletedProcess) -> str:
+def _stderr(done: Ended) -> str:
     err = done.stderr
     text = err.decode(errors="replace") if isinstance(err, bytes) else str(err or "")
     lines = visible(text).strip().splitlines()
