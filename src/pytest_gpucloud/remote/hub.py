@@ -4,8 +4,8 @@ OpenSSH starts the user's login shell for every exec, and a ``.bashrc`` that run
 init`` or ``conda activate`` makes each cost 0.1-0.5 s. This program is started by one
 exec (``python3 -I -S -c <source>``, standard library only, Python >= 3.8; on a static host
 the lease's ``hold`` becomes it, and it holds the lease) and runs the session's other
-commands itself, each as ``/bin/sh -c CMD`` in its own process group, in
-the login directory, with the login shell's environment. Each command is one connection
+commands itself, each as ``/bin/sh -c CMD`` in its own process group, in the login
+directory, with the login shell's environment. Each command is one connection
 to its Unix socket: the controller opens an SSH ``direct-streamlocal`` channel, and the
 connection is the command's stdin and stdout.
 
@@ -16,8 +16,9 @@ The exchange:
   the socket.
 - The hub's stdout: first ``hub PATH`` (the socket, in a new private folder of the temporary
   directory), or ``none WHY`` (it then only waits for its stdin's end). Then JSON lines
-  ``{"id": ID, "err": TEXT}`` (a command's stderr, its bytes as latin-1) and, once its
-  stderr has ended, ``{"id": ID, "exit": N}`` (N < 0: killed by signal -N).
+  ``{"id": ID, "err": TEXT}`` (a command's stderr, its bytes as latin-1) and, once it has
+  exited and its stderr ended (or a second later), ``{"id": ID, "exit": N}`` (N < 0:
+  killed by signal -N).
 - A connection: first one JSON line ``{"token": ..., "id": ID, "command": CMD}``, then the
   command's stdin and stdout. A wrong token closes it.
 """
