@@ -33,7 +33,7 @@ from pytest_gpucloud.providers.base import Instance
 from pytest_gpucloud.providers.leasing import LeaseBook, lease
 from pytest_gpucloud.remote import source
 from pytest_gpucloud.transport import ssh
-from pytest_gpucloud.transport.commands import Hub, Process, Shell, hub_program
+from pytest_gpucloud.transport.commands import Hub, Shell, hub_program
 
 if TYPE_CHECKING:
     from pytest_gpucloud.config.settings import Settings
@@ -46,8 +46,7 @@ _GB = re.compile(r"(\d+)GB$", re.IGNORECASE)
 class _Lease:
     instance: Instance
     conn: asyncssh.SSHClientConnection
-    shell: Hub
-    holder: Process
+    shell: Hub  # which holds the lease
 
 
 class SshProvider(LeaseBook[_Lease]):
@@ -189,7 +188,7 @@ class SshProvider(LeaseBook[_Lease]):
             ssh_port=host.port,
             ssh_user=host.user,
         )
-        return _Lease(instance, conn, shell, holder)
+        return _Lease(instance, conn, shell)
 
     async def _login(self, host: StaticHost) -> asyncssh.SSHClientConnection:
         keys: dict[str, Any] = {}
@@ -258,7 +257,7 @@ class SshProvider(LeaseBook[_Lease]):
     async def delete(self, instance_id: str) -> None:
         held = self._leases.pop(instance_id, None)
         if held is not None:
-            held.holder.close()  # the hub, whose end ends the lease and what it runs
+            held.shell.close()
             held.conn.close()
 
 

@@ -459,7 +459,7 @@ class ReadAhead:
             if not more:
                 break
             got += more
-        return bytes(out[:got])
+        return bytes(view[:got])  # one copy, not two
 
 
 def _number(field: bytes) -> int:

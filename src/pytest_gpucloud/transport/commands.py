@@ -113,9 +113,7 @@ class _Tail:
 
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes as they come (for -1: all, at the end); b"" at the end."""
-        while not (self._chunks if n >= 0 else self._ended):
-            if self._ended:
-                return b""
+        while not self._ended and (n < 0 or not self._chunks):
             self._arrived.clear()
             await self._arrived.wait()
         data = b"".join(self._chunks)
@@ -253,6 +251,11 @@ class Hub:
     def kill(self, number: int) -> None:
         if not self._process.stdin.is_closing():
             self._process.stdin.write(f"kill {number}\n".encode())
+
+    def close(self) -> None:
+        """End the hub, which kills what it still runs (and, on a static host, ends the
+        lease it holds)."""
+        self._process.close()
 
     async def _read_events(self) -> None:
         """Hand the hub's reports to their commands; when the hub ends (or garbles one), the

@@ -294,7 +294,7 @@ def _mode_only(old: Entry | None, new: Entry) -> bool:
     return old is not None and old.kind == new.kind == "file" and old.digest == new.digest
 
 
-def _said_ok(out: object) -> bool:
+def _said_ok(out: bytes | str | None) -> bool:
     return isinstance(out, bytes) and out.startswith(b"ok ")
 
 
